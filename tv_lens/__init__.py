@@ -1,0 +1,26 @@
+"""tv_lens: mechanistic interpretability of fine-tuning, in TransformerLens.
+
+Pair a base model with its fine-tuned version (:class:`ModelPair`) and work with the tuning
+vector ``τ = θ_tuned − θ_base`` (:class:`TuningVector`) per head, neuron and matrix.
+
+Importing this package is cheap: it imports neither plotly nor circuitsvis, and TransformerLens
+only when a model is loaded.
+"""
+
+from tv_lens.compose import compose
+from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, MissingBaseError,
+                            NonFiniteWeightsError, ProcessedWeightsError, ShapeMismatchError,
+                            TvLensError, TvLensWarning, UnsupportedArchitectureError,
+                            VocabMismatchError)
+from tv_lens.pair import ModelPair
+from tv_lens.spec import ArchSpec
+from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchSpec", "CheckpointNotFoundError", "HeadDelta", "IncompatiblePairError",
+    "MissingBaseError", "ModelPair", "NeuronDelta", "NonFiniteWeightsError",
+    "ProcessedWeightsError", "ShapeMismatchError", "TuningVector", "TvLensError",
+    "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError", "compose",
+]

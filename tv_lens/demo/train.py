@@ -1,0 +1,215 @@
+"""Train the shipped demo family: a Llama-architecture base and two full fine-tunes of it.
+
+Run ``python -m tv_lens.demo.train --out DIR`` (about 15 minutes on 2 CPU cores). The script is
+seeded end to end: the same seed, torch version and thread count reproduce the weights bit for
+bit (the test suite checks the corpus and one training step; the shipped weights are stored in
+float32, about 4 MB per model).
+
+Stages:
+1. a byte-free BPE tokenizer trained on all three training corpora;
+2. ``base``: pre-trained from scratch on the *general* corpus;
+3. ``medical`` and ``math``: full fine-tunes of ``base`` on each domain's training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tv_lens.demo.corpus import Corpus, build_corpora
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Architecture of the demo family (LlamaForCausalLM)."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 8
+    n_key_value_heads: int = 2
+    d_mlp: int = 384
+    n_ctx: int = 128
+    vocab_size: int = 1024
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run: which corpus, how long, how fast."""
+
+    name: str
+    corpus: str
+    steps: int
+    lr: float
+    warmup: int
+    batch_size: int = 32
+    block_size: int = 64
+    replay: float = 0.0  # general-corpus lines mixed in per domain line, fresh each epoch
+
+
+STAGES = (
+    Stage("base", "general", steps=3000, lr=3e-3, warmup=100),
+    Stage("medical", "medical", steps=400, lr=1e-3, warmup=20),
+    Stage("math", "math", steps=400, lr=1e-3, warmup=20),
+)
+
+
+def train_tokenizer(corpora: dict[str, Corpus], vocab_size: int):
+    """A BPE tokenizer (Metaspace words, single digits) in Hugging Face format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    texts = [ex.text for c in corpora.values() for ex in c.train]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def make_model(shape: ModelShape, tokenizer, seed: int):
+    """A freshly initialised LlamaForCausalLM of the demo shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.d_model,
+        intermediate_size=shape.d_mlp, num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_key_value_heads,
+        max_position_embeddings=shape.n_ctx, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config)
+
+
+def packed_blocks(texts: list[str], tokenizer, block_size: int, rng: random.Random) -> torch.Tensor:
+    """Shuffle ``texts``, join them with EOS and cut the stream into ``[n, block_size]``."""
+    order = texts[:]
+    rng.shuffle(order)
+    ids: list[int] = []
+    for text in order:
+        ids.extend(tokenizer(text).input_ids + [tokenizer.eos_token_id])
+    n = len(ids) // block_size
+    return torch.tensor(ids[: n * block_size]).view(n, block_size)
+
+
+def batches(texts: list[str], tokenizer, stage: Stage, seed: int, replay_texts: list[str] = ()):
+    """Endless stream of ``[batch_size, block_size]`` token batches, epoch after epoch.
+
+    Each epoch mixes in ``stage.replay * len(texts)`` lines drawn afresh from ``replay_texts``.
+    """
+    rng = random.Random(f"{stage.name}-{seed}")
+    n_replay = int(stage.replay * len(texts)) if replay_texts else 0
+    while True:
+        epoch = texts + rng.sample(replay_texts, n_replay) if n_replay else texts
+        blocks = packed_blocks(epoch, tokenizer, stage.block_size, rng)
+        perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        for i in range(0, len(blocks) - stage.batch_size + 1, stage.batch_size):
+            yield blocks[perm[i : i + stage.batch_size]]
+
+
+def lr_at(step: int, stage: Stage) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    import math
+
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_stage(model, texts: list[str], tokenizer, stage: Stage, seed: int,
+                steps: int | None = None, progress: bool = True,
+                replay_texts: list[str] = ()) -> list[float]:
+    """Train ``model`` in place for ``stage`` (or only ``steps`` steps); returns the losses."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
+    model.train()
+    losses = []
+    n_steps = stage.steps if steps is None else steps
+    stream = batches(texts, tokenizer, stage, seed, list(replay_texts))
+    bar = tqdm(range(n_steps), desc=f"train {stage.name}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, stage)
+        batch = next(stream)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def save_checkpoint(model, tokenizer, folder: Path) -> None:
+    """Save float32 weights, config and tokenizer so TransformerLens boots the folder offline.
+
+    float32 on purpose: rounding to bf16 would add rounding noise to every tuning vector, and
+    noise looks exactly like "new directions" to the alignment metrics.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: trains all stages and writes checkpoints and ``training.json``."""
+    import copy
+
+    from tv_lens.demo.evaluate import evaluate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (reproducibility "
+                        "holds for a fixed thread count)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    shape = ModelShape()
+    corpora = build_corpora(args.seed)
+    tokenizer = train_tokenizer(corpora, shape.vocab_size)
+    started = time.time()
+    base = make_model(shape, tokenizer, args.seed)
+    texts = {name: [ex.text for ex in c.train] for name, c in corpora.items()}
+    record: dict = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__,
+                    "shape": asdict(shape), "stages": {}}
+    models = {}
+    for stage in STAGES:
+        model = base if stage.name == "base" else copy.deepcopy(models["base"])
+        losses = train_stage(model, texts[stage.corpus], tokenizer, stage, args.seed,
+                             replay_texts=texts["general"])
+        save_checkpoint(model, tokenizer, args.out / stage.name)
+        models[stage.name] = model
+        record["stages"][stage.name] = {**asdict(stage), "final_train_loss": sum(losses[-20:]) / 20}
+    record["train_seconds"] = round(time.time() - started, 1)
+    results = evaluate({name: m for name, m in models.items()}, tokenizer, seed=args.seed)
+    record["eval"] = results.to_dict(orient="records")
+    (args.out / "training.json").write_text(json.dumps(record, indent=2))
+    print(results.to_string(index=False))
+    print(f"trained in {record['train_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Where each TransformerLens weight lives in a checkpoint, and how to get there and back.
+
+A tuning vector is keyed by TransformerLens names with TransformerLens shapes
+(``blocks.3.attn.W_Q``: ``[n_heads, d_model, d_head]``), but checkpoints store Hugging Face
+tensors (``model.layers.3.self_attn.q_proj.weight``: ``[n_heads*d_head, d_model]``, GPT-2's
+fused ``c_attn`` holding Q, K and V side by side). A :class:`Slot` records, for one TL weight, the
+checkpoint key, the chunk of a fused tensor it occupies, and an einops pattern from checkpoint
+to TL orientation. Patterns are pure rearrangements, so the reverse pattern maps a TL-shaped
+*delta* back onto the checkpoint tensor exactly: that is how tuning vectors are applied.
+
+Reading goes through the same table for every source (a live bridge, an HF model, safetensors
+shards), so a difference is always taken between two identically read raw weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import einops
+import torch
+from torch import Tensor
+
+from tv_lens.spec import ArchSpec
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One TransformerLens weight and its place in a checkpoint.
+
+    Attributes:
+        tl_name: e.g. ``"blocks.{l}.attn.W_Q"`` (``{l}`` filled per layer).
+        hf_key: checkpoint key, same ``{l}`` placeholder.
+        pattern: einops pattern from the checkpoint chunk to TL orientation.
+        part: ``"attn"``, ``"mlp"``, ``"norm"`` or ``"embed"``.
+        unit: what the ``unit_axis`` of the TL tensor indexes: ``"head"``, ``"kv_head"``,
+            ``"neuron"`` or ``None``.
+        unit_axis: axis of the TL tensor along ``unit``.
+        chunk: ``(dim, index, n_chunks)`` for a fused checkpoint tensor, else ``None``.
+        optional: the key may be absent (biases of bias-free models, tied unembeddings).
+    """
+
+    tl_name: str
+    hf_key: str
+    pattern: str
+    part: str
+    unit: str | None = None
+    unit_axis: int = 0
+    chunk: tuple[int, int, int] | None = None
+    optional: bool = False
+
+    def at(self, layer: int | None) -> "Slot":
+        """This slot with ``{l}`` filled in."""
+        if layer is None:
+            return self
+        return Slot(self.tl_name.format(l=layer), self.hf_key.format(l=layer), self.pattern,
+                    self.part, self.unit, self.unit_axis, self.chunk, self.optional)
+
+    @property
+    def layer(self) -> int | None:
+        """The block index of a per-layer slot (after :meth:`at`), else ``None``."""
+        if not self.tl_name.startswith("blocks."):
+            return None
+        return int(self.tl_name.split(".")[1])
+
+    @property
+    def matrix(self) -> str:
+        """The short TL name: ``W_Q``, ``b_in``, ``w`` (norm gain), ``W_E``, …"""
+        return self.tl_name.rsplit(".", 1)[-1]
+
+    def sizes(self, spec: ArchSpec) -> dict[str, int]:
+        heads = spec.n_kv_heads if self.unit == "kv_head" else spec.n_heads
+        return {"h": heads, "dh": spec.d_head} if "dh" in self.pattern else {}
+
+    def to_tl(self, hf_tensor: Tensor, spec: ArchSpec) -> Tensor:
+        """The TL-oriented view of this slot's part of ``hf_tensor``."""
+        if self.chunk is not None:
+            dim, index, n = self.chunk
+            hf_tensor = hf_tensor.chunk(n, dim=dim)[index]
+        return einops.rearrange(hf_tensor, self.pattern, **self.sizes(spec))
+
+    def add_to_hf(self, hf_delta: Tensor, tl_delta: Tensor, spec: ArchSpec) -> None:
+        """Add a TL-oriented ``tl_delta`` into ``hf_delta`` (full checkpoint shape) in place."""
+        lhs, rhs = self.pattern.split("->")
+        back = einops.rearrange(tl_delta, f"{rhs} -> {lhs}", **self.sizes(spec))
+        target = hf_delta
+        if self.chunk is not None:
+            dim, index, n = self.chunk
+            target = hf_delta.chunk(n, dim=dim)[index]
+        target.add_(back.to(target.dtype))
+
+
+def _llama_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
+    p = "model.layers.{l}."
+    blocks = [
+        Slot("blocks.{l}.attn.W_Q", p + "self_attn.q_proj.weight", "(h dh) d -> h d dh", "attn", "head"),
+        Slot("blocks.{l}.attn.W_K", p + "self_attn.k_proj.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
+        Slot("blocks.{l}.attn.W_V", p + "self_attn.v_proj.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
+        Slot("blocks.{l}.attn.W_O", p + "self_attn.o_proj.weight", "d (h dh) -> h dh d", "attn", "head"),
+        Slot("blocks.{l}.attn.b_Q", p + "self_attn.q_proj.bias", "(h dh) -> h dh", "attn", "head", optional=True),
+        Slot("blocks.{l}.attn.b_K", p + "self_attn.k_proj.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
+        Slot("blocks.{l}.attn.b_V", p + "self_attn.v_proj.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
+        Slot("blocks.{l}.attn.b_O", p + "self_attn.o_proj.bias", "d -> d", "attn", optional=True),
+        Slot("blocks.{l}.mlp.W_in", p + "mlp.up_proj.weight", "m d -> d m", "mlp", "neuron", 1),
+        Slot("blocks.{l}.mlp.W_gate", p + "mlp.gate_proj.weight", "m d -> d m", "mlp", "neuron", 1),
+        Slot("blocks.{l}.mlp.W_out", p + "mlp.down_proj.weight", "d m -> m d", "mlp", "neuron", 0),
+        Slot("blocks.{l}.ln1.w", p + "input_layernorm.weight", "d -> d", "norm"),
+        Slot("blocks.{l}.ln2.w", p + "post_attention_layernorm.weight", "d -> d", "norm"),
+    ]
+    model = [
+        Slot("embed.W_E", "model.embed_tokens.weight", "v d -> v d", "embed"),
+        Slot("ln_final.w", "model.norm.weight", "d -> d", "norm"),
+        Slot("unembed.W_U", "lm_head.weight", "v d -> d v", "embed", optional=True),
+    ]
+    return blocks, model
+
+
+def _gpt2_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
+    p = "transformer.h.{l}."
+    qkv_w, qkv_b = p + "attn.c_attn.weight", p + "attn.c_attn.bias"
+    blocks = [
+        Slot("blocks.{l}.attn.W_Q", qkv_w, "d (h dh) -> h d dh", "attn", "head", chunk=(1, 0, 3)),
+        Slot("blocks.{l}.attn.W_K", qkv_w, "d (h dh) -> h d dh", "attn", "kv_head", chunk=(1, 1, 3)),
+        Slot("blocks.{l}.attn.W_V", qkv_w, "d (h dh) -> h d dh", "attn", "kv_head", chunk=(1, 2, 3)),
+        Slot("blocks.{l}.attn.W_O", p + "attn.c_proj.weight", "(h dh) d -> h dh d", "attn", "head"),
+        Slot("blocks.{l}.attn.b_Q", qkv_b, "(h dh) -> h dh", "attn", "head", chunk=(0, 0, 3)),
+        Slot("blocks.{l}.attn.b_K", qkv_b, "(h dh) -> h dh", "attn", "kv_head", chunk=(0, 1, 3)),
+        Slot("blocks.{l}.attn.b_V", qkv_b, "(h dh) -> h dh", "attn", "kv_head", chunk=(0, 2, 3)),
+        Slot("blocks.{l}.attn.b_O", p + "attn.c_proj.bias", "d -> d", "attn"),
+        Slot("blocks.{l}.mlp.W_in", p + "mlp.c_fc.weight", "d m -> d m", "mlp", "neuron", 1),
+        Slot("blocks.{l}.mlp.b_in", p + "mlp.c_fc.bias", "m -> m", "mlp", "neuron", 0),
+        Slot("blocks.{l}.mlp.W_out", p + "mlp.c_proj.weight", "m d -> m d", "mlp", "neuron", 0),
+        Slot("blocks.{l}.mlp.b_out", p + "mlp.c_proj.bias", "d -> d", "mlp"),
+        Slot("blocks.{l}.ln1.w", p + "ln_1.weight", "d -> d", "norm"),
+        Slot("blocks.{l}.ln1.b", p + "ln_1.bias", "d -> d", "norm"),
+        Slot("blocks.{l}.ln2.w", p + "ln_2.weight", "d -> d", "norm"),
+        Slot("blocks.{l}.ln2.b", p + "ln_2.bias", "d -> d", "norm"),
+    ]
+    model = [
+        Slot("embed.W_E", "transformer.wte.weight", "v d -> v d", "embed"),
+        Slot("pos_embed.W_pos", "transformer.wpe.weight", "n d -> n d", "embed"),
+        Slot("ln_final.w", "transformer.ln_f.weight", "d -> d", "norm"),
+        Slot("ln_final.b", "transformer.ln_f.bias", "d -> d", "norm"),
+        Slot("unembed.W_U", "lm_head.weight", "v d -> d v", "embed", optional=True),
+    ]
+    return blocks, model
+
+
+def _native_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
+    p = "layers.{l}."
+    blocks = [
+        Slot("blocks.{l}.attn.W_Q", p + "attn.q.weight", "(h dh) d -> h d dh", "attn", "head"),
+        Slot("blocks.{l}.attn.W_K", p + "attn.k.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
+        Slot("blocks.{l}.attn.W_V", p + "attn.v.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
+        Slot("blocks.{l}.attn.W_O", p + "attn.o.weight", "d (h dh) -> h dh d", "attn", "head"),
+        Slot("blocks.{l}.attn.b_Q", p + "attn.q.bias", "(h dh) -> h dh", "attn", "head", optional=True),
+        Slot("blocks.{l}.attn.b_K", p + "attn.k.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
+        Slot("blocks.{l}.attn.b_V", p + "attn.v.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
+        Slot("blocks.{l}.attn.b_O", p + "attn.o.bias", "d -> d", "attn", optional=True),
+        Slot("blocks.{l}.ln1.w", p + "ln1.weight", "d -> d", "norm", optional=True),
+        Slot("blocks.{l}.ln1.b", p + "ln1.bias", "d -> d", "norm", optional=True),
+        Slot("blocks.{l}.ln2.w", p + "ln2.weight", "d -> d", "norm", optional=True),
+        Slot("blocks.{l}.ln2.b", p + "ln2.bias", "d -> d", "norm", optional=True),
+    ]
+    if spec.gated_mlp:
+        blocks += [
+            Slot("blocks.{l}.mlp.W_in", p + "mlp.in.weight", "m d -> d m", "mlp", "neuron", 1),
+            Slot("blocks.{l}.mlp.W_gate", p + "mlp.gate.weight", "m d -> d m", "mlp", "neuron", 1),
+            Slot("blocks.{l}.mlp.W_out", p + "mlp.out.weight", "d m -> m d", "mlp", "neuron", 0),
+        ]
+    else:
+        blocks += [
+            Slot("blocks.{l}.mlp.W_in", p + "mlp.fc_in.weight", "m d -> d m", "mlp", "neuron", 1),
+            Slot("blocks.{l}.mlp.b_in", p + "mlp.fc_in.bias", "m -> m", "mlp", "neuron", 0, optional=True),
+            Slot("blocks.{l}.mlp.W_out", p + "mlp.fc_out.weight", "d m -> m d", "mlp", "neuron", 0),
+            Slot("blocks.{l}.mlp.b_out", p + "mlp.fc_out.bias", "d -> d", "mlp", optional=True),
+        ]
+    model = [
+        Slot("embed.W_E", "tok_embed.weight", "v d -> v d", "embed"),
+        Slot("pos_embed.W_pos", "pos.weight", "n d -> n d", "embed", optional=True),
+        Slot("ln_final.w", "ln_out.weight", "d -> d", "norm", optional=True),
+        Slot("ln_final.b", "ln_out.bias", "d -> d", "norm", optional=True),
+        Slot("unembed.W_U", "head.weight", "v d -> d v", "embed", optional=True),
+    ]
+    return blocks, model
+
+
+_FAMILY_SLOTS = {"llama": _llama_slots, "gpt2": _gpt2_slots, "native": _native_slots}
+
+#: TransformerBridge renames some wrapped modules; these map bridge names back to checkpoint keys.
+BRIDGE_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt2": ((".attn.o.", ".attn.c_proj."),),
+}
+
+
+def _split_for_bridge(slot: Slot) -> Slot:
+    """A fused-QKV slot re-pointed at the bridge's split ``q``/``k``/``v`` Linear parameters.
+
+    A GPT-2 bridge runs its forward pass through split q/k/v ``nn.Linear`` weights that are
+    transposed views of the fused ``c_attn`` (and independent copies after ``copy.deepcopy``),
+    so reads and writes must go through them.
+    """
+    if slot.chunk is None:
+        return slot
+    part = "qkv"[slot.chunk[1]]
+    kind = slot.hf_key.rsplit(".", 1)[-1]
+    key = slot.hf_key.replace(f"attn.c_attn.{kind}", f"attn.{part}.{kind}")
+    pattern = "(h dh) d -> h d dh" if kind == "weight" else "(h dh) -> h dh"
+    return Slot(slot.tl_name, key, pattern, slot.part, slot.unit, slot.unit_axis, None, slot.optional)
+
+
+def layout(spec: ArchSpec, available: set[str] | None = None, *, bridge: bool = False) -> list[Slot]:
+    """All slots of a model, per layer filled in, in a stable order.
+
+    Args:
+        spec: the model's architecture.
+        available: checkpoint keys that exist; optional slots whose key is missing are dropped.
+            ``None`` keeps every slot.
+        bridge: the keys are a TransformerBridge's (fused QKV read through its split q/k/v).
+    """
+    per_block, per_model = _FAMILY_SLOTS[spec.family](spec)
+    if bridge:
+        per_block = [_split_for_bridge(s) for s in per_block]
+    slots = [s.at(l) for l in range(spec.n_layers) for s in per_block] + per_model
+    if available is None:
+        return slots
+    return [s for s in slots if not s.optional or s.hf_key in available]
+
+
+def zeros_like_hf(param: Tensor) -> Tensor:
+    """A float32 zero tensor of the checkpoint tensor's shape, on its device."""
+    return torch.zeros(param.shape, dtype=torch.float32, device=param.device)

@@ -1,0 +1,126 @@
+"""Where weights come from: a live model's parameters, read in TransformerLens names.
+
+:class:`ModelWeights` wraps a ``TransformerBridge``, a Hugging Face causal LM or a TL-native
+model. It finds the *live* parameters by their checkpoint keys (undoing the bridge's
+``_original_component`` nesting and renames), reads them through the layout table in
+:mod:`tv_lens.layout`, and is the one place that writes deltas back into a model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tv_lens.errors import ProcessedWeightsError, TvLensError, UnsupportedArchitectureError
+from tv_lens.layout import BRIDGE_RENAMES, Slot, layout
+from tv_lens.spec import ArchSpec
+
+
+def is_bridge(model: Any) -> bool:
+    """Whether ``model`` is a TransformerLens ``TransformerBridge`` (checked without importing TL)."""
+    return any(cls.__name__ == "TransformerBridge" for cls in type(model).__mro__)
+
+
+def spec_of(model: Any) -> ArchSpec:
+    """The :class:`ArchSpec` of a bridge, an HF causal LM or a TL-native module."""
+    if is_bridge(model):
+        return ArchSpec.from_bridge(model)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return ArchSpec.from_hf_config(config)
+    if config is not None and type(model).__name__ == "NativeModel":
+        return ArchSpec.from_bridge(type("NativeHolder", (), {"cfg": config})())
+    raise UnsupportedArchitectureError(
+        f"Cannot read a model architecture from a {type(model).__name__}. Pass a "
+        "TransformerBridge (TransformerBridge.boot_transformers(path)) or a Hugging Face "
+        "causal LM (AutoModelForCausalLM.from_pretrained(path))."
+    )
+
+
+def _live_parameters(model: nn.Module, family: str) -> dict[str, nn.Parameter]:
+    """Checkpoint key -> live parameter, for a bridge or a plain module."""
+    renames = BRIDGE_RENAMES.get(family, ()) if is_bridge(model) else ()
+    params: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        key = name.replace("._original_component", "")
+        if key.startswith("_original_component."):
+            key = key[len("_original_component."):]
+        for old, new in renames:
+            key = key.replace(old, new)
+        params.setdefault(key, param)
+    return params
+
+
+class ModelWeights(Mapping[str, Tensor]):
+    """Read-only mapping ``TL name -> float32 tensor`` over a live model's raw weights.
+
+    Values are computed on access (never cached), detached, in float32, on the model's device.
+    Use :meth:`add_` to write deltas back.
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+        if getattr(model, "_weights_processed", False):
+            raise ProcessedWeightsError(
+                "This bridge's weights were processed (enable_compatibility_mode folds norms "
+                "and centres weights in place), so its raw weights are gone and a difference "
+                "would mix norm gains into Q/K/V. Boot it again without compatibility mode."
+            )
+        self.model = model
+        self.spec = spec or spec_of(model)
+        self.params = _live_parameters(model, self.spec.family)
+        self.slots: dict[str, Slot] = {
+            s.tl_name: s for s in layout(self.spec, set(self.params), bridge=is_bridge(model))}
+        missing = [s.hf_key for s in self.slots.values() if s.hf_key not in self.params]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"The model ({self.spec.architecture}) lacks parameters the {self.spec.family!r} "
+                f"weight layout expects, e.g. {missing[:3]}. Its parameters look like "
+                f"{list(self.params)[:4]}. Is it a {self.spec.architecture} checkpoint?"
+            )
+
+    def __getitem__(self, tl_name: str) -> Tensor:
+        slot = self.slots[tl_name]
+        with torch.no_grad():
+            return slot.to_tl(self.params[slot.hf_key].detach(), self.spec).float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def dtypes(self) -> set[torch.dtype]:
+        return {self.params[s.hf_key].dtype for s in self.slots.values()}
+
+    def hf_deltas(self, tl_deltas: Mapping[str, Tensor], alpha: float = 1.0) -> dict[str, Tensor]:
+        """Checkpoint key -> float32 delta for ``alpha * tl_deltas`` (fused keys summed)."""
+        out: dict[str, Tensor] = {}
+        for tl_name, delta in tl_deltas.items():
+            slot = self.slots.get(tl_name)
+            if slot is None:
+                raise TvLensError(
+                    f"The model has no parameter {tl_name!r} (its layout is "
+                    f"{self.spec.family!r}); the tuning vector was made for another model."
+                )
+            param = self.params[slot.hf_key]
+            if slot.hf_key not in out:
+                out[slot.hf_key] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            slot.add_to_hf(out[slot.hf_key], alpha * delta.to(param.device, torch.float32), self.spec)
+        return out
+
+    def parameter(self, hf_key: str) -> nn.Parameter:
+        return self.params[hf_key]
+
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def layer_of(tl_name: str) -> int | None:
+    """The block index in a TL name (``blocks.3.attn.W_Q`` -> 3), ``None`` for global weights."""
+    m = _LAYER.match(tl_name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,116 @@
+"""The architecture facts a weight difference depends on, read the same way from every source.
+
+An :class:`ArchSpec` is read from a Hugging Face config (a ``config.json`` dict or a
+``PretrainedConfig``), from a TransformerLens bridge, or from a TL-native config. Two models form
+a pair only if every field in :data:`COMPATIBILITY_FIELDS` agrees; ``d_vocab`` is checked
+separately because fine-tunes that add tokens are common and have a defined way forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from tv_lens.errors import IncompatiblePairError, UnsupportedArchitectureError
+
+#: Hugging Face ``model_type`` / architecture names and the weight layout family they use.
+FAMILIES: dict[str, str] = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama",
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
+    "gpt2": "gpt2", "GPT2LMHeadModel": "gpt2",
+    "TransformerLensNative": "native",
+}
+
+COMPATIBILITY_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",
+                        "d_head", "d_mlp", "gated_mlp", "normalization", "positional")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shapes and structure of one model, in TransformerLens vocabulary."""
+
+    architecture: str
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    gated_mlp: bool
+    normalization: str
+    positional: str
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key-value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The key-value head whose K/V query head ``head`` reads."""
+        return head // self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ArchSpec":
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "ArchSpec":
+        """Read a Hugging Face config (``PretrainedConfig`` or the ``config.json`` dict)."""
+        c = config if isinstance(config, dict) else config.to_dict()
+        architecture = (c.get("architectures") or [c.get("model_type", "?")])[0]
+        model_type = c.get("model_type", "?")
+        family = FAMILIES.get(model_type) or FAMILIES.get(architecture)
+        if family is None:
+            supported = sorted(k for k in FAMILIES if k[0].isupper())
+            raise UnsupportedArchitectureError(
+                f"tv_lens has no weight layout for architecture {architecture!r} "
+                f"(model_type {model_type!r}). Supported: {', '.join(supported)}. "
+                "Open an issue with the checkpoint's config.json to add one."
+            )
+        if family == "gpt2":
+            d_model, n_heads = c["n_embd"], c["n_head"]
+            return cls(architecture, family, c["n_layer"], d_model, n_heads, n_heads,
+                       d_model // n_heads, c.get("n_inner") or 4 * d_model, c["vocab_size"],
+                       False, "LN", "standard")
+        d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
+        return cls(architecture, family, c["num_hidden_layers"], d_model, n_heads,
+                   c.get("num_key_value_heads") or n_heads,
+                   c.get("head_dim") or d_model // n_heads, c["intermediate_size"],
+                   c["vocab_size"], True, "RMS", "rotary")
+
+    @classmethod
+    def from_bridge(cls, bridge: Any) -> "ArchSpec":
+        """Read a ``TransformerBridge`` (HF-backed or TL-native)."""
+        cfg = bridge.cfg
+        hf_config = getattr(getattr(bridge, "original_model", None), "config", None)
+        if hf_config is not None and hasattr(hf_config, "to_dict"):
+            return cls.from_hf_config(hf_config)
+        architecture = getattr(cfg, "architecture", None) or "TransformerLensNative"
+        if FAMILIES.get(architecture) != "native":
+            raise UnsupportedArchitectureError(
+                f"Cannot read the architecture of this bridge (cfg.architecture="
+                f"{architecture!r}) and it wraps no Hugging Face model with a config."
+            )
+        return cls(
+            architecture, "native", cfg.n_layers, cfg.d_model, cfg.n_heads,
+            getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_head, cfg.d_mlp,
+            cfg.d_vocab, bool(cfg.gated_mlp), str(cfg.normalization_type),
+            str(getattr(cfg, "positional_embedding_type", "standard")),
+        )
+
+
+def check_compatible(base: ArchSpec, tuned: ArchSpec) -> None:
+    """Raise :class:`IncompatiblePairError` naming every differing field (``d_vocab`` aside)."""
+    diffs = [f"{name}: base={getattr(base, name)!r}, tuned={getattr(tuned, name)!r}"
+             for name in COMPATIBILITY_FIELDS if getattr(base, name) != getattr(tuned, name)]
+    if diffs:
+        raise IncompatiblePairError(
+            "The base and tuned models do not share an architecture, so their weights cannot "
+            "be subtracted. Differing fields: " + "; ".join(diffs) + ". A tuning vector needs "
+            "the fine-tuned model and the exact base model it was fine-tuned from."
+        )

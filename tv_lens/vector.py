@@ -1,0 +1,429 @@
+"""The tuning vector: ``τ = θ_tuned − θ_base``, addressable per head, neuron and matrix.
+
+A :class:`TuningVector` holds one float32 delta per TransformerLens weight
+(``blocks.{l}.attn.W_Q``: ``[n_heads, d_model, d_head]``, ``blocks.{l}.attn.W_K``:
+``[n_kv_heads, d_model, d_head]`` under grouped-query attention, ``blocks.{l}.mlp.W_out``:
+``[d_mlp, d_model]``, ``embed.W_E``, norm gains ``blocks.{l}.ln1.w``, …). It supports
+
+- component views: :meth:`head`, :meth:`neuron`, and the exact circuit changes :meth:`ov` /
+  :meth:`qk` as rank ≤ 2·d_head ``FactoredMatrix`` objects (never a dense d_model² per head);
+- arithmetic: ``a + b``, ``a - b``, ``-a``, ``2.0 * a`` and :meth:`select` (restrict to
+  components, everything else zero);
+- application: ``with tv.applied(model, alpha):`` (restored bit for bit on exit, exceptions
+  included), :meth:`apply_to` (a patched copy) and :meth:`apply_` (in place, permanent);
+- persistence: :meth:`save` / :meth:`load` (safetensors with metadata).
+
+Key and value weights belong to key-value heads: they are stored once per kv head and a query
+head's circuits use its group's K/V (``head // (n_heads // n_kv_heads)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tv_lens.errors import MissingBaseError, ShapeMismatchError, TvLensError, close_matches
+from tv_lens.layout import Slot, layout
+from tv_lens.sources import ModelWeights, layer_of
+from tv_lens.spec import ArchSpec, check_compatible
+
+PARTS = ("attn", "mlp", "embed", "norm")
+
+
+@dataclass(frozen=True)
+class HeadDelta:
+    """The update of one attention head. K/V are its key-value group's (shared under GQA)."""
+
+    layer: int
+    head: int
+    kv_head: int
+    W_Q: Float[Tensor, "d_model d_head"]
+    W_K: Float[Tensor, "d_model d_head"]
+    W_V: Float[Tensor, "d_model d_head"]
+    W_O: Float[Tensor, "d_head d_model"]
+
+
+@dataclass(frozen=True)
+class NeuronDelta:
+    """The update of one MLP neuron: its read direction(s) and its write direction."""
+
+    layer: int
+    neuron: int
+    W_in: Float[Tensor, "d_model"]
+    W_gate: Float[Tensor, "d_model"] | None
+    W_out: Float[Tensor, "d_model"]
+
+
+def _as_pairs(items: Iterable[int | tuple[int, int]] | None, layers: list[int]) -> set[tuple[int, int]] | None:
+    """``[(l, i), …]`` or ``[i, …]`` (meaning index i in every selected layer) as a set of pairs."""
+    if items is None:
+        return None
+    pairs = set()
+    for item in items:
+        if isinstance(item, tuple):
+            pairs.add((int(item[0]), int(item[1])))
+        else:
+            pairs.update((l, int(item)) for l in layers)
+    return pairs
+
+
+class TuningVector(Mapping[str, Tensor]):
+    """Per-parameter differences ``tuned − base`` in TransformerLens names and shapes.
+
+    Args:
+        deltas: ``TL name -> float32 tensor``.
+        spec: the architecture the deltas belong to.
+        base: the base model's weights (a ``TL name -> tensor`` mapping); needed only for the
+            circuit differences :meth:`ov` / :meth:`qk` and relative norms.
+        metadata: free-form provenance (model identifiers, vocab handling), saved with the vector.
+    """
+
+    def __init__(self, deltas: Mapping[str, Tensor], spec: ArchSpec, *,
+                 base: Mapping[str, Tensor] | None = None, metadata: dict[str, Any] | None = None):
+        self.deltas: dict[str, Tensor] = dict(deltas)
+        self.spec = spec
+        self.base = base
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.slots: dict[str, Slot] = {s.tl_name: s for s in layout(spec)}
+        unknown = [k for k in self.deltas if k not in self.slots]
+        if unknown:
+            raise TvLensError(f"Unknown parameter name(s) {unknown[:3]} for a {spec.family!r} model."
+                              + close_matches(unknown[0], list(self.slots)))
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def between(cls, base: Any, tuned: Any, *, vocab: str = "error",
+                metadata: dict[str, Any] | None = None) -> "TuningVector":
+        """``tuned − base`` for two models (bridges, HF causal LMs or TL-native modules).
+
+        Prefer :meth:`tv_lens.ModelPair.tuning_vector`, which also checks compatibility.
+        ``vocab="shared"`` compares embeddings/unembeddings on the first ``min(d_vocab)`` rows.
+        """
+        from tv_lens.pair import difference  # the pair module owns loading and checking
+
+        return difference(base, tuned, vocab=vocab, metadata=metadata)
+
+    @classmethod
+    def zeros_like(cls, other: "TuningVector") -> "TuningVector":
+        return other._new({k: torch.zeros_like(v) for k, v in other.deltas.items()})
+
+    def _new(self, deltas: Mapping[str, Tensor]) -> "TuningVector":
+        return TuningVector(deltas, self.spec, base=self.base, metadata=self.metadata)
+
+    # ----------------------------------------------------------------- mapping protocol
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.deltas:
+            raise KeyError(f"No parameter {name!r} in this tuning vector."
+                           + close_matches(name, list(self.deltas)))
+        return self.deltas[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.deltas)
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+    def __repr__(self) -> str:
+        n = sum(t.numel() for t in self.deltas.values())
+        return (f"TuningVector({self.spec.architecture}, {self.spec.n_layers} layers, "
+                f"{len(self)} tensors, {n:,} entries, norm={self.norm():.4g})")
+
+    # ----------------------------------------------------------------- components
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.spec.n_layers:
+            raise IndexError(f"layer {layer} is out of range: the model has {self.spec.n_layers} "
+                             f"layers (0..{self.spec.n_layers - 1}).")
+
+    def _check_index(self, kind: str, index: int, size: int) -> None:
+        if not 0 <= index < size:
+            raise IndexError(f"{kind} {index} is out of range: the model has {size} {kind}s "
+                             f"per layer (0..{size - 1}).")
+
+    def head(self, layer: int, head: int) -> HeadDelta:
+        """The update of query head ``head`` in ``layer`` (with its key-value group's K/V)."""
+        self._check_layer(layer)
+        self._check_index("head", head, self.spec.n_heads)
+        kv = self.spec.kv_head(head)
+        a = f"blocks.{layer}.attn."
+        return HeadDelta(layer, head, kv, self[a + "W_Q"][head], self[a + "W_K"][kv],
+                         self[a + "W_V"][kv], self[a + "W_O"][head])
+
+    def neuron(self, layer: int, neuron: int) -> NeuronDelta:
+        """The update of MLP neuron ``neuron`` in ``layer``: input, gate and output directions."""
+        self._check_layer(layer)
+        self._check_index("neuron", neuron, self.spec.d_mlp)
+        m = f"blocks.{layer}.mlp."
+        gate = self.deltas.get(m + "W_gate")
+        return NeuronDelta(layer, neuron, self[m + "W_in"][:, neuron],
+                           None if gate is None else gate[:, neuron], self[m + "W_out"][neuron])
+
+    def _base_tensor(self, name: str) -> Tensor:
+        if self.base is None:
+            raise MissingBaseError(
+                "This tuning vector carries no base weights, which circuit differences need "
+                "(ΔOV = W_V' W_O' − W_V W_O). Use pair.tuning_vector(), or attach a base with "
+                "tv.with_base(base_model)."
+            )
+        return self.base[name].to(self.deltas[name].device)
+
+    def with_base(self, base_model: Any) -> "TuningVector":
+        """This vector with ``base_model``'s weights attached (for :meth:`ov`, :meth:`qk`)."""
+        weights = ModelWeights(base_model)
+        self._check_fits(weights)
+        return TuningVector(self.deltas, self.spec, base=weights, metadata=self.metadata)
+
+    def ov(self, layer: int, head: int):
+        """Exact change of the head's OV circuit, ``W_V' W_O' − W_V W_O``, kept factored.
+
+        Returns a TransformerLens ``FactoredMatrix`` ``A @ B`` with ``A = [W_V', −W_V]``
+        (``[d_model, 2·d_head]``) and ``B = [W_O'; W_O]`` (``[2·d_head, d_model]``).
+        """
+        from transformer_lens.FactoredMatrix import FactoredMatrix
+
+        h = self.head(layer, head)
+        a = f"blocks.{layer}.attn."
+        V = self._base_tensor(a + "W_V")[h.kv_head]
+        O = self._base_tensor(a + "W_O")[head]
+        return FactoredMatrix(torch.cat([V + h.W_V, -V], dim=-1), torch.cat([O + h.W_O, O], dim=0))
+
+    def qk(self, layer: int, head: int):
+        """Exact change of the head's QK circuit, ``W_Q' W_K'ᵀ − W_Q W_Kᵀ``, kept factored."""
+        from transformer_lens.FactoredMatrix import FactoredMatrix
+
+        h = self.head(layer, head)
+        a = f"blocks.{layer}.attn."
+        Q = self._base_tensor(a + "W_Q")[head]
+        K = self._base_tensor(a + "W_K")[h.kv_head]
+        return FactoredMatrix(torch.cat([Q + h.W_Q, -Q], dim=-1),
+                              torch.cat([(K + h.W_K).T, K.T], dim=0))
+
+    # ----------------------------------------------------------------- arithmetic
+    def _check_same(self, other: "TuningVector") -> None:
+        if not isinstance(other, TuningVector):
+            raise TypeError(f"Cannot combine a TuningVector with a {type(other).__name__}.")
+        check_compatible(self.spec, other.spec)
+        mismatched = sorted(set(self.deltas) ^ set(other.deltas))
+        mismatched += [k for k in self.deltas if k in other.deltas
+                       and self.deltas[k].shape != other.deltas[k].shape]
+        if mismatched:
+            raise ShapeMismatchError(
+                f"The two tuning vectors hold different parameters or shapes, e.g. "
+                f"{mismatched[:3]}. Vectors combine only when they come from fine-tunes of the "
+                "same base (made with the same vocab= setting)."
+            )
+
+    def __add__(self, other: "TuningVector") -> "TuningVector":
+        self._check_same(other)
+        return self._new({k: v + other.deltas[k] for k, v in self.deltas.items()})
+
+    def __sub__(self, other: "TuningVector") -> "TuningVector":
+        self._check_same(other)
+        return self._new({k: v - other.deltas[k] for k, v in self.deltas.items()})
+
+    def __neg__(self) -> "TuningVector":
+        return self._new({k: -v for k, v in self.deltas.items()})
+
+    def __mul__(self, alpha: float) -> "TuningVector":
+        if not isinstance(alpha, (int, float)):
+            return NotImplemented
+        return self._new({k: alpha * v for k, v in self.deltas.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, alpha: float) -> "TuningVector":
+        return self * (1.0 / alpha)
+
+    def select(self, *, layers: Iterable[int] | None = None,
+               heads: Iterable[int | tuple[int, int]] | None = None,
+               neurons: Iterable[int | tuple[int, int]] | None = None,
+               parts: Iterable[str] | None = None) -> "TuningVector":
+        """A tuning vector with everything outside the named components set to zero.
+
+        Filters narrow one another:
+
+        - ``parts``: any of ``"attn"``, ``"mlp"``, ``"embed"``, ``"norm"``;
+        - ``layers``: keep only block weights of these layers (embeddings drop out);
+        - ``heads`` / ``neurons``: ``(layer, index)`` pairs, or bare indices meaning that index in
+          every selected layer. When either is given, only those heads' attention weights and
+          those neurons' MLP weights remain. Selecting a query head keeps its Q and O slices and
+          its key-value group's K and V (shared with the group's other query heads under GQA).
+        """
+        spec = self.spec
+        all_layers = list(range(spec.n_layers))
+        layer_set = set(all_layers if layers is None else layers)
+        bad = sorted(l for l in layer_set if not 0 <= l < spec.n_layers)
+        if bad:
+            raise IndexError(f"layers {bad} are out of range: the model has {spec.n_layers} layers.")
+        part_set = set(PARTS if parts is None else parts)
+        if part_set - set(PARTS):
+            raise ValueError(f"Unknown part(s) {sorted(part_set - set(PARTS))}; parts are {PARTS}.")
+        head_pairs = _as_pairs(heads, sorted(layer_set))
+        neuron_pairs = _as_pairs(neurons, sorted(layer_set))
+        by_unit = head_pairs is not None or neuron_pairs is not None
+        out = {}
+        for name, delta in self.deltas.items():
+            slot, layer = self.slots[name], layer_of(name)
+            keep_mask = None
+            keep = slot.part in part_set and (layer in layer_set if layer is not None else layers is None)
+            if keep and by_unit:
+                keep, keep_mask = self._unit_mask(slot, layer, delta, head_pairs, neuron_pairs)
+            if not keep:
+                out[name] = torch.zeros_like(delta)
+            elif keep_mask is None:
+                out[name] = delta.clone()
+            else:
+                out[name] = delta * keep_mask
+        return self._new(out)
+
+    def _unit_mask(self, slot: Slot, layer: int | None, delta: Tensor,
+                   head_pairs: set | None, neuron_pairs: set | None) -> tuple[bool, Tensor | None]:
+        """Whether a weight survives a head/neuron selection, and the mask along its unit axis."""
+        if slot.part == "attn" and head_pairs:
+            chosen = {h for l, h in head_pairs if l == layer}
+            for h in chosen:
+                self._check_index("head", h, self.spec.n_heads)
+            if slot.unit == "kv_head":
+                chosen = {self.spec.kv_head(h) for h in chosen}
+            elif slot.unit is None:  # b_O belongs to no head
+                return False, None
+        elif slot.part == "mlp" and neuron_pairs and slot.unit == "neuron":
+            chosen = {n for l, n in neuron_pairs if l == layer}
+            for n in chosen:
+                self._check_index("neuron", n, self.spec.d_mlp)
+        else:
+            return False, None
+        shape = [1] * delta.ndim
+        shape[slot.unit_axis] = delta.shape[slot.unit_axis]
+        mask = torch.zeros(shape, dtype=delta.dtype, device=delta.device)
+        index = torch.tensor(sorted(chosen), dtype=torch.long, device=delta.device)
+        mask.index_fill_(slot.unit_axis, index, 1.0)
+        return bool(chosen), mask
+
+    # ----------------------------------------------------------------- magnitudes
+    def norm(self) -> float:
+        """Frobenius norm of the whole vector."""
+        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in self.deltas.values())))
+
+    def norms(self) -> pd.DataFrame:
+        """One row per parameter: ``name, layer, part, matrix, shape, delta_norm, base_norm,
+        relative_norm`` (``base_norm``/``relative_norm`` are NaN without base weights)."""
+        rows = []
+        for name, delta in self.deltas.items():
+            slot = self.slots[name]
+            d = float(delta.double().norm())
+            b = float(self.base[name].double().norm()) if self.base is not None else float("nan")
+            rows.append(dict(name=name, layer=layer_of(name), part=slot.part, matrix=slot.matrix,
+                             shape=tuple(delta.shape), delta_norm=d, base_norm=b,
+                             relative_norm=d / b if b > 0 else float("nan")))
+        df = pd.DataFrame(rows)
+        df["layer"] = df["layer"].astype("Int64")
+        return df
+
+    # ----------------------------------------------------------------- application
+    def _check_fits(self, weights: ModelWeights) -> None:
+        """Raise a clear error unless every delta has the model's shape for that parameter."""
+        check_compatible(self.spec, weights.spec)
+        problems = []
+        for name, delta in self.deltas.items():
+            if name not in weights.slots:
+                problems.append(f"{name}: not in the model")
+                continue
+            slot = weights.slots[name]
+            expected = tuple(slot.to_tl(weights.parameter(slot.hf_key).detach(), weights.spec).shape)
+            if expected != tuple(delta.shape):
+                problems.append(f"{name}: vector {tuple(delta.shape)}, model {expected}")
+        if problems:
+            hint = ""
+            if any("W_E" in p or "W_U" in p for p in problems):
+                hint = (" The vocabularies differ: a vector made with vocab='shared' covers only "
+                        "the shared rows; apply it to the base model.")
+            raise ShapeMismatchError(
+                f"This tuning vector does not fit the model ({len(problems)} parameter(s)): "
+                + "; ".join(problems[:4]) + "." + hint
+            )
+
+    @contextmanager
+    def applied(self, model: Any, alpha: float = 1.0):
+        """Temporarily set ``θ ← θ + alpha·τ`` in ``model`` (bridge, HF model or TL-native).
+
+        The original values are restored bit for bit when the block exits, also when it raises
+        and when such contexts nest. The sum is computed in float32 and cast to each
+        parameter's dtype. Yields ``model``.
+        """
+        weights = ModelWeights(model)
+        self._check_fits(weights)
+        deltas = weights.hf_deltas(self.deltas, alpha)
+        originals: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for key, delta in deltas.items():
+                    if not delta.any():
+                        continue
+                    param = weights.parameter(key)
+                    originals[key] = param.detach().clone()
+                    param.copy_((param.float() + delta).to(param.dtype))
+            yield model
+        finally:
+            with torch.no_grad():
+                for key, original in originals.items():
+                    weights.parameter(key).copy_(original)
+
+    def apply_(self, model: Any, alpha: float = 1.0) -> Any:
+        """Add ``alpha·τ`` to ``model``'s weights in place, permanently. Returns ``model``."""
+        weights = ModelWeights(model)
+        self._check_fits(weights)
+        with torch.no_grad():
+            for key, delta in weights.hf_deltas(self.deltas, alpha).items():
+                param = weights.parameter(key)
+                param.copy_((param.float() + delta).to(param.dtype))
+        return model
+
+    def apply_to(self, model: Any, alpha: float = 1.0) -> Any:
+        """A deep copy of ``model`` with ``alpha·τ`` added; ``model`` itself is untouched."""
+        return self.apply_(copy.deepcopy(model), alpha)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the vector to a safetensors file (architecture, shapes and provenance in its
+        metadata). Returns the path."""
+        from safetensors.torch import save_file
+
+        from tv_lens import __version__
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"spec": self.spec.to_dict(), "metadata": self.metadata,
+                  "tv_lens_version": __version__,
+                  "shapes": {k: list(v.shape) for k, v in self.deltas.items()}}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
+        save_file(tensors, str(path), metadata={"tv_lens": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TuningVector":
+        """Read a vector written by :meth:`save` (no base weights attached; see :meth:`with_base`)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No tuning vector file at {str(path)!r}.")
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("tv_lens")
+            if raw is None:
+                raise TvLensError(f"{str(path)!r} is a safetensors file but not a tv_lens tuning "
+                                  "vector (no 'tv_lens' metadata). Write vectors with tv.save().")
+            header = json.loads(raw)
+            deltas = {k: f.get_tensor(k) for k in f.keys()}
+        spec = ArchSpec.from_dict(header["spec"])
+        meta = dict(header.get("metadata", {}), saved_with=header.get("tv_lens_version"))
+        return cls(deltas, spec, metadata=meta)
