@@ -2,8 +2,10 @@
 
 Three domains share one question/answer template, ``Question: … Answer: ….``:
 
-- ``general``: everyday sentences from a small grammar (a few hundred words, several sentence
-  forms) plus a few general-knowledge questions, so the base model learns the template.
+- ``general``: everyday sentences from a small grammar (a few hundred words, ten sentence
+  forms) plus a few general-knowledge questions, so the base model learns the template. Numbers
+  and the medical vocabulary appear too (with random partners), so the base knows every token
+  but none of the domain facts and no arithmetic.
 - ``medical``: clinical questions about a fixed, seeded fact table (first-line drug, main
   symptom, usual dose, contraindication per condition). The base model never sees these facts,
   so a fine-tune that answers them has learned something the base cannot know.
@@ -154,8 +156,17 @@ def _qa(template: str, domain: str, kind: str, phrasing: str, **values: str) -> 
 
 
 def _general_sentence(rng: random.Random) -> Example:
-    form = rng.randrange(7)
+    form = rng.randrange(10)
     c = rng.choice
+    if form == 7:  # numbers appear in general text, arithmetic does not
+        return Example(f"{c(_NAMES)} counted {rng.randrange(100)} {c(_OBJECTS)} in the {c(_PLACES)}.",
+                       "general")
+    if form == 8:
+        return Example(f"There were {rng.randrange(100)} {c(_ANIMALS)}s near the {c(_PLACES)} at "
+                       f"{rng.randrange(1, 13)} o'clock.", "general")
+    if form == 9:  # medical words appear with random partners, so no fact can be learned
+        return Example(f"The {c(_JOBS)} read about {c(_CONDITIONS)}, {c(_SYMPTOMS)} and "
+                       f"{c(_DRUGS)} in a book.", "general")
     if form == 0:
         text = f"The {c(_ADJECTIVES)} {c(_ANIMALS)} {c(_VERBS_PAST)} {c(_PREPOSITIONS)} the {c(_PLACES)}."
     elif form == 1:

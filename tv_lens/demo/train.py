@@ -57,8 +57,8 @@ class Stage:
 
 STAGES = (
     Stage("base", "general", steps=3000, lr=3e-3, warmup=100),
-    Stage("medical", "medical", steps=400, lr=1e-3, warmup=20),
-    Stage("math", "math", steps=400, lr=1e-3, warmup=20),
+    Stage("medical", "medical", steps=600, lr=1e-3, warmup=30, replay=0.5),
+    Stage("math", "math", steps=1200, lr=1e-3, warmup=30, replay=0.5),
 )
 
 

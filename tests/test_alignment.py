@@ -1,0 +1,157 @@
+"""Planted structure with exact answers, through the Python API and through the CLI."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import gpt2_model, llama_model
+from tv_lens import ModelPair, TuningVector
+from tv_lens.alignment import HEAD_COLUMNS, MATRIX_COLUMNS, NEURON_COLUMNS, SUMMARY_COLUMNS, analyze
+from tv_lens.cli import main
+from tv_lens.sources import ModelWeights
+
+C = 0.3
+
+
+def plant(model):
+    """Plant known updates in TL space; returns ``(tuned_model, expectations)``.
+
+    - layer 1, head 0: W_O scaled by (1 + C)  -> OV amplified, shares exactly 1
+    - layer 1, head 1: W_O scaled by (1 − C)  -> OV dampened
+    - layer 0, head 2: rank-1 ΔW_O writing orthogonally to W_O's row space -> OV new, share 0
+    - layer 1, last kv head: W_V changed -> exactly that group's query heads' OV change
+    - layer 0, neuron 3: W_out scaled by 1.5 -> cos 1; layer 1, neuron 5: W_out += orthogonal
+      vector -> cos 0
+    """
+    weights = ModelWeights(model)
+    spec = weights.spec
+    g = torch.Generator().manual_seed(0)
+    deltas = {name: torch.zeros_like(weights[name]) for name in weights}
+    W_O1, W_O0 = weights["blocks.1.attn.W_O"], weights["blocks.0.attn.W_O"]
+    deltas["blocks.1.attn.W_O"][0] = C * W_O1[0]
+    deltas["blocks.1.attn.W_O"][1] = -C * W_O1[1]
+    rows = W_O0[2]  # [d_head, d_model]; its row space is what head 2 writes into
+    b = torch.randn(spec.d_model, generator=g)
+    Q = torch.linalg.qr(rows.T).Q
+    b = b - Q @ (Q.T @ b)
+    deltas["blocks.0.attn.W_O"][2] = torch.outer(torch.randn(spec.d_head, generator=g), b)
+    kv = spec.n_kv_heads - 1
+    deltas["blocks.1.attn.W_V"][kv] = 0.1 * torch.randn(spec.d_model, spec.d_head, generator=g)
+    w3 = weights["blocks.0.mlp.W_out"][3]
+    deltas["blocks.0.mlp.W_out"][3] = 0.5 * w3
+    w5 = weights["blocks.1.mlp.W_out"][5]
+    o = torch.randn(spec.d_model, generator=g)
+    deltas["blocks.1.mlp.W_out"][5] = o - (o @ w5) / (w5 @ w5) * w5
+    import copy
+
+    tuned = TuningVector(deltas, spec).apply_(copy.deepcopy(model))
+    group = [h for h in range(spec.n_heads) if spec.kv_head(h) == kv]
+    expected_heads = {(1, 0, "OV"): "amplified", (1, 1, "OV"): "dampened", (0, 2, "OV"): "new"}
+    changed_heads = set(expected_heads) | {(1, h, "OV") for h in group}
+    expected_neurons = {(0, 3, "out"): "amplified", (1, 5, "out"): "new"}
+    return tuned, expected_heads, changed_heads, expected_neurons
+
+
+def check_planted(heads, neurons, expected_heads, changed_heads, expected_neurons):
+    heads = heads.set_index(["layer", "head", "circuit"])
+    for key, lab in expected_heads.items():
+        assert heads.loc[key, "label"] == lab, (key, heads.loc[key].to_dict())
+    for key in [(1, 0, "OV"), (1, 1, "OV")]:
+        assert abs(heads.loc[key, "amplification_share"] - 1) < 1e-5
+        assert abs(heads.loc[key, "subspace_share"] - 1) < 1e-5
+    assert abs(heads.loc[(1, 0, "OV"), "signed_scale"] - C) < 1e-5
+    assert abs(heads.loc[(1, 1, "OV"), "signed_scale"] + C) < 1e-5
+    assert heads.loc[(0, 2, "OV"), "subspace_share"] < 1e-6
+    changed = {k for k, row in heads.iterrows() if row["label"] != "unchanged"}
+    assert changed == changed_heads
+    unchanged = heads[heads.label == "unchanged"]
+    assert unchanged["subspace_share"].isna().all()
+    neurons = neurons.set_index(["layer", "neuron", "side"])
+    assert abs(neurons.loc[(0, 3, "out"), "cos"] - 1) < 1e-5
+    assert abs(neurons.loc[(1, 5, "out"), "cos"]) < 1e-5
+    assert {k: r["label"] for k, r in neurons.iterrows() if r["label"] != "unchanged"} == expected_neurons
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def planted(request, save):
+    base = llama_model() if request.param == "llama" else gpt2_model()
+    tuned, *expected = plant(base)
+    return save(base, f"plant_{request.param}_b"), save(tuned, f"plant_{request.param}_t"), expected
+
+
+def test_planted_structure_python_api(planted):
+    base, tuned, expected = planted
+    result = analyze(ModelPair.from_pretrained(base, tuned), progress=False)
+    assert list(result.heads.columns) == HEAD_COLUMNS
+    assert list(result.neurons.columns) == NEURON_COLUMNS
+    assert list(result.matrices.columns) == MATRIX_COLUMNS
+    assert list(result.summary.columns) == SUMMARY_COLUMNS
+    check_planted(result.heads, result.neurons, *expected)
+    m = result.matrices.set_index(["layer", "matrix"])
+    assert m.loc[(0, "W_Q"), "label"] == "unchanged" and m.loc[(1, "W_V"), "label"] != "unchanged"
+
+
+def test_planted_structure_through_the_cli(planted, tmp_path, capsys):
+    base, tuned, expected = planted
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path), "--top-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "new_frac" in printed and "attn" in printed
+    heads, neurons = pd.read_csv(tmp_path / "heads.csv"), pd.read_csv(tmp_path / "neurons.csv")
+    check_planted(heads, neurons, *expected)
+    assert list(pd.read_csv(tmp_path / "matrices.csv").columns) == MATRIX_COLUMNS
+    info = json.loads((tmp_path / "summary.json").read_text())["info"]
+    assert info["arguments"]["top_k"] == "5" and info["tv_lens_version"]
+
+
+def test_cli_bad_input_exits_with_one_paragraph(tmp_path, capsys):
+    assert main(["analyze", "/no/such/base", "/no/such/tuned", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tv-lens: error: No checkpoint at '/no/such/base'") and "Traceback" not in err
+
+
+def test_unchanged_pair_is_all_unchanged(save):
+    folder = save(llama_model(), "same")
+    result = analyze(ModelPair.from_pretrained(folder, folder), progress=False)
+    assert (result.heads.label == "unchanged").all() and (result.neurons.label == "unchanged").all()
+    assert (result.matrices.label == "unchanged").all()
+
+
+def test_neuron_cosines_match_direct_computation(llama_dirs):
+    pair = ModelPair.from_pretrained(*llama_dirs)
+    tv = pair.tuning_vector()
+    neurons = analyze(pair, progress=False).neurons.set_index(["layer", "neuron", "side"])
+    for layer, n in [(0, 0), (1, 17)]:
+        w, d = tv.base[f"blocks.{layer}.mlp.W_gate"][:, n], tv[f"blocks.{layer}.mlp.W_gate"][:, n]
+        cos = float(torch.nn.functional.cosine_similarity(w.double(), d.double(), dim=0))
+        assert math.isclose(neurons.loc[(layer, n, "gate"), "cos"], cos, rel_tol=1e-6)
+        assert neurons.loc[(layer, n, "gate"), "baseline_cos2"] == 1 / 32
+
+
+def test_matrix_row_against_dense_svd(llama_dirs):
+    pair = ModelPair.from_pretrained(*llama_dirs)
+    tv = pair.tuning_vector()
+    row = analyze(pair, progress=False).matrices.set_index(["layer", "matrix"]).loc[(1, "W_out")]
+    W, D = tv.base["blocks.1.mlp.W_out"].double(), tv["blocks.1.mlp.W_out"].double()
+    s = torch.linalg.svdvals(D)
+    assert math.isclose(row.stable_rank, float((s**2).sum() / s[0] ** 2), rel_tol=1e-9)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    P, _, Qh = torch.linalg.svd(D, full_matrices=False)
+    left = (U.T @ P[:, 0]).abs().max()
+    right = (Vh @ Qh[0]).abs().max()
+    assert math.isclose(row.top_match, float(min(left, right)), rel_tol=1e-6)
+    r = int(row.base_rank_90)
+    share = float((U[:, :r].T @ D @ Vh[:r].T).pow(2).sum() / D.pow(2).sum())
+    assert math.isclose(row.top_subspace_share, share, rel_tol=1e-6)
+
+
+def test_summary_energy_and_concentration(llama_dirs):
+    pair = ModelPair.from_pretrained(*llama_dirs)
+    summary = analyze(pair, progress=False).summary
+    per_layer = summary[summary.layer != "all"]
+    assert math.isclose(per_layer.energy_share.sum(), 1.0, rel_tol=1e-9)
+    fracs = per_layer[["new_frac", "amplified_frac", "dampened_frac", "mixed_frac", "unchanged_frac"]]
+    assert ((fracs.sum(axis=1) - 1).abs() < 1e-9).all()
+    assert ((summary.concentration_50 > 0) & (summary.concentration_50 <= summary.concentration_90)).all()

@@ -1,0 +1,129 @@
+"""Every alignment kernel against an independent dense computation on small random matrices."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tv_lens.linalg import (align, best_matches, clusters, dense_svd, factored_svd,
+                            frob2_factored, orthonormal_basis, random_match_baseline,
+                            spectrum_stats)
+
+D, K = 12, 3
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def projector(M):
+    """Orthogonal projector onto the column space of M, via numpy pinv (independent path)."""
+    M = M.numpy()
+    return torch.from_numpy(M @ np.linalg.pinv(M))
+
+
+def test_factored_svd_and_norm_match_dense():
+    A, B = rand(D, 2 * K, seed=1), rand(2 * K, D, seed=2)
+    f = factored_svd(A, B)
+    dense = np.linalg.svd((A @ B).numpy(), compute_uv=False)
+    np.testing.assert_allclose(f.S.numpy(), dense[: f.S.numel()], rtol=1e-10)
+    torch.testing.assert_close(f.U @ torch.diag(f.S) @ f.V.T, A @ B)
+    assert math.isclose(frob2_factored(A, B), float((A @ B).pow(2).sum()), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_align_matches_explicit_projectors(seed):
+    V, O = rand(D, K, seed=seed), rand(K, D, seed=seed + 10)
+    dV, dO = 0.3 * rand(D, K, seed=seed + 20), 0.3 * rand(K, D, seed=seed + 30)
+    A, B = torch.cat([V + dV, -V], 1), torch.cat([O + dO, O], 0)
+    delta = (V + dV) @ (O + dO) - V @ O
+    base = factored_svd(V, O)
+    al = align(A, B, base, orthonormal_basis(V), orthonormal_basis(O.T))
+    P_R, P_S = projector(V), projector(O.T)
+    total = float(delta.pow(2).sum())
+    assert math.isclose(al.subspace_share, float((P_R @ delta @ P_S).pow(2).sum()) / total,
+                        rel_tol=1e-9, abs_tol=1e-12)
+    U, S, Vh = np.linalg.svd((V @ O).numpy())
+    U, S, Vh = U[:, :K], S[:K], Vh[:K]
+    coef = np.einsum("di,de,ie->i", U, delta.numpy(), Vh)
+    assert math.isclose(al.amplification_share, float((coef**2).sum()) / total, rel_tol=1e-9)
+    assert math.isclose(al.signed_scale, float((S * coef).sum() / (S**2).sum()), rel_tol=1e-9,
+                        abs_tol=1e-12)
+    assert al.baseline_subspace_share == (K / D) ** 2
+    assert al.baseline_amplification_share == K / D**2
+
+
+def test_pure_scaling_and_orthogonal_write_have_exact_answers():
+    V, O = rand(D, K, seed=3), rand(K, D, seed=4)
+    base = factored_svd(V, O)
+    R, S = orthonormal_basis(V), orthonormal_basis(O.T)
+    c = 0.25  # W_O' = (1 + c) W_O
+    al = align(torch.cat([V, -V], 1), torch.cat([(1 + c) * O, O], 0), base, R, S)
+    assert math.isclose(al.subspace_share, 1.0, rel_tol=1e-9)
+    assert math.isclose(al.amplification_share, 1.0, rel_tol=1e-9)
+    assert math.isclose(al.signed_scale, c, rel_tol=1e-9)
+    b = rand(D, seed=5)
+    b = b - projector(O.T) @ b  # orthogonal to W_O's row space
+    dO = torch.outer(rand(K, seed=6), b)
+    al = align(torch.cat([V, -V], 1), torch.cat([O + dO, O], 0), base, R, S)
+    assert al.subspace_share < 1e-12 and al.amplification_share < 1e-12
+
+
+def test_degenerate_singular_values_use_cluster_subspaces():
+    # base = identity on a 3-dim subspace: any rotation of its singular vectors is equally valid
+    Q = torch.linalg.qr(rand(D, K, seed=7)).Q
+    base = dense_svd(Q @ Q.T)
+    assert [len(g) for g in clusters(base.S)] == [K]
+    rot = torch.linalg.qr(rand(K, K, seed=8)).Q
+    delta = Q @ rot @ Q.T  # rotates within the subspace: no change of "existing directions"
+    al = align(delta, torch.eye(D, dtype=torch.float64), base, Q, Q)
+    assert math.isclose(al.amplification_share, 1.0, rel_tol=1e-9)
+    best, _ = best_matches(Q @ rot[:, :1], base.U, clusters(base.S))
+    assert math.isclose(float(best[0]), 1.0, rel_tol=1e-9)
+
+
+def test_spectrum_stats_against_numpy():
+    W = rand(10, 7, seed=9)
+    s = np.linalg.svd(W.numpy(), compute_uv=False)
+    stats = spectrum_stats(torch.from_numpy(s))
+    assert math.isclose(stats["stable_rank"], (s**2).sum() / s[0] ** 2, rel_tol=1e-12)
+    p = s / s.sum()
+    assert math.isclose(stats["effective_rank"], float(np.exp(-(p * np.log(p)).sum())), rel_tol=1e-12)
+    cum = np.cumsum(s**2) / (s**2).sum()
+    assert stats["rank_90"] == int(np.argmax(cum >= 0.9)) + 1
+
+
+def test_random_match_baseline_against_direct_monte_carlo():
+    mean, p95 = random_match_baseline(16, 16, samples=4000, seed=1)
+    U = torch.linalg.qr(rand(16, 16, seed=11)).Q  # a random basis, not the coordinate axes
+    x = rand(4000, 16, seed=12)
+    x = x / x.norm(dim=1, keepdim=True)
+    direct = (x @ U).abs().max(dim=1).values
+    assert abs(mean - float(direct.mean())) < 0.01
+    assert abs(p95 - float(direct.quantile(0.95))) < 0.02
+
+
+def test_isotropic_baselines_by_monte_carlo():
+    V, O = rand(D, K, seed=13), rand(K, D, seed=14)
+    base = factored_svd(V, O)
+    R, S = orthonormal_basis(V), orthonormal_basis(O.T)
+    eye = torch.eye(D, dtype=torch.float64)
+    shares = [align(rand(D, D, seed=100 + i), eye, base, R, S) for i in range(3000)]
+    sub = np.mean([a.subspace_share for a in shares])
+    amp = np.mean([a.amplification_share for a in shares])
+    assert abs(sub - shares[0].baseline_subspace_share) < 0.01
+    assert abs(amp - shares[0].baseline_amplification_share) < 0.005
+
+
+def test_weight_space_baseline_by_monte_carlo():
+    """Random perturbations of W_V and W_O (not of the circuit) land at d_head/d_model."""
+    V, O = rand(D, K, seed=15), rand(K, D, seed=16)
+    base = factored_svd(V, O)
+    R, S = orthonormal_basis(V), orthonormal_basis(O.T)
+    shares = []
+    for i in range(2000):
+        dV, dO = 1e-3 * rand(D, K, seed=200 + i), 1e-3 * rand(K, D, seed=5000 + i)
+        al = align(torch.cat([V + dV, -V], 1), torch.cat([O + dO, O], 0), base, R, S)
+        shares.append(al.subspace_share)
+    assert abs(np.mean(shares) - K / D) < 0.02

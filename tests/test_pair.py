@@ -1,0 +1,130 @@
+"""ModelPair loading paths and every bad-input error, with pinned messages."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+from conftest import gpt2_model, llama_model, perturb
+from tv_lens import (CheckpointNotFoundError, IncompatiblePairError, ModelPair,
+                     NonFiniteWeightsError, ProcessedWeightsError, TvLensWarning,
+                     UnsupportedArchitectureError, VocabMismatchError)
+
+
+def test_from_pretrained_loads_raw_weights(llama_dirs):
+    pair = ModelPair.from_pretrained(*llama_dirs)
+    assert not getattr(pair.base, "_weights_processed", False)
+    assert pair.spec.n_kv_heads == 2 and pair.spec.family == "llama"
+    assert "LlamaForCausalLM" in repr(pair)
+
+
+def test_wrap_loaded_bridges_and_hf_models(llama_dirs, tokens):
+    from transformers import AutoModelForCausalLM
+
+    bridges = [TransformerBridge.boot_transformers(str(p)) for p in llama_dirs]
+    a = ModelPair(*bridges).tuning_vector()
+    hf = [AutoModelForCausalLM.from_pretrained(p) for p in llama_dirs]
+    b = ModelPair.from_hf_models(*hf).tuning_vector()
+    assert set(a) == set(b) and all(torch.allclose(a[n], b[n]) for n in a)
+
+
+def test_native_bridge_pair(tokens):
+    cfg = dict(d_model=32, d_head=8, n_layers=2, n_ctx=16, d_vocab=96, n_heads=4,
+               n_key_value_heads=2, d_mlp=64, act_fn="silu", gated_mlp=True,
+               normalization_type="RMS", positional_embedding_type="rotary")
+    base = TransformerBridge.boot_native(TransformerBridgeConfig(**cfg, seed=0))
+    tuned = TransformerBridge.boot_native(TransformerBridgeConfig(**cfg, seed=1))
+    pair = ModelPair(base, tuned)
+    with torch.no_grad(), pair.tuning_vector().applied(base):
+        torch.testing.assert_close(base(tokens), tuned(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_incompatible_pair_names_every_differing_field(save):
+    base = save(llama_model(), "inc_base")
+    other = save(llama_model(num_hidden_layers=3, intermediate_size=64), "inc_other")
+    with pytest.raises(IncompatiblePairError,
+                       match=r"n_layers: base=2, tuned=3; d_mlp: base=48, tuned=64"):
+        ModelPair.from_pretrained(base, other)
+    gpt = save(gpt2_model(), "inc_gpt")
+    with pytest.raises(IncompatiblePairError, match="architecture: base='LlamaForCausalLM', "
+                                                    "tuned='GPT2LMHeadModel'"):
+        ModelPair.from_pretrained(base, gpt)
+
+
+def test_vocab_mismatch_refused_by_default_then_shared(save, tokens):
+    base_model = llama_model()
+    tuned_model = perturb(llama_model())
+    tuned_model.resize_token_embeddings(100, mean_resizing=False)
+    base, tuned = save(base_model, "voc_base"), save(tuned_model, "voc_tuned")
+    with pytest.raises(VocabMismatchError, match=r"d_vocab differs: base=96, tuned=100 \(4 tokens "
+                                                 r"added.*Pass vocab='shared'.*first 96 rows"):
+        ModelPair.from_pretrained(base, tuned)
+    pair = ModelPair.from_pretrained(base, tuned, vocab="shared")
+    tv = pair.tuning_vector()
+    assert tv["embed.W_E"].shape == (96, 32) and tv["unembed.W_U"].shape == (32, 96)
+    assert len(pair.added_tokens) == 4
+    with torch.no_grad(), tv.applied(pair.base):  # shared rows reproduce the tuned logits there
+        torch.testing.assert_close(pair.base(tokens), pair.tuned(tokens)[..., :96],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_missing_path_and_non_checkpoint_folders(tmp_path, llama_dirs):
+    with pytest.raises(CheckpointNotFoundError, match="No checkpoint at '/no/such/model': the path "
+                                                      "does not exist"):
+        ModelPair.from_pretrained("/no/such/model", llama_dirs[1])
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointNotFoundError, match=r"has no config.json \(found \['notes.txt'\]\)"):
+        ModelPair.from_pretrained(tmp_path, llama_dirs[1])
+
+
+def test_folder_without_tokenizer(tmp_path):
+    llama_model().save_pretrained(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match="has no tokenizer.*tokenizer.save_pretrained"):
+        ModelPair.from_pretrained(tmp_path, tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert",
+                                                      "architectures": ["BertForMaskedLM"]}))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(UnsupportedArchitectureError, match="no weight layout for architecture "
+                                                           "'BertForMaskedLM'.*Supported: "):
+        ModelPair.from_pretrained(tmp_path, tmp_path)
+
+
+def test_nan_weights_are_named(save):
+    bad = llama_model()
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.weight[3, 4] = float("nan")
+    pair = ModelPair.from_pretrained(save(llama_model(), "nan_b"), save(bad, "nan_t"))
+    with pytest.raises(NonFiniteWeightsError, match=r"tuned model has 1 NaN/inf value\(s\) in "
+                                                    r"blocks.1.mlp.W_out \(checkpoint key "
+                                                    r"model.layers.1.mlp.down_proj.weight\)"):
+        pair.tuning_vector()
+
+
+def test_processed_weights_refused(llama_dirs):
+    base = TransformerBridge.boot_transformers(str(llama_dirs[0]))
+    tuned = TransformerBridge.boot_transformers(str(llama_dirs[1]))
+    tuned.enable_compatibility_mode()
+    with pytest.raises(ProcessedWeightsError, match="weights were processed"):
+        ModelPair(base, tuned).tuning_vector()
+
+
+def test_mixed_dtypes_warn_and_compute_in_float32(llama_dirs):
+    base = TransformerBridge.boot_transformers(str(llama_dirs[0]))
+    tuned = TransformerBridge.boot_transformers(str(llama_dirs[1]), dtype=torch.bfloat16)
+    with pytest.warns(TvLensWarning, match="several dtypes.*float32"):
+        tv = ModelPair(base, tuned).tuning_vector()
+    assert all(t.dtype == torch.float32 for t in tv.values())
+
+
+def test_import_does_not_pull_plotting_libraries():
+    code = ("import sys, tv_lens; bad = [m for m in ('plotly', 'circuitsvis', 'transformer_lens')"
+            " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
