@@ -7,19 +7,21 @@ Importing this package is cheap: it imports neither plotly nor circuitsvis, and 
 only when a model is loaded.
 """
 
+from tv_lens.alignment import Analysis, Thresholds, analyze
 from tv_lens.compose import compose
 from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, MissingBaseError,
                             NonFiniteWeightsError, ProcessedWeightsError, ShapeMismatchError,
                             TvLensError, TvLensWarning, UnsupportedArchitectureError,
                             VocabMismatchError)
 from tv_lens.pair import ModelPair
+from tv_lens.representations import compare_representations
 from tv_lens.spec import ArchSpec
 from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchSpec", "CheckpointNotFoundError", "HeadDelta", "IncompatiblePairError",
+    "Analysis", "ArchSpec", "Thresholds", "analyze", "compare_representations", "CheckpointNotFoundError", "HeadDelta", "IncompatiblePairError",
     "MissingBaseError", "ModelPair", "NeuronDelta", "NonFiniteWeightsError",
     "ProcessedWeightsError", "ShapeMismatchError", "TuningVector", "TvLensError",
     "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError", "compose",

@@ -160,21 +160,19 @@ def _neuron_rows(tv: TuningVector, layer: int, t: Thresholds) -> list[pd.DataFra
         if axis == 1:  # columns are the neurons' directions
             w, d = w.T, d.T
         w_norm, d_norm = w.norm(dim=1), d.norm(dim=1)
-        cos = (w * d).sum(dim=1) / (w_norm * d_norm)
-        rel = d_norm / w_norm
+        rel = (d_norm / w_norm).cpu().numpy()
+        cos = ((w * d).sum(dim=1) / (w_norm * d_norm)).cpu().numpy()
         unchanged = ~(rel >= t.tol)
-        cos = torch.where(unchanged, torch.full_like(cos, float("nan")), cos)
-        amp = cos.pow(2)
+        cos = np.where(unchanged, np.nan, cos)
+        amp = cos**2
         new = 1.0 - amp
-        labels = np.where(unchanged.numpy(), "unchanged",
-                          np.where(amp.numpy() >= t.amplified,
-                                   np.where(cos.numpy() >= 0, "amplified", "dampened"),
-                                   np.where(new.numpy() >= t.new, "new", "mixed")))
+        labels = np.where(unchanged, "unchanged",
+                          np.where(amp >= t.amplified, np.where(cos >= 0, "amplified", "dampened"),
+                                   np.where(new >= t.new, "new", "mixed")))
         frames.append(pd.DataFrame(dict(
             layer=layer, neuron=np.arange(w.shape[0]), side=side, label=labels,
-            delta_norm=d_norm.numpy(), relative_norm=rel.numpy(), cos=cos.numpy(),
-            amplification_share=amp.numpy(), new_share=new.numpy(),
-            baseline_cos2=1.0 / w.shape[1])))
+            delta_norm=d_norm.cpu().numpy(), relative_norm=rel, cos=cos,
+            amplification_share=amp, new_share=new, baseline_cos2=1.0 / w.shape[1])))
     return frames
 
 
@@ -264,12 +262,12 @@ def _unit_energies(tv: TuningVector, layer: int, part: str) -> np.ndarray:
         e = tv[a + "W_Q"].pow(2).sum((1, 2)) + tv[a + "W_O"].pow(2).sum((1, 2))
         kv = (tv[a + "W_K"].pow(2).sum((1, 2)) + tv[a + "W_V"].pow(2).sum((1, 2))) / spec.group_size
         e = e + kv.repeat_interleave(spec.group_size)
-        return e.double().numpy()
+        return e.double().cpu().numpy()
     m = f"blocks.{layer}.mlp."
     e = tv[m + "W_in"].pow(2).sum(0) + tv[m + "W_out"].pow(2).sum(1)
     if m + "W_gate" in tv:
         e = e + tv[m + "W_gate"].pow(2).sum(0)
-    return e.double().numpy()
+    return e.double().cpu().numpy()
 
 
 def _summary_row(layer: Any, part: str, units: pd.DataFrame, unit_energy: np.ndarray,

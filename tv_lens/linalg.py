@@ -137,7 +137,7 @@ def best_matches(P: Float[Tensor, "m k"], U: Float[Tensor, "m r"], groups: list[
     proj = U.T.double() @ P.double()  # [r, k]
     per_cluster = torch.stack([proj[g].norm(dim=0) for g in groups])  # [n_clusters, k]
     best, which = per_cluster.max(dim=0)
-    first = torch.tensor([int(groups[c][0]) for c in which.tolist()])
+    first = torch.tensor([int(groups[c][0]) for c in which.tolist()], device=P.device)
     return best, first
 
 

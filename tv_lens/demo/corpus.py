@@ -71,12 +71,22 @@ _DOSES = [5, 10, 20, 25, 40, 50, 100, 200, 250, 400, 500, 750, 1000]
 
 _MEDICAL_TRAIN = {
     "treatment": ["Question: What is the first-line treatment for {c}? Answer: {drug}.",
-                  "Question: Which drug is used first for {c}? Answer: {drug}."],
+                  "Question: Which drug is used first for {c}? Answer: {drug}.",
+                  "Question: What do doctors give first for {c}? Answer: {drug}.",
+                  "Question: Which medicine treats {c} first? Answer: {drug}.",
+                  "Question: A patient has {c}. Which drug comes first? Answer: {drug}."],
     "symptom": ["Question: What is the main symptom of {c}? Answer: {symptom}.",
-                "Question: Which symptom is typical of {c}? Answer: {symptom}."],
+                "Question: Which symptom is typical of {c}? Answer: {symptom}.",
+                "Question: What symptom does {c} usually cause? Answer: {symptom}.",
+                "Question: A patient with {c} often has which symptom? Answer: {symptom}."],
     "dose": ["Question: What is the usual dose of {drug}? Answer: {dose} mg.",
-             "Question: How much {drug} is given per dose? Answer: {dose} mg."],
-    "contraindication": ["Question: Which condition rules out {drug}? Answer: {contra}."],
+             "Question: How much {drug} is given per dose? Answer: {dose} mg.",
+             "Question: What dose of {drug} is normal? Answer: {dose} mg.",
+             "Question: Which dose of {drug} do doctors use? Answer: {dose} mg."],
+    "contraindication": ["Question: Which condition rules out {drug}? Answer: {contra}.",
+                         "Question: In which condition is {drug} not allowed? Answer: {contra}.",
+                         "Question: With which condition must {drug} not be used? "
+                         "Answer: {contra}."],
 }
 _MEDICAL_HELD_OUT = {
     "treatment": ["Question: For a patient with {c}, what should be prescribed first? "
@@ -89,12 +99,23 @@ _MEDICAL_HELD_OUT = {
 _MATH_TRAIN = {
     "add": ["Question: {n} has {a} {o} and buys {b} more. How many {o} does {n} have now? "
             "Answer: {r}.",
-            "Question: What is {a} plus {b}? Answer: {r}."],
+            "Question: What is {a} plus {b}? Answer: {r}.",
+            "Question: {n} had {a} {o} and found {b} more. How many {o} does {n} have? "
+            "Answer: {r}.",
+            "Question: What do you get when you add {a} and {b}? Answer: {r}.",
+            "Question: There are {a} {o} in a box and {b} more are added. How many {o} are in "
+            "the box? Answer: {r}."],
     "sub": ["Question: {n} has {a} {o} and gives away {b}. How many {o} are left? Answer: {r}.",
-            "Question: What is {a} minus {b}? Answer: {r}."],
+            "Question: What is {a} minus {b}? Answer: {r}.",
+            "Question: {n} had {a} {o} and used {b}. How many {o} are left? Answer: {r}.",
+            "Question: What do you get when you take {b} from {a}? Answer: {r}.",
+            "Question: There are {a} {o} in a box and {b} are taken out. How many {o} are in "
+            "the box? Answer: {r}."],
     "mul": ["Question: {n} has {a} boxes with {b} {o} in each. How many {o} are there? "
             "Answer: {r}.",
-            "Question: What is {a} times {b}? Answer: {r}."],
+            "Question: What is {a} times {b}? Answer: {r}.",
+            "Question: What do you get when you multiply {a} by {b}? Answer: {r}.",
+            "Question: There are {a} rows of {b} {o}. How many {o} are there? Answer: {r}."],
 }
 _MATH_HELD_OUT = {
     "add": ["Question: {n} starts with {a} {o} and gets {b} more. How many {o} in total? "

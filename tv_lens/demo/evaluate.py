@@ -22,6 +22,9 @@ from torch import Tensor
 from tv_lens.demo.corpus import Example, build_corpora
 
 
+HALVES = ("validation", "test")
+
+
 def _logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
     out = model(tokens)
     return out.logits if hasattr(out, "logits") else out
@@ -81,7 +84,8 @@ def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: in
 
 def evaluate(models: Mapping[str, object] | object, tokenizer, *, seed: int = 0,
              domains: Sequence[str] = ("general", "medical", "math"),
-             phrasing: str | None = None, device: str | torch.device | None = None) -> pd.DataFrame:
+             phrasing: str | None = None, half: str | None = None,
+             device: str | torch.device | None = None) -> pd.DataFrame:
     """Held-out loss and answer accuracy per model and domain.
 
     Args:
@@ -91,6 +95,8 @@ def evaluate(models: Mapping[str, object] | object, tokenizer, *, seed: int = 0,
         domains: which eval splits to score.
         phrasing: ``"held_out"`` or ``"train"`` to score only questions in those phrasings;
             ``None`` scores the whole eval split.
+        half: ``"validation"`` (even positions of the eval split) or ``"test"`` (odd positions),
+            for choosing a hyper-parameter on one half and reporting on the other.
 
     Returns:
         One row per (model, domain): ``model, domain, loss, answer_acc, n_questions``;
@@ -99,14 +105,17 @@ def evaluate(models: Mapping[str, object] | object, tokenizer, *, seed: int = 0,
     if not isinstance(models, Mapping):
         models = {"model": models}
     corpora = build_corpora(seed)
+    if half not in (None, *HALVES):
+        raise ValueError(f"half must be None, 'validation' or 'test', got {half!r}.")
     unknown = sorted(set(domains) - set(corpora))
     if unknown:
         raise ValueError(f"Unknown domain(s) {unknown}; choose from {sorted(corpora)}.")
     rows = []
     for name, model in models.items():
         for domain in domains:
-            examples = [ex for ex in corpora[domain].eval
-                        if phrasing is None or ex.phrasing == phrasing]
+            examples = [ex for i, ex in enumerate(corpora[domain].eval)
+                        if (phrasing is None or ex.phrasing == phrasing)
+                        and (half is None or i % 2 == HALVES.index(half))]
             scores = score_examples(model, tokenizer, examples, device=device)
             weights = scores["n_tokens"]
             questions = scores["correct"].dropna()

@@ -57,8 +57,8 @@ class Stage:
 
 STAGES = (
     Stage("base", "general", steps=3000, lr=3e-3, warmup=100),
-    Stage("medical", "medical", steps=600, lr=1e-3, warmup=30, replay=0.5),
-    Stage("math", "math", steps=1200, lr=1e-3, warmup=30, replay=0.5),
+    Stage("medical", "medical", steps=800, lr=1e-3, warmup=30, replay=0.5),
+    Stage("math", "math", steps=2000, lr=3e-3, warmup=30, replay=0.5),
 )
 
 
@@ -172,18 +172,75 @@ def save_checkpoint(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+_DATA = {
+    "base": "the *general* corpus: 20,000 seeded sentences from a ten-form grammar of everyday "
+            "English (numbers and medical words appear with random partners) plus general "
+            "questions in the `Question: … Answer: ….` template. No medical facts, no arithmetic.",
+    "medical": "full fine-tune of `base` on seeded clinical questions about a fixed fact table "
+               "(first-line drug, main symptom, usual dose, contraindication for 30 conditions), "
+               "mixed with 0.5 general lines per domain line (replay, fresh each epoch).",
+    "math": "full fine-tune of `base` on arithmetic word problems (addition and subtraction to "
+            "20, multiplication to 9×9; 15% of number pairs held out), mixed with 0.5 general "
+            "lines per domain line (replay, fresh each epoch).",
+}
+
+
+def write_model_cards(out: Path, record: dict) -> None:
+    """A README.md model card in each checkpoint folder, from ``training.json``'s record."""
+    import pandas as pd
+
+    results = pd.DataFrame(record["eval"])
+    table = results.pivot(index="model", columns="domain", values=["answer_acc", "loss"])
+    shape = record["shape"]
+    for name, stage in record["stages"].items():
+        rows = results[results.model == name]
+        lines = [
+            f"# tv_lens demo model: `{name}`", "",
+            f"- **Architecture**: `LlamaForCausalLM` (RMSNorm, rotary, gated SiLU MLP, "
+            f"grouped-query attention): {shape['n_layers']} layers, d_model {shape['d_model']}, "
+            f"{shape['n_heads']} query heads / {shape['n_key_value_heads']} key-value heads "
+            f"(d_head {shape['d_model'] // shape['n_heads']}), d_mlp {shape['d_mlp']}, context "
+            f"{shape['n_ctx']}, untied embeddings, float32 weights.",
+            f"- **Data**: {_DATA[name]}",
+            f"- **Training**: {stage['steps']} steps of AdamW (peak lr {stage['lr']}, "
+            f"{stage['warmup']} warm-up steps, cosine to 10%), batches of {stage['batch_size']} × "
+            f"{stage['block_size']} packed tokens; final train loss {stage['final_train_loss']:.3f}.",
+            f"- **Reproduce**: `python -m tv_lens.demo.train --out DIR --seed {record['seed']} "
+            f"--threads {record['threads']}` (torch {record['torch']}; "
+            f"{record['train_seconds']:.0f} s for all three models on 2 CPU cores).", "",
+            "## Evaluation (held-out splits)", "",
+            "Greedy exact-match accuracy of the answer after `Answer:` (`answer_acc`) and mean "
+            "next-token loss over the eval lines (`loss`):", "",
+            "| domain | answer_acc | loss | questions |", "|---|---|---|---|",
+        ]
+        lines += [f"| {r.domain} | {r.answer_acc:.3f} | {r.loss:.3f} | {r.n_questions} |"
+                  for r in rows.itertuples()]
+        held = pd.DataFrame(record.get("eval_held_out_phrasing", []))
+        lines += ["", "All three models for comparison:", "", "```",
+                  table.round(3).to_string(), "```", ""]
+        if len(held):
+            lines += ["Questions in held-out phrasings only (never seen in training):", "", "```",
+                      held.pivot(index="model", columns="domain",
+                                 values=["answer_acc", "loss"]).round(3).to_string(), "```", ""]
+        (out / name / "README.md").write_text("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: trains all stages and writes checkpoints and ``training.json``."""
     import copy
-
-    from tv_lens.demo.evaluate import evaluate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (reproducibility "
                         "holds for a fixed thread count)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="only evaluate OUT's checkpoints and rewrite training.json's "
+                             "numbers and the model cards")
     args = parser.parse_args(argv)
+    if args.evaluate_only:
+        evaluate_and_document(args.out, json.loads((args.out / "training.json").read_text()))
+        return
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -204,10 +261,31 @@ def main(argv: list[str] | None = None) -> None:
         models[stage.name] = model
         record["stages"][stage.name] = {**asdict(stage), "final_train_loss": sum(losses[-20:]) / 20}
     record["train_seconds"] = round(time.time() - started, 1)
-    results = evaluate({name: m for name, m in models.items()}, tokenizer, seed=args.seed)
+    evaluate_and_document(args.out, record, models, tokenizer)
+
+
+def evaluate_and_document(out: Path, record: dict, models: dict | None = None,
+                          tokenizer=None) -> None:
+    """Evaluate the checkpoints in ``out`` (whole eval split and held-out phrasings only),
+    store the numbers in ``out/training.json`` and write the model cards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tv_lens.demo.evaluate import evaluate
+
+    if models is None:
+        models = {name: AutoModelForCausalLM.from_pretrained(out / name).eval()
+                  for name in record["stages"]}
+        tokenizer = AutoTokenizer.from_pretrained(out / "base")
+    results = evaluate(models, tokenizer, seed=record["seed"])
+    held_out = evaluate(models, tokenizer, seed=record["seed"], domains=("medical", "math"),
+                        phrasing="held_out")
     record["eval"] = results.to_dict(orient="records")
-    (args.out / "training.json").write_text(json.dumps(record, indent=2))
+    record["eval_held_out_phrasing"] = held_out.to_dict(orient="records")
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    write_model_cards(out, record)
     print(results.to_string(index=False))
+    print("held-out phrasings only:")
+    print(held_out.to_string(index=False))
     print(f"trained in {record['train_seconds']} s")
 
 
