@@ -128,3 +128,30 @@ def test_import_does_not_pull_plotting_libraries():
             " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_lora_adapter_pair_is_exactly_the_low_rank_update(llama_dirs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dirs[0]),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # LoRA starts at B = 0; make the update non-zero
+    model.save_pretrained(tmp_path / "adapter")
+    lora = model.base_model.model.model.layers[1].self_attn.q_proj
+    expected = (lora.lora_B["default"].weight @ lora.lora_A["default"].weight) * lora.scaling["default"]
+    pair = ModelPair.from_peft(llama_dirs[0], tmp_path / "adapter")
+    tv = pair.tuning_vector()
+    nonzero = {n.split(".", 2)[2] for n, d in tv.items() if d.abs().max() > 0}
+    assert nonzero == {"attn.W_Q", "mlp.W_out"}
+    w_q = tv["blocks.1.attn.W_Q"]  # [n_heads, d_model, d_head] <- [(h dh), d_model]
+    torch.testing.assert_close(w_q.permute(0, 2, 1).reshape(32, 32), expected.detach(),
+                               atol=1e-6, rtol=1e-5)
+    s = torch.linalg.svdvals(tv["blocks.0.mlp.W_out"].double())  # rank 2 up to fp32 rounding
+    assert s[1] > 1e-2 * s[0] and s[2] < 1e-4 * s[0]
+    with pytest.raises(CheckpointNotFoundError, match="is not a PEFT adapter folder"):
+        ModelPair.from_peft(llama_dirs[0], tmp_path)

@@ -245,6 +245,41 @@ class ModelPair:
                                                                tokenizer=tokenizer))
         return cls(*bridges, vocab=vocab)
 
+    @classmethod
+    def from_peft(cls, base: str | os.PathLike, adapter: str | os.PathLike, *,
+                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                  vocab: str = "error") -> "ModelPair":
+        """Pair a base checkpoint with itself plus a PEFT (LoRA) adapter, merged.
+
+        The tuned model is the base with the adapter merged in (``merge_and_unload``), so the
+        tuning vector is exactly the adapter's low-rank update ``scaling · B @ A`` per target
+        module. Needs ``pip install peft`` (the ``lora`` extra).
+        """
+        try:
+            from peft import PeftModel
+        except ImportError as exc:
+            raise TvLensError("Pairing a LoRA adapter needs the peft package: "
+                              "pip install 'tv-lens[lora]' (or pip install peft).") from exc
+        from transformers import AutoModelForCausalLM
+
+        check_checkpoint(base)
+        adapter_path = Path(adapter).expanduser()
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise CheckpointNotFoundError(
+                f"{str(adapter)!r} is not a PEFT adapter folder: it has no adapter_config.json. "
+                "Pass the folder that peft_model.save_pretrained(...) wrote."
+            )
+        load = dict(torch_dtype=dtype)
+        base_hf = AutoModelForCausalLM.from_pretrained(base, **load)
+        tuned_hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **load),
+                                             str(adapter_path)).merge_and_unload()
+        tuned_hf.name_or_path = base_hf.name_or_path  # tokenizer comes from the base folder
+        pair = cls.from_hf_models(base_hf, tuned_hf, vocab=vocab)
+        if device is not None:
+            pair.base.to(device), pair.tuned.to(device)
+        pair.names = (str(base), f"{base} + {adapter}")
+        return pair
+
     def models(self) -> dict[str, Any]:
         """``{"base": base, "tuned": tuned}``."""
         return {"base": self.base, "tuned": self.tuned}
