@@ -324,6 +324,15 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
 
     Returns:
         :class:`Analysis` with ``heads``, ``neurons``, ``matrices`` and ``summary`` tables.
+
+    Degenerate singular values: where the base has (near-)equal singular values (relative gap
+    below 1e-4), single singular vectors are arbitrary within their cluster, so amplification
+    shares and direction matches are measured against the cluster's whole subspace
+    (:func:`tv_lens.linalg.clusters`); for distinct values this is the per-vector definition.
+
+    Cost: head circuits stay factored (QR of ``[d_model, 2·d_head]`` factors, never a dense
+    ``d_model²`` per head), neuron cosines are batched, and each matrix's base SVD is computed
+    once, all in float64 whatever the checkpoint dtype.
     """
     import time
 

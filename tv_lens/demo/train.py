@@ -58,7 +58,7 @@ class Stage:
 STAGES = (
     Stage("base", "general", steps=3000, lr=3e-3, warmup=100),
     Stage("medical", "medical", steps=800, lr=1e-3, warmup=30, replay=0.5),
-    Stage("math", "math", steps=2000, lr=3e-3, warmup=30, replay=0.5),
+    Stage("math", "math", steps=3000, lr=3e-3, warmup=30, replay=1.0),
 )
 
 
@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (reproducibility "
                         "holds for a fixed thread count)")
+    parser.add_argument("--stages", nargs="+", choices=[s.name for s in STAGES],
+                        default=[s.name for s in STAGES],
+                        help="train only these stages; fine-tunes start from OUT/base (each stage "
+                             "is seeded on its own, so this reproduces a full run's weights)")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="only evaluate OUT's checkpoints and rewrite training.json's "
                              "numbers and the model cards")
@@ -248,34 +252,40 @@ def main(argv: list[str] | None = None) -> None:
     corpora = build_corpora(args.seed)
     tokenizer = train_tokenizer(corpora, shape.vocab_size)
     started = time.time()
-    base = make_model(shape, tokenizer, args.seed)
     texts = {name: [ex.text for ex in c.train] for name, c in corpora.items()}
     record: dict = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__,
                     "shape": asdict(shape), "stages": {}}
-    models = {}
+    if "base" in args.stages:
+        base = make_model(shape, tokenizer, args.seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        record = json.loads((args.out / "training.json").read_text())
+        base = AutoModelForCausalLM.from_pretrained(args.out / "base", attn_implementation="eager")
     for stage in STAGES:
-        model = base if stage.name == "base" else copy.deepcopy(models["base"])
+        if stage.name not in args.stages:
+            continue
+        model = base if stage.name == "base" else copy.deepcopy(base)
         losses = train_stage(model, texts[stage.corpus], tokenizer, stage, args.seed,
                              replay_texts=texts["general"])
         save_checkpoint(model, tokenizer, args.out / stage.name)
-        models[stage.name] = model
-        record["stages"][stage.name] = {**asdict(stage), "final_train_loss": sum(losses[-20:]) / 20}
-    record["train_seconds"] = round(time.time() - started, 1)
-    evaluate_and_document(args.out, record, models, tokenizer)
+        record["stages"][stage.name] = {**asdict(stage), "final_train_loss": sum(losses[-20:]) / 20,
+                                        "train_seconds": round(time.time() - started, 1)}
+        started = time.time()
+    record["train_seconds"] = sum(s.get("train_seconds", 0) for s in record["stages"].values())
+    evaluate_and_document(args.out, record)
 
 
-def evaluate_and_document(out: Path, record: dict, models: dict | None = None,
-                          tokenizer=None) -> None:
+def evaluate_and_document(out: Path, record: dict) -> None:
     """Evaluate the checkpoints in ``out`` (whole eval split and held-out phrasings only),
     store the numbers in ``out/training.json`` and write the model cards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tv_lens.demo.evaluate import evaluate
 
-    if models is None:
-        models = {name: AutoModelForCausalLM.from_pretrained(out / name).eval()
-                  for name in record["stages"]}
-        tokenizer = AutoTokenizer.from_pretrained(out / "base")
+    models = {name: AutoModelForCausalLM.from_pretrained(out / name).eval()
+              for name in record["stages"]}
+    tokenizer = AutoTokenizer.from_pretrained(out / "base")
     results = evaluate(models, tokenizer, seed=record["seed"])
     held_out = evaluate(models, tokenizer, seed=record["seed"], domains=("medical", "math"),
                         phrasing="held_out")

@@ -1,0 +1,16 @@
+"""The example scripts run on the shipped pair and print what they promise."""
+
+import runpy
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_research_claims_example(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["research_claims.py"])
+    runpy.run_path(str(EXAMPLES / "research_claims.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for marker in ("1. MLP: update energy share", "2. attention OV", "2. attention QK",
+                   "3. representations on 64 prompts", "outside_share"):
+        assert marker in out
