@@ -23,8 +23,8 @@ def plant(model):
     - layer 1, head 1: W_O scaled by (1 − C)  -> OV dampened
     - layer 0, head 2: rank-1 ΔW_O writing orthogonally to W_O's row space -> OV new, share 0
     - layer 1, last kv head: W_V changed -> exactly that group's query heads' OV change
-    - layer 0, neuron 3: W_out scaled by 1.5 -> cos 1; layer 1, neuron 5: W_out += orthogonal
-      vector -> cos 0
+    - layer 0, neuron 3: W_out scaled by 1.5 -> cos 1; layer 1, neuron 7: scaled by 0.5 ->
+      cos −1 (dampened); layer 1, neuron 5: W_out += orthogonal vector -> cos 0
     """
     weights = ModelWeights(model)
     spec = weights.spec
@@ -42,6 +42,7 @@ def plant(model):
     deltas["blocks.1.attn.W_V"][kv] = 0.1 * torch.randn(spec.d_model, spec.d_head, generator=g)
     w3 = weights["blocks.0.mlp.W_out"][3]
     deltas["blocks.0.mlp.W_out"][3] = 0.5 * w3
+    deltas["blocks.1.mlp.W_out"][7] = -0.5 * weights["blocks.1.mlp.W_out"][7]
     w5 = weights["blocks.1.mlp.W_out"][5]
     o = torch.randn(spec.d_model, generator=g)
     deltas["blocks.1.mlp.W_out"][5] = o - (o @ w5) / (w5 @ w5) * w5
@@ -51,7 +52,8 @@ def plant(model):
     group = [h for h in range(spec.n_heads) if spec.kv_head(h) == kv]
     expected_heads = {(1, 0, "OV"): "amplified", (1, 1, "OV"): "dampened", (0, 2, "OV"): "new"}
     changed_heads = set(expected_heads) | {(1, h, "OV") for h in group}
-    expected_neurons = {(0, 3, "out"): "amplified", (1, 5, "out"): "new"}
+    expected_neurons = {(0, 3, "out"): "amplified", (1, 5, "out"): "new",
+                        (1, 7, "out"): "dampened"}
     return tuned, expected_heads, changed_heads, expected_neurons
 
 
@@ -72,6 +74,7 @@ def check_planted(heads, neurons, expected_heads, changed_heads, expected_neuron
     neurons = neurons.set_index(["layer", "neuron", "side"])
     assert abs(neurons.loc[(0, 3, "out"), "cos"] - 1) < 1e-5
     assert abs(neurons.loc[(1, 5, "out"), "cos"]) < 1e-5
+    assert abs(neurons.loc[(1, 7, "out"), "cos"] + 1) < 1e-5
     assert {k: r["label"] for k, r in neurons.iterrows() if r["label"] != "unchanged"} == expected_neurons
 
 
@@ -155,3 +158,25 @@ def test_summary_energy_and_concentration(llama_dirs):
     fracs = per_layer[["new_frac", "amplified_frac", "dampened_frac", "mixed_frac", "unchanged_frac"]]
     assert ((fracs.sum(axis=1) - 1).abs() < 1e-9).all()
     assert ((summary.concentration_50 > 0) & (summary.concentration_50 <= summary.concentration_90)).all()
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((0.0, 0.9, 0.1, 1.0), "unchanged"), ((float("nan"), 0.9, 0.1, 1.0), "unchanged"),
+    ((0.1, 0.6, 0.4, 0.2), "amplified"), ((0.1, 0.6, 0.4, -0.2), "dampened"),
+    ((0.1, 0.2, 0.7, 0.2), "new"), ((0.1, 0.3, 0.4, 0.2), "mixed"),
+])
+def test_label_rules(args, expected):
+    from tv_lens.alignment import label
+
+    assert label(*args) == expected
+
+
+def test_thresholds_are_parameters(llama_dirs):
+    from tv_lens.alignment import Thresholds
+
+    pair = ModelPair.from_pretrained(*llama_dirs)
+    strict = analyze(pair, thresholds=Thresholds(new=0.999), progress=False).heads
+    loose = analyze(pair, thresholds=Thresholds(new=0.0), progress=False).heads
+    assert (loose.label == "new").sum() >= (strict.label == "new").sum()
+    assert set(strict.label) <= {"new", "mixed", "amplified", "dampened"}
+    assert (strict.subspace_share == loose.subspace_share).all()  # raw shares do not move

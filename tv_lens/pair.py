@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from tv_lens.errors import (CheckpointNotFoundError, NonFiniteWeightsError, TvLensError,
                             TvLensWarning, VocabMismatchError)
@@ -79,16 +80,16 @@ def boot(name_or_path: str | os.PathLike, *, device: str | torch.device | None =
         ) from exc
 
 
-def _check_finite(weights: ModelWeights, which: str) -> None:
-    for name in weights:
-        tensor = weights[name]
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise NonFiniteWeightsError(
-                f"The {which} model has {bad} NaN/inf value(s) in {name} "
-                f"(checkpoint key {weights.slots[name].hf_key}). A weight difference with NaN is "
-                "meaningless; check how the checkpoint was saved or converted."
-            )
+def _finite(tensor: torch.Tensor, weights: ModelWeights, name: str, which: str) -> torch.Tensor:
+    """``tensor`` itself, or a :class:`NonFiniteWeightsError` naming the parameter."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteWeightsError(
+            f"The {which} model has {bad} NaN/inf value(s) in {name} "
+            f"(checkpoint key {weights.slots[name].hf_key}). A weight difference with NaN is "
+            "meaningless; check how the checkpoint was saved or converted."
+        )
+    return tensor
 
 
 def difference(base: Any, tuned: Any, *, vocab: str = "error",
@@ -113,13 +114,12 @@ def difference(base: Any, tuned: Any, *, vocab: str = "error",
             warnings.warn(f"The models hold weights of several dtypes ({', '.join(dtypes)}); "
                           "tv_lens computes every difference in float32.", TvLensWarning,
                           stacklevel=3)
-    _check_finite(base_w, "base")
-    _check_finite(tuned_w, "tuned")
     deltas = {}
-    for name in base_w:
+    for name in tqdm(base_w, desc="tuning vector", leave=False, disable=None):
         if name not in tuned_w:
             raise TvLensError(f"The tuned model lacks {name} which the base model has.")
-        b, t = base_w[name], tuned_w[name]
+        b = _finite(base_w[name], base_w, name, "base")
+        t = _finite(tuned_w[name], tuned_w, name, "tuned")
         if name == "embed.W_E":
             b, t = b[:shared], t[:shared]
         elif name == "unembed.W_U":

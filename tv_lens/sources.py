@@ -32,8 +32,6 @@ def spec_of(model: Any) -> ArchSpec:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         return ArchSpec.from_hf_config(config)
-    if config is not None and type(model).__name__ == "NativeModel":
-        return ArchSpec.from_bridge(type("NativeHolder", (), {"cfg": config})())
     raise UnsupportedArchitectureError(
         f"Cannot read a model architecture from a {type(model).__name__}. Pass a "
         "TransformerBridge (TransformerBridge.boot_transformers(path)) or a Hugging Face "

@@ -113,10 +113,6 @@ class TuningVector(Mapping[str, Tensor]):
 
         return difference(base, tuned, vocab=vocab, metadata=metadata)
 
-    @classmethod
-    def zeros_like(cls, other: "TuningVector") -> "TuningVector":
-        return other._new({k: torch.zeros_like(v) for k, v in other.deltas.items()})
-
     def _new(self, deltas: Mapping[str, Tensor]) -> "TuningVector":
         return TuningVector(deltas, self.spec, base=self.base, metadata=self.metadata)
 
