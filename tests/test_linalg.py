@@ -127,3 +127,16 @@ def test_weight_space_baseline_by_monte_carlo():
         al = align(torch.cat([V + dV, -V], 1), torch.cat([O + dO, O], 0), base, R, S)
         shares.append(al.subspace_share)
     assert abs(np.mean(shares) - K / D) < 0.02
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
+def test_dense_svd_matches_lapack(shape):
+    W = rand(*shape, seed=21) @ torch.diag(torch.logspace(0, -3, shape[1], dtype=torch.float64))
+    ours = dense_svd(W)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(ours.S, S[: ours.S.numel()], rtol=1e-9, atol=0)
+    torch.testing.assert_close(ours.U @ torch.diag(ours.S) @ ours.V.T, W, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours.U.T @ ours.U, torch.eye(ours.S.numel(), dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+    low_rank = dense_svd(rand(shape[0], 2, seed=22) @ rand(2, shape[1], seed=23))
+    assert low_rank.S.numel() == 2  # the numerical null space is dropped

@@ -48,11 +48,24 @@ def factored_svd(A: Float[Tensor, "m k"], B: Float[Tensor, "k n"], rtol: float =
     return FactoredSVD(Qa @ u[:, keep], s[keep], Qb @ vh.T[:, keep])
 
 
-def dense_svd(W: Float[Tensor, "m n"], rtol: float = 1e-9) -> FactoredSVD:
-    """Thin SVD of a dense matrix, in float64, small singular values dropped."""
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+def dense_svd(W: Float[Tensor, "m n"], rtol: float = 1e-6) -> FactoredSVD:
+    """Thin SVD of a dense matrix in float64, through the eigendecomposition of its small Gram
+    matrix (``WᵀW`` or ``WWᵀ``): two matrix products and one ``min(m, n)``-sized ``eigh``, several
+    times faster than a direct SVD for the tall embedding and MLP matrices.
+
+    Singular values below ``rtol · σ_max`` (the numerical null space: float64 Gram precision
+    is about ``1e-8 · σ_max``) are dropped with their vectors.
+    """
+    W = W.double()
+    if W.shape[0] < W.shape[1]:
+        t = dense_svd(W.T, rtol)
+        return FactoredSVD(t.V, t.S, t.U)
+    evals, V = torch.linalg.eigh(W.T @ W)
+    S = evals.flip(0).clamp(min=0).sqrt()
+    V = V.flip(1)
     keep = S > rtol * S[0] if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-    return FactoredSVD(U[:, keep], S[keep], Vh.T[:, keep])
+    S, V = S[keep], V[:, keep]
+    return FactoredSVD((W @ V) / S, S, V)
 
 
 def clusters(S: Float[Tensor, "r"], rtol: float = 1e-4) -> list[Tensor]:
