@@ -178,10 +178,10 @@ _DATA = {
             "questions in the `Question: … Answer: ….` template. No medical facts, no arithmetic.",
     "medical": "full fine-tune of `base` on seeded clinical questions about a fixed fact table "
                "(first-line drug, main symptom, usual dose, contraindication for 30 conditions), "
-               "mixed with 0.5 general lines per domain line (replay, fresh each epoch).",
+               "mixed with {replay} general lines per domain line (replay, fresh each epoch).",
     "math": "full fine-tune of `base` on arithmetic word problems (addition and subtraction to "
-            "20, multiplication to 9×9; 15% of number pairs held out), mixed with 0.5 general "
-            "lines per domain line (replay, fresh each epoch).",
+            "20, multiplication to 9×9; 15% of number pairs held out), mixed with {replay} "
+            "general lines per domain line (replay, fresh each epoch).",
 }
 
 
@@ -201,7 +201,7 @@ def write_model_cards(out: Path, record: dict) -> None:
             f"{shape['n_heads']} query heads / {shape['n_key_value_heads']} key-value heads "
             f"(d_head {shape['d_model'] // shape['n_heads']}), d_mlp {shape['d_mlp']}, context "
             f"{shape['n_ctx']}, untied embeddings, float32 weights.",
-            f"- **Data**: {_DATA[name]}",
+            f"- **Data**: {_DATA[name].format(replay=stage['replay'])}",
             f"- **Training**: {stage['steps']} steps of AdamW (peak lr {stage['lr']}, "
             f"{stage['warmup']} warm-up steps, cosine to 10%), batches of {stage['batch_size']} × "
             f"{stage['block_size']} packed tokens; final train loss {stage['final_train_loss']:.3f}.",
