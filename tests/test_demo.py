@@ -84,5 +84,6 @@ def test_fine_tunes_learned_their_domain():
     assert loss["medical", "medical"] < loss["base", "medical"] - 1.0
     assert loss["math", "math"] < loss["base", "math"] - 1.0
     recorded = json.loads((CHECKPOINTS / "training.json").read_text())["eval"]
-    shipped = {(r["model"], r["domain"]): r["answer_acc"] for r in recorded}
-    assert shipped[("medical", "medical")] == pytest.approx(acc["medical", "medical"], abs=1e-9)
+    for r in recorded:  # the bridge (its own tokenizer) scores exactly what training recorded
+        assert r["answer_acc"] == pytest.approx(acc[r["model"], r["domain"]], abs=1e-9)
+        assert r["loss"] == pytest.approx(loss[r["model"], r["domain"]], rel=1e-4)

@@ -49,16 +49,14 @@ def score_examples(model, tokenizer, examples: Sequence[Example], batch_size: in
         chunk = examples[start : start + batch_size]
         ids, answer_spans = [], []
         for ex in chunk:
-            if ex.answer is None:
-                seq = [bos] + tokenizer(ex.text).input_ids
-                span = None
-            else:
-                prompt = [bos] + tokenizer(ex.prompt).input_ids
-                answer = tokenizer(ex.text).input_ids[len(prompt) - 1 :]
-                # Tokenization is word-local (Metaspace pre-tokenizer), so prompt + answer
-                # tokens equal the tokens of the whole line; check rather than assume.
-                seq = prompt + answer
-                if seq[1:] != tokenizer(ex.text).input_ids:
+            # Explicit BOS, no tokenizer specials: a bridge's tokenizer may add BOS itself.
+            seq = [bos] + tokenizer(ex.text, add_special_tokens=False).input_ids
+            span = None
+            if ex.answer is not None:
+                prompt = [bos] + tokenizer(ex.prompt, add_special_tokens=False).input_ids
+                # Tokenization is word-local (Metaspace pre-tokenizer), so the prompt's tokens
+                # are a prefix of the line's; check rather than assume.
+                if seq[: len(prompt)] != prompt:
                     raise ValueError(f"prompt/answer tokenization is not word-local for {ex.text!r}")
                 span = (len(prompt), len(seq))
             ids.append(seq)

@@ -1,14 +1,16 @@
 """Do the demo's tuning vectors compose? ``python -m tv_lens.demo.experiments``.
 
 Applies ``α·(τ_medical + τ_math)`` to the base (task arithmetic), with ``α`` chosen on the
-validation half of both domains' eval splits, and reports answer accuracy and loss on the test
-half for the base, each single fine-tune and the merges (sum, TIES, DARE). Writes
+validation half of both domains' eval splits (and, for the plain sum, per-domain weights on a
+4×4 grid), and reports answer accuracy and loss on the test half for the base, each single
+fine-tune and the merges (sum, TIES, DARE). Writes
 ``composition.json`` next to the shipped checkpoints when run with ``--write``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import pandas as pd
@@ -18,6 +20,7 @@ from tv_lens.demo import CHECKPOINTS, load_pair
 from tv_lens.demo.evaluate import evaluate
 
 ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
+WEIGHTS = (0.4, 0.7, 1.0, 1.3)
 DOMAINS = ("medical", "math")
 
 
@@ -42,15 +45,25 @@ def compose_domains(alphas=ALPHAS) -> dict:
                 scores[alpha] = _mean_acc(base, tok, "validation")
         chosen[name] = max(scores, key=scores.get)
         validation[name] = scores
+    weight_scores = {}
+    for w in itertools.product(WEIGHTS, WEIGHTS):  # per-domain weights for task arithmetic
+        with compose([tau_med, tau_math], weights=w).applied(base):
+            weight_scores[w] = _mean_acc(base, tok, "validation")
+    best_w = max(weight_scores, key=weight_scores.get)
     rows = [evaluate({"base": base, "medical": med.tuned, "math": mth.tuned}, tok,
                      domains=("general", *DOMAINS), half="test")]
     for name, tau in merges.items():
         with tau.applied(base, alpha=chosen[name]):
             rows.append(evaluate({f"{name} α={chosen[name]}": base}, tok,
                                  domains=("general", *DOMAINS), half="test"))
+    with compose([tau_med, tau_math], weights=best_w).applied(base):
+        rows.append(evaluate({f"sum w_med={best_w[0]} w_math={best_w[1]}": base}, tok,
+                             domains=("general", *DOMAINS), half="test"))
     table = pd.concat(rows, ignore_index=True)
     return {"alphas_tried": list(alphas), "chosen_alpha": chosen,
             "validation_mean_acc": {k: {str(a): v for a, v in s.items()} for k, s in validation.items()},
+            "chosen_weights": list(best_w),
+            "validation_mean_acc_weights": {f"{a},{b}": v for (a, b), v in weight_scores.items()},
             "test": table.to_dict(orient="records")}
 
 
