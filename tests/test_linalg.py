@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tv_lens.linalg import (align, best_matches, clusters, dense_svd, factored_svd,
-                            frob2_factored, orthonormal_basis, random_match_baseline,
-                            spectrum_stats)
+from tv_lens.linalg import (align, best_matches, cluster_ids, dense_svd, factored_svd,
+                            frob2_factored, gram_svd, matrix_overlap, orthonormal_basis,
+                            random_match_baseline, spectrum_stats)
 
 D, K = 12, 3
 
@@ -74,12 +74,12 @@ def test_degenerate_singular_values_use_cluster_subspaces():
     # base = identity on a 3-dim subspace: any rotation of its singular vectors is equally valid
     Q = torch.linalg.qr(rand(D, K, seed=7)).Q
     base = dense_svd(Q @ Q.T)
-    assert [len(g) for g in clusters(base.S)] == [K]
+    assert torch.bincount(cluster_ids(base.S)).tolist() == [K]
     rot = torch.linalg.qr(rand(K, K, seed=8)).Q
     delta = Q @ rot @ Q.T  # rotates within the subspace: no change of "existing directions"
     al = align(delta, torch.eye(D, dtype=torch.float64), base, Q, Q)
     assert math.isclose(al.amplification_share, 1.0, rel_tol=1e-9)
-    best, _ = best_matches(Q @ rot[:, :1], base.U, clusters(base.S))
+    best, _ = best_matches(base.U.T @ (Q @ rot[:, :1]), cluster_ids(base.S))
     assert math.isclose(float(best[0]), 1.0, rel_tol=1e-9)
 
 
@@ -95,13 +95,29 @@ def test_spectrum_stats_against_numpy():
 
 
 def test_random_match_baseline_against_direct_monte_carlo():
-    mean, p95 = random_match_baseline(16, 16, samples=4000, seed=1)
-    U = torch.linalg.qr(rand(16, 16, seed=11)).Q  # a random basis, not the coordinate axes
-    x = rand(4000, 16, seed=12)
-    x = x / x.norm(dim=1, keepdim=True)
-    direct = (x @ U).abs().max(dim=1).values
+    mean, p95 = random_match_baseline(16, 10, 10, samples=4000, seed=1)
+    U = torch.linalg.qr(rand(16, 16, seed=11)).Q[:, :10]  # random bases, not coordinate axes
+    V = torch.linalg.qr(rand(10, 10, seed=13)).Q
+    x, y = rand(4000, 16, seed=12), rand(4000, 10, seed=14)
+    x, y = x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
+    direct = torch.minimum((x @ U).abs().max(dim=1).values, (y @ V).abs().max(dim=1).values)
     assert abs(mean - float(direct.mean())) < 0.01
     assert abs(p95 - float(direct.quantile(0.95))) < 0.02
+
+
+@pytest.mark.parametrize("shape", [(30, 9), (9, 30), (12, 12)])
+def test_matrix_overlap_against_explicit_svds(shape):
+    W, D = rand(*shape, seed=31), 0.2 * rand(*shape, seed=32)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    P, _, Qh = torch.linalg.svd(D, full_matrices=False)
+    ov = matrix_overlap(gram_svd(W), D, k=3)
+    # singular pairs are defined up to a joint sign flip: compare sign-invariant quantities
+    core = U.T @ D @ Vh.T
+    torch.testing.assert_close(ov.core.abs(), core.abs(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ov.core.diagonal(), core.diagonal(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ov.left.abs(), (U.T @ P[:, :3]).abs(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(ov.right.abs(), (Vh @ Qh[:3].T).abs(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(ov.delta_S, torch.linalg.svdvals(D), rtol=1e-9, atol=0)
 
 
 def test_isotropic_baselines_by_monte_carlo():

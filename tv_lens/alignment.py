@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tv_lens.linalg import (FactoredSVD, align, best_matches, clusters, dense_svd,
-                            factored_svd, frob2_factored, orthonormal_basis,
-                            random_match_baseline, spectrum_stats)
+from tv_lens.linalg import (GramSVD, align, best_matches, cluster_ids, core_shares,
+                            factored_svd, frob2_factored, gram_svd, matrix_overlap,
+                            orthonormal_basis, random_match_baseline, spectrum_stats)
 from tv_lens.vector import TuningVector
 
 LABELS = ("amplified", "dampened", "new", "mixed", "unchanged")
@@ -188,12 +188,12 @@ def _as_2d(name: str, W: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _match_baseline(m: int, n_vectors: int) -> tuple[float, float]:
-    return random_match_baseline(m, n_vectors)
+def _match_baseline(m: int, n: int, n_vectors: int) -> tuple[float, float]:
+    return random_match_baseline(m, n, n_vectors)
 
 
 def _matrix_row(name: str, W: Tensor, D: Tensor, top_k: int, t: Thresholds,
-                svd_cache: dict[str, FactoredSVD]) -> dict:
+                svd_cache: dict[str, GramSVD]) -> dict:
     W, D = W.double(), D.double()
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
     delta_norm, base_norm = float(D.norm()), float(W.norm())
@@ -201,11 +201,11 @@ def _matrix_row(name: str, W: Tensor, D: Tensor, top_k: int, t: Thresholds,
     row: dict[str, Any] = dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None
                                else name, delta_norm=delta_norm, relative_norm=rel)
     if name not in svd_cache:
-        svd_cache[name] = dense_svd(W)
+        svd_cache[name] = gram_svd(W)
     base = svd_cache[name]
     base_r = spectrum_stats(base.S)["rank_90"]
     m, n = W.shape
-    mean_b, p95_b = _match_baseline(m, base.U.shape[1])
+    mean_b, p95_b = _match_baseline(m, n, base.S.numel())
     row.update(base_rank_90=base_r, baseline_match=mean_b, baseline_match_p95=p95_b,
                baseline_top_subspace_share=base_r * base_r / (m * n))
     if not rel >= t.tol:
@@ -215,23 +215,22 @@ def _matrix_row(name: str, W: Tensor, D: Tensor, top_k: int, t: Thresholds,
                    top_subspace_share=nan, amplification_share=nan, new_share=nan,
                    signed_scale=0.0)
         return row
-    delta = dense_svd(D)
-    row.update(spectrum_stats(delta.S))
-    k = min(top_k, delta.S.numel())
-    groups = clusters(base.S)
-    left, left_idx = best_matches(delta.U[:, :k], base.U, groups)
-    right, right_idx = best_matches(delta.V[:, :k], base.V, groups)
+    overlap = matrix_overlap(base, D, top_k)
+    row.update(spectrum_stats(overlap.delta_S))
+    ids = cluster_ids(base.S)
+    left, left_idx = best_matches(overlap.left, ids)
+    right, right_idx = best_matches(overlap.right, ids)
     match = torch.minimum(left, right)
     is_new = match < t.intruder
     is_amp = (~is_new) & (left_idx == right_idx)
-    top_u, top_v = base.U[:, :base_r], base.V[:, :base_r]
-    al = align(delta.U * delta.S, delta.V.T, base, top_u, top_v)
-    new_share = 1.0 - al.subspace_share
+    total = float(overlap.delta_S.pow(2).sum())
+    top_share = float(overlap.core[:base_r, :base_r].pow(2).sum()) / total
+    amp, scale = core_shares(overlap.core, base.S, total, ids)
+    new_share = 1.0 - top_share
     row.update(n_new_directions=int(is_new.sum()), n_amplified_directions=int(is_amp.sum()),
                top_match=float(match[0]), mean_match=float(match.mean()),
-               top_subspace_share=al.subspace_share, amplification_share=al.amplification_share,
-               new_share=new_share, signed_scale=al.signed_scale,
-               label=label(rel, al.amplification_share, new_share, al.signed_scale, t))
+               top_subspace_share=top_share, amplification_share=amp, new_share=new_share,
+               signed_scale=scale, label=label(rel, amp, new_share, scale, t))
     return row
 
 
@@ -328,7 +327,7 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     Degenerate singular values: where the base has (near-)equal singular values (relative gap
     below 1e-4), single singular vectors are arbitrary within their cluster, so amplification
     shares and direction matches are measured against the cluster's whole subspace
-    (:func:`tv_lens.linalg.clusters`); for distinct values this is the per-vector definition.
+    (:func:`tv_lens.linalg.cluster_ids`); for distinct values this is the per-vector definition.
 
     Cost: head circuits stay factored (QR of ``[d_model, 2·d_head]`` factors, never a dense
     ``d_model²`` per head), neuron cosines are batched, and each matrix's base SVD is computed
@@ -344,7 +343,7 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     head_rows: list[dict] = []
     neuron_frames: list[pd.DataFrame] = []
     matrix_rows: list[dict] = []
-    svd_cache: dict[str, FactoredSVD] = {}
+    svd_cache: dict[str, GramSVD] = {}
     names = _matrix_names(tv)
     by_layer: dict[Any, list[str]] = {}
     for name in names:
