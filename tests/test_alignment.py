@@ -180,3 +180,22 @@ def test_thresholds_are_parameters(llama_dirs):
     assert (loose.label == "new").sum() >= (strict.label == "new").sum()
     assert set(strict.label) <= {"new", "mixed", "amplified", "dampened"}
     assert (strict.subspace_share == loose.subspace_share).all()  # raw shares do not move
+
+
+def test_cli_dtype_and_vocab_options(save, tmp_path, capsys):
+    from conftest import perturb
+
+    base_model, tuned_model = llama_model(), perturb(llama_model())
+    tuned_model.resize_token_embeddings(100, mean_resizing=False)
+    base, tuned = save(base_model, "cli_vocab_b"), save(tuned_model, "cli_vocab_t")
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "a")]) == 2
+    assert "d_vocab differs: base=96, tuned=100" in capsys.readouterr().err
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "b"),
+                 "--vocab", "shared", "--dtype", "bfloat16"]) == 0
+    bf16 = pd.read_csv(tmp_path / "b" / "matrices.csv").set_index(["layer", "matrix"])
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "c"),
+                 "--vocab", "shared"]) == 0
+    fp32 = pd.read_csv(tmp_path / "c" / "matrices.csv").set_index(["layer", "matrix"])
+    # bf16 weights round the update, but the picture is the same
+    assert ((bf16.relative_norm - fp32.relative_norm).abs() < 0.05 * fp32.relative_norm).all()
+    assert "unembed.W_U" in set(fp32.reset_index().matrix)  # compared on the shared rows

@@ -150,20 +150,20 @@ def test_select_keeps_only_named_components(pair):
     sel = tv.select(heads=[(1, 3)], neurons=[(0, 7)])
     kv = spec.kv_head(3)
     for name, delta in sel.items():
-        if name == "blocks.1.attn.W_Q" or name == "blocks.1.attn.W_O":
+        if name in ("blocks.1.attn.W_Q", "blocks.1.attn.W_O", "blocks.1.attn.b_Q"):
             assert torch.equal(delta[3], tv[name][3])
             assert delta[[h for h in range(spec.n_heads) if h != 3]].abs().max() == 0
-        elif name in ("blocks.1.attn.W_K", "blocks.1.attn.W_V"):
+        elif name in ("blocks.1.attn.W_K", "blocks.1.attn.W_V", "blocks.1.attn.b_K",
+                      "blocks.1.attn.b_V"):
             assert torch.equal(delta[kv], tv[name][kv])
-        elif name == "blocks.0.mlp.W_out":
+            assert delta[[h for h in range(spec.n_kv_heads) if h != kv]].abs().max() == 0
+        elif name in ("blocks.0.mlp.W_out", "blocks.0.mlp.b_in"):
             others = torch.cat([delta[:7], delta[8:]])
             assert torch.equal(delta[7], tv[name][7]) and others.abs().max() == 0
         elif name in ("blocks.0.mlp.W_in", "blocks.0.mlp.W_gate"):
             assert torch.equal(delta[:, 7], tv[name][:, 7])
             assert torch.cat([delta[:, :7], delta[:, 8:]], dim=1).abs().max() == 0
-        elif name.startswith(("blocks.1.attn.b_", "blocks.0.mlp.b_in")):
-            continue  # per-unit biases follow their unit
-        else:
+        else:  # other layers, b_O / b_out (no head or neuron owns them), norms, embeddings
             assert delta.abs().max() == 0, name
     by_part = tv.select(parts=("norm",), layers=[1])
     nonzero = {n for n, d in by_part.items() if d.abs().max() > 0}

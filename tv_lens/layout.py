@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import einops
-import torch
 from torch import Tensor
 
 from tv_lens.spec import ArchSpec
@@ -56,13 +55,6 @@ class Slot:
                     self.part, self.unit, self.unit_axis, self.chunk, self.optional)
 
     @property
-    def layer(self) -> int | None:
-        """The block index of a per-layer slot (after :meth:`at`), else ``None``."""
-        if not self.tl_name.startswith("blocks."):
-            return None
-        return int(self.tl_name.split(".")[1])
-
-    @property
     def matrix(self) -> str:
         """The short TL name: ``W_Q``, ``b_in``, ``w`` (norm gain), ``W_E``, …"""
         return self.tl_name.rsplit(".", 1)[-1]
@@ -89,17 +81,23 @@ class Slot:
         target.add_(back.to(target.dtype))
 
 
+def _linear_attention(p: str, q: str, k: str, v: str, o: str) -> list[Slot]:
+    """Attention stored as four ``nn.Linear`` layers (``[out, in]`` weights, optional biases)."""
+    return [
+        Slot("blocks.{l}.attn.W_Q", f"{p}{q}.weight", "(h dh) d -> h d dh", "attn", "head"),
+        Slot("blocks.{l}.attn.W_K", f"{p}{k}.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
+        Slot("blocks.{l}.attn.W_V", f"{p}{v}.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
+        Slot("blocks.{l}.attn.W_O", f"{p}{o}.weight", "d (h dh) -> h dh d", "attn", "head"),
+        Slot("blocks.{l}.attn.b_Q", f"{p}{q}.bias", "(h dh) -> h dh", "attn", "head", optional=True),
+        Slot("blocks.{l}.attn.b_K", f"{p}{k}.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
+        Slot("blocks.{l}.attn.b_V", f"{p}{v}.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
+        Slot("blocks.{l}.attn.b_O", f"{p}{o}.bias", "d -> d", "attn", optional=True),
+    ]
+
+
 def _llama_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
     p = "model.layers.{l}."
-    blocks = [
-        Slot("blocks.{l}.attn.W_Q", p + "self_attn.q_proj.weight", "(h dh) d -> h d dh", "attn", "head"),
-        Slot("blocks.{l}.attn.W_K", p + "self_attn.k_proj.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
-        Slot("blocks.{l}.attn.W_V", p + "self_attn.v_proj.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
-        Slot("blocks.{l}.attn.W_O", p + "self_attn.o_proj.weight", "d (h dh) -> h dh d", "attn", "head"),
-        Slot("blocks.{l}.attn.b_Q", p + "self_attn.q_proj.bias", "(h dh) -> h dh", "attn", "head", optional=True),
-        Slot("blocks.{l}.attn.b_K", p + "self_attn.k_proj.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
-        Slot("blocks.{l}.attn.b_V", p + "self_attn.v_proj.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
-        Slot("blocks.{l}.attn.b_O", p + "self_attn.o_proj.bias", "d -> d", "attn", optional=True),
+    blocks = _linear_attention(p + "self_attn.", "q_proj", "k_proj", "v_proj", "o_proj") + [
         Slot("blocks.{l}.mlp.W_in", p + "mlp.up_proj.weight", "m d -> d m", "mlp", "neuron", 1),
         Slot("blocks.{l}.mlp.W_gate", p + "mlp.gate_proj.weight", "m d -> d m", "mlp", "neuron", 1),
         Slot("blocks.{l}.mlp.W_out", p + "mlp.down_proj.weight", "d m -> m d", "mlp", "neuron", 0),
@@ -147,15 +145,7 @@ def _gpt2_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
 
 def _native_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
     p = "layers.{l}."
-    blocks = [
-        Slot("blocks.{l}.attn.W_Q", p + "attn.q.weight", "(h dh) d -> h d dh", "attn", "head"),
-        Slot("blocks.{l}.attn.W_K", p + "attn.k.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
-        Slot("blocks.{l}.attn.W_V", p + "attn.v.weight", "(h dh) d -> h d dh", "attn", "kv_head"),
-        Slot("blocks.{l}.attn.W_O", p + "attn.o.weight", "d (h dh) -> h dh d", "attn", "head"),
-        Slot("blocks.{l}.attn.b_Q", p + "attn.q.bias", "(h dh) -> h dh", "attn", "head", optional=True),
-        Slot("blocks.{l}.attn.b_K", p + "attn.k.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
-        Slot("blocks.{l}.attn.b_V", p + "attn.v.bias", "(h dh) -> h dh", "attn", "kv_head", optional=True),
-        Slot("blocks.{l}.attn.b_O", p + "attn.o.bias", "d -> d", "attn", optional=True),
+    blocks = _linear_attention(p + "attn.", "q", "k", "v", "o") + [
         Slot("blocks.{l}.ln1.w", p + "ln1.weight", "d -> d", "norm", optional=True),
         Slot("blocks.{l}.ln1.b", p + "ln1.bias", "d -> d", "norm", optional=True),
         Slot("blocks.{l}.ln2.w", p + "ln2.weight", "d -> d", "norm", optional=True),
@@ -224,8 +214,3 @@ def layout(spec: ArchSpec, available: set[str] | None = None, *, bridge: bool = 
     if available is None:
         return slots
     return [s for s in slots if not s.optional or s.hf_key in available]
-
-
-def zeros_like_hf(param: Tensor) -> Tensor:
-    """A float32 zero tensor of the checkpoint tensor's shape, on its device."""
-    return torch.zeros(param.shape, dtype=torch.float32, device=param.device)

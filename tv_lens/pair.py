@@ -279,7 +279,3 @@ class ModelPair:
             pair.base.to(device), pair.tuned.to(device)
         pair.names = (str(base), f"{base} + {adapter}")
         return pair
-
-    def models(self) -> dict[str, Any]:
-        """``{"base": base, "tuned": tuned}``."""
-        return {"base": self.base, "tuned": self.tuned}
