@@ -84,7 +84,9 @@ class TuningVector(Mapping[str, Tensor]):
         deltas: ``TL name -> float32 tensor``.
         spec: the architecture the deltas belong to.
         base: the base model's weights (a ``TL name -> tensor`` mapping); needed only for the
-            circuit differences :meth:`ov` / :meth:`qk` and relative norms.
+            circuit differences :meth:`ov` / :meth:`qk`, relative norms and ``analyze``. From
+            a ``ModelPair`` it reads the base model's *live* parameters (no copy), so do not
+            ask for circuits while the base model itself is patched by :meth:`applied`.
         metadata: free-form provenance (model identifiers, vocab handling), saved with the vector.
     """
 
