@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tv_lens.linalg import (GramSVD, align, best_matches, cluster_ids, core_shares,
+from tv_lens.linalg import (align, best_matches, cluster_ids, core_shares,
                             factored_svd, frob2_factored, gram_svd, matrix_overlap,
                             orthonormal_basis, random_match_baseline, spectrum_stats)
 from tv_lens.vector import TuningVector
@@ -192,17 +192,14 @@ def _match_baseline(m: int, n: int, n_vectors: int) -> tuple[float, float]:
     return random_match_baseline(m, n, n_vectors)
 
 
-def _matrix_row(name: str, W: Tensor, D: Tensor, top_k: int, t: Thresholds,
-                svd_cache: dict[str, GramSVD]) -> dict:
+def _matrix_row(name: str, W: Tensor, D: Tensor, top_k: int, t: Thresholds) -> dict:
     W, D = W.double(), D.double()
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
     delta_norm, base_norm = float(D.norm()), float(W.norm())
     rel = delta_norm / base_norm if base_norm > 0 else float("inf")
     row: dict[str, Any] = dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None
                                else name, delta_norm=delta_norm, relative_norm=rel)
-    if name not in svd_cache:
-        svd_cache[name] = gram_svd(W)
-    base = svd_cache[name]
+    base = gram_svd(W)  # once per matrix; Δ is then read in its singular bases
     base_r = spectrum_stats(base.S)["rank_90"]
     m, n = W.shape
     mean_b, p95_b = _match_baseline(m, n, base.S.numel())
@@ -335,6 +332,8 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     """
     import time
 
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
     tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
@@ -343,7 +342,6 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     head_rows: list[dict] = []
     neuron_frames: list[pd.DataFrame] = []
     matrix_rows: list[dict] = []
-    svd_cache: dict[str, GramSVD] = {}
     names = _matrix_names(tv)
     by_layer: dict[Any, list[str]] = {}
     for name in names:
@@ -354,9 +352,9 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             neuron_frames += _neuron_rows(tv, layer, t)
             for name in by_layer.get(str(layer), []):
                 matrix_rows.append(_matrix_row(name, _as_2d(name, tv.base[name]),
-                                               _as_2d(name, tv[name]), top_k, t, svd_cache))
+                                               _as_2d(name, tv[name]), top_k, t))
         for name in by_layer.get("model", []):
-            matrix_rows.append(_matrix_row(name, tv.base[name], tv[name], top_k, t, svd_cache))
+            matrix_rows.append(_matrix_row(name, tv.base[name], tv[name], top_k, t))
     heads = pd.DataFrame(head_rows, columns=HEAD_COLUMNS)
     neurons = pd.concat(neuron_frames, ignore_index=True)[NEURON_COLUMNS]
     matrices = pd.DataFrame(matrix_rows)[MATRIX_COLUMNS]
