@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from jaxtyping import install_import_hook
+
+# Check every jaxtyping shape annotation in tv_lens at test time (beartype at call boundaries).
+with install_import_hook("tv_lens", "beartype.beartype"):
+    import tv_lens  # noqa: F401
+    import tv_lens.alignment, tv_lens.linalg, tv_lens.representations  # noqa: E401, F401
+    import tv_lens.demo.evaluate  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

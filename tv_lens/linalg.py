@@ -191,7 +191,7 @@ def align(A: Float[Tensor, "m k"], B: Float[Tensor, "k n"], base: FactoredSVD,
     return Alignment(sub, amp, scale, base_sub, base_amp)
 
 
-def spectrum_stats(S: Float[Tensor, "r"], q: float = 0.9) -> dict[str, float]:
+def spectrum_stats(S: Float[Tensor, "r"], q: float = 0.9) -> dict[str, float | int]:
     """Stable rank ``‖Δ‖²/σ₁²``, effective rank ``exp(H(σ/Σσ))``, and ``rank@q``."""
     S = S.double()
     if S.numel() == 0 or S[0] == 0:

@@ -44,7 +44,7 @@ def linear_cka(X: Float[Tensor, "n d1"], Y: Float[Tensor, "n d2"]) -> float:
 
 
 def compare_activations(base: Float[Tensor, "n d"], tuned: Float[Tensor, "n d"],
-                        q: float = 0.9) -> dict[str, float]:
+                        q: float = 0.9) -> dict[str, float | int]:
     """The metrics of one layer from two ``[n_tokens, d_model]`` activation matrices."""
     base, tuned = base.double(), tuned.double()
     Qb, Qt = principal_subspace(base, q), principal_subspace(tuned, q)

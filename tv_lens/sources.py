@@ -95,7 +95,8 @@ class ModelWeights(Mapping[str, Tensor]):
     def dtypes(self) -> set[torch.dtype]:
         return {self.params[s.hf_key].dtype for s in self.slots.values()}
 
-    def hf_deltas(self, tl_deltas: Mapping[str, Tensor], alpha: float = 1.0) -> dict[str, Tensor]:
+    def hf_deltas(self, tl_deltas: Mapping[str, Tensor],
+                  alpha: float | int = 1.0) -> dict[str, Tensor]:
         """Checkpoint key -> float32 delta for ``alpha * tl_deltas`` (fused keys summed)."""
         out: dict[str, Tensor] = {}
         for tl_name, delta in tl_deltas.items():

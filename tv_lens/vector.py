@@ -231,14 +231,14 @@ class TuningVector(Mapping[str, Tensor]):
     def __neg__(self) -> "TuningVector":
         return self._new({k: -v for k, v in self.deltas.items()})
 
-    def __mul__(self, alpha: float) -> "TuningVector":
+    def __mul__(self, alpha: float | int) -> "TuningVector":
         if not isinstance(alpha, (int, float)):
             return NotImplemented
         return self._new({k: alpha * v for k, v in self.deltas.items()})
 
     __rmul__ = __mul__
 
-    def __truediv__(self, alpha: float) -> "TuningVector":
+    def __truediv__(self, alpha: float | int) -> "TuningVector":
         return self * (1.0 / alpha)
 
     def select(self, *, layers: Iterable[int] | None = None,
@@ -351,7 +351,7 @@ class TuningVector(Mapping[str, Tensor]):
             )
 
     @contextmanager
-    def applied(self, model: Any, alpha: float = 1.0):
+    def applied(self, model: Any, alpha: float | int = 1.0):
         """Temporarily set ``θ ← θ + alpha·τ`` in ``model`` (bridge, HF model or TL-native).
 
         The original values are restored bit for bit when the block exits, also when it raises
@@ -376,7 +376,7 @@ class TuningVector(Mapping[str, Tensor]):
                 for key, original in originals.items():
                     weights.parameter(key).copy_(original)
 
-    def apply_(self, model: Any, alpha: float = 1.0) -> Any:
+    def apply_(self, model: Any, alpha: float | int = 1.0) -> Any:
         """Add ``alpha·τ`` to ``model``'s weights in place, permanently. Returns ``model``."""
         weights = ModelWeights(model)
         self._check_fits(weights)
@@ -386,7 +386,7 @@ class TuningVector(Mapping[str, Tensor]):
                 param.copy_((param.float() + delta).to(param.dtype))
         return model
 
-    def apply_to(self, model: Any, alpha: float = 1.0) -> Any:
+    def apply_to(self, model: Any, alpha: float | int = 1.0) -> Any:
         """A deep copy of ``model`` with ``alpha·τ`` added; ``model`` itself is untouched."""
         return self.apply_(copy.deepcopy(model), alpha)
 
