@@ -21,8 +21,12 @@ from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
 __version__ = "0.1.0"
 
 __all__ = [
-    "Analysis", "ArchSpec", "Thresholds", "analyze", "compare_representations", "CheckpointNotFoundError", "HeadDelta", "IncompatiblePairError",
-    "MissingBaseError", "ModelPair", "NeuronDelta", "NonFiniteWeightsError",
-    "ProcessedWeightsError", "ShapeMismatchError", "TuningVector", "TvLensError",
-    "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError", "compose",
+    # pairing and tuning vectors
+    "ArchSpec", "HeadDelta", "ModelPair", "NeuronDelta", "TuningVector", "compose",
+    # analysis
+    "Analysis", "Thresholds", "analyze", "compare_representations",
+    # errors
+    "CheckpointNotFoundError", "IncompatiblePairError", "MissingBaseError",
+    "NonFiniteWeightsError", "ProcessedWeightsError", "ShapeMismatchError", "TvLensError",
+    "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError",
 ]
