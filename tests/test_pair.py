@@ -10,7 +10,7 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
 from conftest import gpt2_model, llama_model, perturb
-from tv_lens import (CheckpointNotFoundError, IncompatiblePairError, ModelPair,
+from tv_lens import (CheckpointNotFoundError, IncompatiblePairError, ModelPair, TvLensError,
                      NonFiniteWeightsError, ProcessedWeightsError, TvLensWarning,
                      UnsupportedArchitectureError, VocabMismatchError)
 
@@ -155,3 +155,10 @@ def test_lora_adapter_pair_is_exactly_the_low_rank_update(llama_dirs, tmp_path):
     assert s[1] > 1e-2 * s[0] and s[2] < 1e-4 * s[0]
     with pytest.raises(CheckpointNotFoundError, match="is not a PEFT adapter folder"):
         ModelPair.from_peft(llama_dirs[0], tmp_path)
+
+
+def test_hub_name_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TvLensError, match="(?s)could not load 'someorg/somemodel'.*pass the local "
+                                          "folder instead"):
+        ModelPair.from_pretrained("someorg/somemodel", "someorg/other")

@@ -75,8 +75,9 @@ def boot(name_or_path: str | os.PathLike, *, device: str | torch.device | None =
         return TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **boot_kwargs)
     except (OSError, ValueError) as exc:
         raise TvLensError(
-            f"TransformerLens could not load {name!r}: {exc}. If this is a Hugging Face name, "
-            "this machine may be offline: download it once and pass the local folder instead."
+            f"TransformerLens could not load {name!r}: {str(exc).rstrip('.')}. If this is a "
+            "Hugging Face name, this machine may be offline: download it once and pass the local "
+            "folder instead."
         ) from exc
 
 
