@@ -109,12 +109,10 @@ def difference(base: Any, tuned: Any, *, vocab: str = "error",
             f"to compare embeddings and unembeddings on the first {shared} rows; the extra "
             "tokens are then listed in pair.added_tokens."
         )
-    if base_w.dtypes | tuned_w.dtypes != {torch.float32}:
-        dtypes = sorted(str(d) for d in base_w.dtypes | tuned_w.dtypes)
-        if len(dtypes) > 1:
-            warnings.warn(f"The models hold weights of several dtypes ({', '.join(dtypes)}); "
-                          "tv_lens computes every difference in float32.", TvLensWarning,
-                          stacklevel=3)
+    dtypes = sorted(str(d) for d in base_w.dtypes | tuned_w.dtypes)
+    if len(dtypes) > 1:
+        warnings.warn(f"The models hold weights of several dtypes ({', '.join(dtypes)}); "
+                      "tv_lens computes every difference in float32.", TvLensWarning, stacklevel=3)
     deltas = {}
     for name in tqdm(base_w, desc="tuning vector", leave=False, disable=None):
         if name not in tuned_w:

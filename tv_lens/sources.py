@@ -26,7 +26,7 @@ def is_bridge(model: Any) -> bool:
 
 
 def spec_of(model: Any) -> ArchSpec:
-    """The :class:`ArchSpec` of a bridge, an HF causal LM or a TL-native module."""
+    """The :class:`ArchSpec` of a bridge (HF-backed or TL-native) or an HF causal LM."""
     if is_bridge(model):
         return ArchSpec.from_bridge(model)
     config = getattr(model, "config", None)
@@ -57,7 +57,8 @@ class ModelWeights(Mapping[str, Tensor]):
     """Read-only mapping ``TL name -> float32 tensor`` over a live model's raw weights.
 
     Values are computed on access (never cached), detached, in float32, on the model's device.
-    Use :meth:`add_` to write deltas back.
+    :meth:`hf_deltas` maps TL-shaped deltas back to checkpoint-shaped ones and
+    :meth:`parameter` gives the live parameter to write them into.
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
