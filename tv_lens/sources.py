@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -57,8 +58,7 @@ class ModelWeights(Mapping[str, Tensor]):
     """Read-only mapping ``TL name -> float32 tensor`` over a live model's raw weights.
 
     Values are computed on access (never cached), detached, in float32, on the model's device.
-    :meth:`hf_deltas` maps TL-shaped deltas back to checkpoint-shaped ones and
-    :meth:`parameter` gives the live parameter to write them into.
+    :meth:`patched` and :meth:`add_` write TL-shaped deltas back into the live parameters.
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
@@ -115,6 +115,33 @@ class ModelWeights(Mapping[str, Tensor]):
 
     def parameter(self, hf_key: str) -> nn.Parameter:
         return self.params[hf_key]
+
+    @contextmanager
+    def patched(self, tl_deltas: Mapping[str, Tensor], alpha: float | int = 1.0) -> Iterator[None]:
+        """Add ``alpha · tl_deltas`` to the live parameters; on exit (exceptions included) put
+        back bit-for-bit copies of the originals. Nested uses restore in order."""
+        originals: dict[str, Tensor] = {}
+        try:
+            for key, delta in self.hf_deltas(tl_deltas, alpha).items():
+                if delta.any():
+                    originals[key] = self.params[key].detach().clone()
+                    _add_into(self.params[key], delta)
+            yield
+        finally:
+            with torch.no_grad():
+                for key, original in originals.items():
+                    self.params[key].copy_(original)
+
+    def add_(self, tl_deltas: Mapping[str, Tensor], alpha: float | int = 1.0) -> None:
+        """Add ``alpha · tl_deltas`` to the live parameters, permanently."""
+        for key, delta in self.hf_deltas(tl_deltas, alpha).items():
+            _add_into(self.params[key], delta)
+
+
+@torch.no_grad()
+def _add_into(param: nn.Parameter, delta: Tensor) -> None:
+    """``param += delta`` computed in float32 and cast to the parameter's dtype."""
+    param.copy_((param.float() + delta).to(param.dtype))
 
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")

@@ -352,7 +352,7 @@ class TuningVector(Mapping[str, Tensor]):
 
     @contextmanager
     def applied(self, model: Any, alpha: float | int = 1.0):
-        """Temporarily set ``θ ← θ + alpha·τ`` in ``model`` (bridge, HF model or TL-native).
+        """Temporarily set ``θ ← θ + alpha·τ`` in ``model`` (bridge or HF causal LM).
 
         The original values are restored bit for bit when the block exits, also when it raises
         and when such contexts nest. The sum is computed in float32 and cast to each
@@ -360,30 +360,14 @@ class TuningVector(Mapping[str, Tensor]):
         """
         weights = ModelWeights(model)
         self._check_fits(weights)
-        deltas = weights.hf_deltas(self.deltas, alpha)
-        originals: dict[str, Tensor] = {}
-        try:
-            with torch.no_grad():
-                for key, delta in deltas.items():
-                    if not delta.any():
-                        continue
-                    param = weights.parameter(key)
-                    originals[key] = param.detach().clone()
-                    param.copy_((param.float() + delta).to(param.dtype))
+        with weights.patched(self.deltas, alpha):
             yield model
-        finally:
-            with torch.no_grad():
-                for key, original in originals.items():
-                    weights.parameter(key).copy_(original)
 
     def apply_(self, model: Any, alpha: float | int = 1.0) -> Any:
         """Add ``alpha·τ`` to ``model``'s weights in place, permanently. Returns ``model``."""
         weights = ModelWeights(model)
         self._check_fits(weights)
-        with torch.no_grad():
-            for key, delta in weights.hf_deltas(self.deltas, alpha).items():
-                param = weights.parameter(key)
-                param.copy_((param.float() + delta).to(param.dtype))
+        weights.add_(self.deltas, alpha)
         return model
 
     def apply_to(self, model: Any, alpha: float | int = 1.0) -> Any:
