@@ -112,7 +112,8 @@ def difference(base: Any, tuned: Any, *, vocab: str = "error",
     dtypes = sorted(str(d) for d in base_w.dtypes | tuned_w.dtypes)
     if len(dtypes) > 1:
         warnings.warn(f"The models hold weights of several dtypes ({', '.join(dtypes)}); "
-                      "tv_lens computes every difference in float32.", TvLensWarning, stacklevel=3)
+                      "tv_lens computes every difference in float32 (float64 where a model holds "
+                      "float64).", TvLensWarning, stacklevel=3)
     deltas = {}
     for name in tqdm(base_w, desc="tuning vector", leave=False, disable=None):
         if name not in tuned_w:

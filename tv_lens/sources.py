@@ -54,10 +54,17 @@ def _live_parameters(model: nn.Module, family: str) -> dict[str, nn.Parameter]:
     return params
 
 
-class ModelWeights(Mapping[str, Tensor]):
-    """Read-only mapping ``TL name -> float32 tensor`` over a live model's raw weights.
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype tv_lens reads and adds a parameter of ``dtype`` in: float64 stays float64,
+    everything else (float32, bf16, fp16) goes through float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    Values are computed on access (never cached), detached, in float32, on the model's device.
+
+class ModelWeights(Mapping[str, Tensor]):
+    """Read-only mapping ``TL name -> tensor`` over a live model's raw weights.
+
+    Values are computed on access (never cached), detached, on the model's device, in
+    :func:`compute_dtype` of the parameter (float32; float64 for float64 parameters).
     :meth:`patched` and :meth:`add_` write TL-shaped deltas back into the live parameters.
     """
 
@@ -84,7 +91,8 @@ class ModelWeights(Mapping[str, Tensor]):
     def __getitem__(self, tl_name: str) -> Tensor:
         slot = self.slots[tl_name]
         with torch.no_grad():
-            return slot.to_tl(self.params[slot.hf_key].detach(), self.spec).float()
+            param = self.params[slot.hf_key].detach()
+            return slot.to_tl(param, self.spec).to(compute_dtype(param.dtype))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.slots)
@@ -98,7 +106,8 @@ class ModelWeights(Mapping[str, Tensor]):
 
     def hf_deltas(self, tl_deltas: Mapping[str, Tensor],
                   alpha: float | int = 1.0) -> dict[str, Tensor]:
-        """Checkpoint key -> float32 delta for ``alpha * tl_deltas`` (fused keys summed)."""
+        """Checkpoint key -> delta for ``alpha * tl_deltas`` (fused keys summed), in each
+        parameter's :func:`compute_dtype`."""
         out: dict[str, Tensor] = {}
         for tl_name, delta in tl_deltas.items():
             slot = self.slots.get(tl_name)
@@ -108,9 +117,10 @@ class ModelWeights(Mapping[str, Tensor]):
                     f"{self.spec.family!r}); the tuning vector was made for another model."
                 )
             param = self.params[slot.hf_key]
+            dtype = compute_dtype(param.dtype)
             if slot.hf_key not in out:
-                out[slot.hf_key] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            slot.add_to_hf(out[slot.hf_key], alpha * delta.to(param.device, torch.float32), self.spec)
+                out[slot.hf_key] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+            slot.add_to_hf(out[slot.hf_key], alpha * delta.to(param.device, dtype), self.spec)
         return out
 
     def parameter(self, hf_key: str) -> nn.Parameter:
@@ -140,8 +150,9 @@ class ModelWeights(Mapping[str, Tensor]):
 
 @torch.no_grad()
 def _add_into(param: nn.Parameter, delta: Tensor) -> None:
-    """``param += delta`` computed in float32 and cast to the parameter's dtype."""
-    param.copy_((param.float() + delta).to(param.dtype))
+    """``param += delta`` computed in the parameter's :func:`compute_dtype` and cast back."""
+    dtype = compute_dtype(param.dtype)
+    param.copy_((param.to(dtype) + delta.to(dtype)).to(param.dtype))
 
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
