@@ -15,6 +15,7 @@ with install_import_hook("tv_lens", "beartype.beartype"):
     import tv_lens  # noqa: F401
     import tv_lens.alignment, tv_lens.linalg, tv_lens.representations  # noqa: E401, F401
     import tv_lens.demo.evaluate  # noqa: F401
+    import tv_lens.activation_patching, tv_lens.metrics, tv_lens.patching  # noqa: E401, F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,6 +60,18 @@ def gpt2_model(seed: int = 0, vocab: int = 96, **overrides):
     return GPT2LMHeadModel(GPT2Config(**cfg))
 
 
+def qwen2_model(seed: int = 0, vocab: int = 96, **overrides):
+    """A tiny Qwen2: Llama layout plus Q/K/V biases, grouped-query attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg.update(overrides)
+    return Qwen2ForCausalLM(Qwen2Config(**cfg))
+
+
 def perturb(model, scale: float = 0.05, seed: int = 1):
     """Add seeded Gaussian noise to every parameter (a stand-in for a full fine-tune)."""
     g = torch.Generator().manual_seed(seed)
@@ -95,6 +108,11 @@ def llama_dirs(save) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def gpt2_dirs(save) -> tuple[Path, Path]:
     return save(gpt2_model(), "gpt2_base"), save(perturb(gpt2_model()), "gpt2_tuned")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dirs(save) -> tuple[Path, Path]:
+    return save(qwen2_model(), "qwen2_base"), save(perturb(qwen2_model()), "qwen2_tuned")
 
 
 @pytest.fixture(scope="session", params=["llama", "gpt2"])

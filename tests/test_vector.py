@@ -165,7 +165,7 @@ def test_select_keeps_only_named_components(pair):
             assert torch.cat([delta[:, :7], delta[:, 8:]], dim=1).abs().max() == 0
         else:  # other layers, b_O / b_out (no head or neuron owns them), norms, embeddings
             assert delta.abs().max() == 0, name
-    by_part = tv.select(parts=("norm",), layers=[1])
+    by_part = tv.select(parts=("norms",), layers=[1])
     nonzero = {n for n, d in by_part.items() if d.abs().max() > 0}
     assert nonzero and all(n.startswith("blocks.1.ln") for n in nonzero)
 
@@ -176,6 +176,8 @@ def test_select_rejects_bad_input(pair):
         tv.select(layers=[7])
     with pytest.raises(ValueError, match="Unknown part"):
         tv.select(parts=("mlps",))
+    with pytest.raises(ValueError, match="The part 'norm' was renamed: use 'norms'"):
+        tv.select(parts=("norm",))
     with pytest.raises(IndexError, match="head 9 is out of range"):
         tv.select(heads=[(0, 9)])
 

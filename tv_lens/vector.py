@@ -1,11 +1,13 @@
 """The tuning vector: ``τ = θ_tuned − θ_base``, addressable per head, neuron and matrix.
 
-A :class:`TuningVector` holds one float32 delta per TransformerLens weight
+A :class:`TuningVector` holds one delta per TransformerLens weight (float32; float64 for
+float64 models)
 (``blocks.{l}.attn.W_Q``: ``[n_heads, d_model, d_head]``, ``blocks.{l}.attn.W_K``:
 ``[n_kv_heads, d_model, d_head]`` under grouped-query attention, ``blocks.{l}.mlp.W_out``:
 ``[d_mlp, d_model]``, ``embed.W_E``, norm gains ``blocks.{l}.ln1.w``, …). It supports
 
-- component views: :meth:`head`, :meth:`neuron`, and the exact circuit changes :meth:`ov` /
+- component views: :meth:`component` (by name: ``"L3H5"``, ``"L3N100"``, ``"L3.mlp"``; see
+  :mod:`tv_lens.components`), :meth:`head`, :meth:`neuron`, and the exact circuit changes :meth:`ov` /
   :meth:`qk` as rank ≤ 2·d_head ``FactoredMatrix`` objects (never a dense d_model² per head);
 - arithmetic: ``a + b``, ``a - b``, ``-a``, ``2.0 * a`` and :meth:`select` (restrict to
   components, everything else zero);
@@ -32,12 +34,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tv_lens.components import PART_KINDS, ComponentIndex, part_kind
 from tv_lens.errors import MissingBaseError, ShapeMismatchError, TvLensError, close_matches
 from tv_lens.layout import Slot, layout
 from tv_lens.sources import ModelWeights, layer_of
 from tv_lens.spec import ArchSpec, check_compatible
 
-PARTS = ("attn", "mlp", "embed", "norm")
+PARTS = PART_KINDS
+#: Part names of earlier versions and what replaced them.
+_RENAMED_PARTS = {"norm": "'norms' (the blocks' norm gains) and/or 'final_norm'"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class TuningVector(Mapping[str, Tensor]):
     """Per-parameter differences ``tuned − base`` in TransformerLens names and shapes.
 
     Args:
-        deltas: ``TL name -> float32 tensor``.
+        deltas: ``TL name -> tensor`` (float32, or float64 for float64 models).
         spec: the architecture the deltas belong to.
         base: the base model's weights (a ``TL name -> tensor`` mapping); needed only for the
             circuit differences :meth:`ov` / :meth:`qk`, relative norms and ``analyze``. From
@@ -101,6 +106,7 @@ class TuningVector(Mapping[str, Tensor]):
         if unknown:
             raise TvLensError(f"Unknown parameter name(s) {unknown[:3]} for a {spec.family!r} model."
                               + close_matches(unknown[0], list(self.slots)))
+        self._components: ComponentIndex | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -137,6 +143,23 @@ class TuningVector(Mapping[str, Tensor]):
                 f"{len(self)} tensors, {n:,} entries, norm={self.norm():.4g})")
 
     # ----------------------------------------------------------------- components
+    @property
+    def components(self) -> ComponentIndex:
+        """The component names of this vector (``tv.components.names("units")``) and their
+        entries; see :mod:`tv_lens.components`."""
+        if self._components is None:
+            self._components = ComponentIndex(self.spec, {k: self.slots[k] for k in self.deltas})
+        return self._components
+
+    def component(self, names: str | Iterable[str]) -> "TuningVector":
+        """The tuning vector of one named component (``"L3H5"``, ``"L3KV1"``, ``"L3N1024"``,
+        ``"L3.mlp"``, ``"embed"``, …) or of several together, everything else zero.
+
+        The components of one granularity sum to the whole vector.
+        """
+        cut = self.components.deltas(self.deltas, names)
+        return self._new({k: cut.get(k, torch.zeros_like(v)) for k, v in self.deltas.items()})
+
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.n_layers:
             raise IndexError(f"layer {layer} is out of range: the model has {self.spec.n_layers} "
@@ -249,7 +272,9 @@ class TuningVector(Mapping[str, Tensor]):
 
         Filters narrow one another:
 
-        - ``parts``: any of ``"attn"``, ``"mlp"``, ``"embed"``, ``"norm"``;
+        - ``parts``: any of ``"attn"``, ``"mlp"``, ``"norms"`` (the blocks' norms), ``"embed"``
+          (W_E, W_pos), ``"unembed"`` (W_U), ``"final_norm"``: the part kinds of
+          :mod:`tv_lens.components`;
         - ``layers``: keep only block weights of these layers (embeddings drop out);
         - ``heads`` / ``neurons``: ``(layer, index)`` pairs, or bare indices meaning that index in
           every selected layer. When either is given, only those heads' attention weights and
@@ -262,7 +287,11 @@ class TuningVector(Mapping[str, Tensor]):
         bad = sorted(l for l in layer_set if not 0 <= l < spec.n_layers)
         if bad:
             raise IndexError(f"layers {bad} are out of range: the model has {spec.n_layers} layers.")
-        part_set = set(PARTS if parts is None else parts)
+        part_set = set(PARTS if parts is None else ([parts] if isinstance(parts, str) else parts))
+        renamed = sorted(part_set & set(_RENAMED_PARTS))
+        if renamed:
+            raise ValueError(f"The part {renamed[0]!r} was renamed: use "
+                             f"{_RENAMED_PARTS[renamed[0]]}. Parts are {PARTS}.")
         if part_set - set(PARTS):
             raise ValueError(f"Unknown part(s) {sorted(part_set - set(PARTS))}; parts are {PARTS}.")
         head_pairs = _as_pairs(heads, sorted(layer_set))
@@ -272,7 +301,8 @@ class TuningVector(Mapping[str, Tensor]):
         for name, delta in self.deltas.items():
             slot, layer = self.slots[name], layer_of(name)
             keep_mask = None
-            keep = slot.part in part_set and (layer in layer_set if layer is not None else layers is None)
+            keep = part_kind(name, slot) in part_set and (
+                layer in layer_set if layer is not None else layers is None)
             if keep and by_unit:
                 keep, keep_mask = self._unit_mask(slot, layer, delta, head_pairs, neuron_pairs)
             if not keep:
@@ -320,7 +350,8 @@ class TuningVector(Mapping[str, Tensor]):
             slot = self.slots[name]
             d = float(delta.double().norm())
             b = float(self.base[name].double().norm()) if self.base is not None else float("nan")
-            rows.append(dict(name=name, layer=layer_of(name), part=slot.part, matrix=slot.matrix,
+            rows.append(dict(name=name, layer=layer_of(name), part=part_kind(name, slot),
+                             matrix=slot.matrix,
                              shape=tuple(delta.shape), delta_norm=d, base_norm=b,
                              relative_norm=d / b if b > 0 else float("nan")))
         df = pd.DataFrame(rows)
@@ -328,11 +359,13 @@ class TuningVector(Mapping[str, Tensor]):
         return df
 
     # ----------------------------------------------------------------- application
-    def _check_fits(self, weights: ModelWeights) -> None:
-        """Raise a clear error unless every delta has the model's shape for that parameter."""
+    def _check_fits(self, weights: ModelWeights, names: Iterable[str] | None = None) -> None:
+        """Raise a clear error unless every delta (or those of ``names``) has the model's shape
+        for that parameter."""
         check_compatible(self.spec, weights.spec)
         problems = []
-        for name, delta in self.deltas.items():
+        for name in self.deltas if names is None else names:
+            delta = self.deltas[name]
             if name not in weights.slots:
                 problems.append(f"{name}: not in the model")
                 continue
@@ -355,8 +388,8 @@ class TuningVector(Mapping[str, Tensor]):
         """Temporarily set ``θ ← θ + alpha·τ`` in ``model`` (bridge or HF causal LM).
 
         The original values are restored bit for bit when the block exits, also when it raises
-        and when such contexts nest. The sum is computed in float32 and cast to each
-        parameter's dtype. Yields ``model``.
+        and when such contexts nest. The sum is computed in the parameter's precision
+        (float64 stays float64; bf16/fp16 go through float32) and cast back. Yields ``model``.
         """
         weights = ModelWeights(model)
         self._check_fits(weights)

@@ -1,0 +1,264 @@
+"""Component names: the pieces of a tuning vector that patching, attribution and views talk about.
+
+Every entry of τ belongs to exactly one component of each of two granularities, so each
+granularity is a partition of τ (``shared/METHODS.md``, "Components"):
+
+- **parts**: ``L3.attn``, ``L3.mlp``, ``L3.norms`` (the block's norm gains and biases),
+  ``embed`` (W_E and W_pos), ``unembed`` (W_U; absent when embeddings are tied) and
+  ``final_norm``;
+- **units**: ``L3H5`` (what belongs to query head 5 alone: its W_Q/W_O slices and b_Q slice, and
+  its K/V when every head has its own), ``L3KV1`` (key-value head 1's K and V under grouped-query
+  attention), ``L3.attn.shared`` (what belongs to no single head: b_O), ``L3N1024`` (neuron 1024:
+  its W_in/W_gate columns, b_in entry and W_out row), ``L3.mlp.shared`` (b_out), plus the parts
+  that have no units (``L3.norms``, ``embed``, ``unembed``, ``final_norm``).
+
+A weight's entries are owned either by one component as a whole or, along the slot's unit axis
+(:attr:`tv_lens.layout.Slot.unit_axis`), one component per index. :class:`ComponentIndex` holds
+that ownership for one model, parses names (with close-match suggestions) and does the two
+things everything else needs: cut a component's entries out of a tuning vector, and sum a
+per-entry quantity (such as ``∇f ⊙ τ``) over every component at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tv_lens.errors import TvLensError, close_matches
+from tv_lens.layout import Slot
+from tv_lens.sources import layer_of
+from tv_lens.spec import ArchSpec
+
+#: Kinds of the part granularity, in the vocabulary of ``TuningVector.select(parts=...)``.
+PART_KINDS = ("attn", "mlp", "norms", "embed", "unembed", "final_norm")
+#: Kinds that exist only in the unit granularity.
+UNIT_KINDS = ("head", "kv_head", "attn_shared", "neuron", "mlp_shared")
+#: Parts with no units: they belong to both granularities.
+_UNITLESS_PARTS = ("norms", "embed", "unembed", "final_norm")
+GRANULARITIES = ("parts", "units")
+
+_PATTERNS = (
+    (re.compile(r"^L(\d+)H(\d+)$"), "head"),
+    (re.compile(r"^L(\d+)KV(\d+)$"), "kv_head"),
+    (re.compile(r"^L(\d+)N(\d+)$"), "neuron"),
+    (re.compile(r"^L(\d+)\.attn\.shared$"), "attn_shared"),
+    (re.compile(r"^L(\d+)\.mlp\.shared$"), "mlp_shared"),
+    (re.compile(r"^L(\d+)\.(attn|mlp|norms)$"), None),
+)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One named piece of τ: ``kind`` is a part kind or a unit kind; ``layer``/``index`` are
+    ``None`` where they do not apply (``index`` is the head, kv head or neuron)."""
+
+    name: str
+    kind: str
+    layer: int | None = None
+    index: int | None = None
+
+    @property
+    def granularity(self) -> str:
+        """``"part"``, ``"unit"`` or ``"both"`` (a part without units)."""
+        if self.kind in UNIT_KINDS:
+            return "unit"
+        return "both" if self.kind in _UNITLESS_PARTS else "part"
+
+    def in_granularity(self, granularity: str) -> bool:
+        return self.granularity in ("both", granularity.rstrip("s"))
+
+
+def part_kind(tl_name: str, slot: Slot) -> str:
+    """The part kind a weight belongs to: ``attn``, ``mlp``, ``norms``, ``embed``, ``unembed`` or
+    ``final_norm``."""
+    if layer_of(tl_name) is not None:
+        return {"attn": "attn", "mlp": "mlp", "norm": "norms"}[slot.part]
+    if tl_name.startswith("unembed."):
+        return "unembed"
+    return "final_norm" if slot.part == "norm" else "embed"
+
+
+def _part_name(tl_name: str, slot: Slot) -> str:
+    layer, kind = layer_of(tl_name), part_kind(tl_name, slot)
+    return kind if layer is None else f"L{layer}.{kind}"
+
+
+def _unit_names(tl_name: str, slot: Slot, spec: ArchSpec) -> list[str] | str:
+    """The unit owning each index along the slot's unit axis, or the one owner of the whole."""
+    layer = layer_of(tl_name)
+    if slot.unit == "head" or (slot.unit == "kv_head" and spec.n_kv_heads == spec.n_heads):
+        return [f"L{layer}H{h}" for h in range(spec.n_heads)]
+    if slot.unit == "kv_head":
+        return [f"L{layer}KV{g}" for g in range(spec.n_kv_heads)]
+    if slot.unit == "neuron":
+        return [f"L{layer}N{n}" for n in range(spec.d_mlp)]
+    if layer is not None and slot.part in ("attn", "mlp"):
+        return f"L{layer}.{slot.part}.shared"
+    return _part_name(tl_name, slot)
+
+
+def _component(name: str) -> Component:
+    """A :class:`Component` from a well-formed name (no check against a model)."""
+    for pattern, kind in _PATTERNS:
+        m = pattern.match(name)
+        if m:
+            if kind is None:
+                return Component(name, m.group(2), int(m.group(1)))
+            index = int(m.group(2)) if kind in ("head", "kv_head", "neuron") else None
+            return Component(name, kind, int(m.group(1)), index)
+    return Component(name, name)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """A component's share of one weight: all of it (``index is None``) or one index along
+    ``axis``."""
+
+    tl_name: str
+    axis: int
+    index: int | None
+
+
+class ComponentIndex:
+    """Which entries of each weight belong to which component, for one model.
+
+    Args:
+        spec: the architecture.
+        slots: ``TL name -> Slot`` of the weights the tuning vector holds (tied unembeddings and
+            absent biases are simply not there, and neither are their components).
+    """
+
+    def __init__(self, spec: ArchSpec, slots: Mapping[str, Slot]):
+        self.spec = spec
+        self._members: dict[str, list[_Member]] = {}
+        self._owners: dict[str, tuple[str, list[str] | str, int]] = {}
+        for tl_name, slot in slots.items():
+            part, units = _part_name(tl_name, slot), _unit_names(tl_name, slot, spec)
+            self._owners[tl_name] = (part, units, slot.unit_axis)
+            self._members.setdefault(part, []).append(_Member(tl_name, slot.unit_axis, None))
+            if isinstance(units, str):
+                if units != part:
+                    self._members.setdefault(units, []).append(_Member(tl_name, slot.unit_axis, None))
+            else:
+                for i, unit in enumerate(units):
+                    self._members.setdefault(unit, []).append(_Member(tl_name, slot.unit_axis, i))
+        ordered = sorted(self._members, key=_sort_key)
+        self.components: dict[str, Component] = {n: _component(n) for n in ordered}
+
+    def __repr__(self) -> str:
+        counts = {g: len(self.names(g)) for g in GRANULARITIES}
+        return f"ComponentIndex({counts['parts']} parts, {counts['units']} units)"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.components
+
+    def names(self, granularity: str | None = None) -> list[str]:
+        """Component names of one granularity (``"parts"`` or ``"units"``), or of both."""
+        if granularity is None:
+            return list(self.components)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES} or None, got "
+                             f"{granularity!r}.")
+        return [n for n, c in self.components.items() if c.in_granularity(granularity)]
+
+    def parse(self, name: str) -> Component:
+        """The component called ``name``, or a :class:`TvLensError` that says what is wrong."""
+        if not isinstance(name, str):
+            raise TvLensError(f"Component names are strings like 'L3H5', 'L3N100' or 'L3.mlp'; "
+                              f"got {name!r} ({type(name).__name__}).")
+        if name in self.components:
+            return self.components[name]
+        raise TvLensError(self._why_unknown(name))
+
+    def parse_all(self, names: Iterable[str] | str) -> list[Component]:
+        if isinstance(names, str):
+            names = [names]
+        return [self.parse(n) for n in names]
+
+    def resolve(self, components: Iterable[str] | str) -> list[Component]:
+        """Components from names, or from a whole group: ``"parts"``, ``"units"``, or a kind in
+        the plural (``"heads"``, ``"kv_heads"``, ``"neurons"``)."""
+        if isinstance(components, str) and components in GRANULARITIES:
+            return self.parse_all(self.names(components))
+        kinds = {f"{k}s": k for k in ("head", "kv_head", "neuron")}
+        if isinstance(components, str) and components in kinds:
+            return [c for c in self.components.values() if c.kind == kinds[components]]
+        if not isinstance(components, str) and hasattr(components, "tolist"):
+            components = components.tolist()  # a pandas column of names
+        chosen = self.parse_all(components)
+        if not chosen:
+            raise TvLensError("No components given. Pass names such as ['L0H1', 'L2.mlp'], or "
+                              "'parts', 'units', 'heads', 'kv_heads' or 'neurons'.")
+        return chosen
+
+    def _why_unknown(self, name: str) -> str:
+        s = self.spec
+        c = _component(name)
+        if c.layer is not None and not 0 <= c.layer < s.n_layers:
+            return (f"Component {name!r}: layer {c.layer} is out of range; the model has "
+                    f"{s.n_layers} layers (0..{s.n_layers - 1}).")
+        sizes = {"head": s.n_heads, "kv_head": s.n_kv_heads, "neuron": s.d_mlp}
+        if c.kind in sizes and not 0 <= c.index < sizes[c.kind]:
+            return (f"Component {name!r}: {c.kind.replace('_', ' ')} {c.index} is out of range; "
+                    f"the model has {sizes[c.kind]} per layer (0..{sizes[c.kind] - 1}).")
+        if c.kind == "kv_head":
+            return (f"Component {name!r}: this model has no grouped-query attention (n_kv_heads "
+                    f"== n_heads == {s.n_heads}), so each head's K and V belong to the head "
+                    f"itself: use 'L{c.layer}H{c.index}'.")
+        if c.kind in ("attn_shared", "mlp_shared", "unembed"):
+            what = {"attn_shared": "b_O", "mlp_shared": "b_out",
+                    "unembed": "an untied W_U"}[c.kind]
+            return f"Component {name!r}: this model has no {what}, so there is nothing in it."
+        options = [n for n in self.components if _component(n).kind != "neuron"]
+        return (f"Unknown component {name!r}. Names are 'L{{layer}}H{{head}}', "
+                f"'L{{layer}}KV{{kv_head}}' (grouped-query attention), 'L{{layer}}N{{neuron}}', "
+                f"'L{{layer}}.attn', 'L{{layer}}.mlp', 'L{{layer}}.norms', 'L{{layer}}.attn.shared', "
+                f"'L{{layer}}.mlp.shared', 'embed', 'unembed', 'final_norm'."
+                + close_matches(name, options))
+
+    # ------------------------------------------------------------------ cutting and summing
+    def deltas(self, vector: Mapping[str, Tensor], names: Iterable[str] | str) -> dict[str, Tensor]:
+        """The entries of ``vector`` that belong to the named components, for the weights they
+        touch only (``TL name -> tensor``, zero outside the components)."""
+        out: dict[str, Tensor] = {}
+        for component in self.parse_all(names):
+            for m in self._members[component.name]:
+                full = vector[m.tl_name]
+                target = out.setdefault(m.tl_name, torch.zeros_like(full))
+                if m.index is None:
+                    target.copy_(full)
+                else:
+                    target.select(m.axis, m.index).copy_(full.select(m.axis, m.index))
+        return out
+
+    def totals(self, entries: Mapping[str, Tensor]) -> dict[str, float]:
+        """``Σ entries`` over each component (both granularities), e.g. ``∇f ⊙ τ`` summed to
+        attributions. ``entries`` has a tensor for every weight of the index; sums in float64."""
+        out = dict.fromkeys(self.components, 0.0)
+        for tl_name, (part, units, axis) in self._owners.items():
+            values = entries[tl_name].double()
+            total = float(values.sum())
+            out[part] += total
+            if isinstance(units, str):
+                if units != part:
+                    out[units] += total
+                continue
+            other = [d for d in range(values.ndim) if d != axis]
+            per_unit = (values.sum(dim=other) if other else values).tolist()
+            for unit, value in zip(units, per_unit):
+                out[unit] += value
+        return out
+
+
+def _sort_key(name: str) -> tuple:
+    """embed; then per layer: attn part, heads, kv heads, attn.shared, mlp part, neurons,
+    mlp.shared, norms; then final_norm, unembed."""
+    c = _component(name)
+    order = ("attn", "head", "kv_head", "attn_shared", "mlp", "neuron", "mlp_shared", "norms")
+    if c.layer is None:
+        return ({"embed": -1, "final_norm": 10**9, "unembed": 10**9 + 1}[c.kind], 0, 0)
+    return (c.layer, order.index(c.kind), c.index or 0)
