@@ -7,13 +7,18 @@ Importing this package is cheap: it imports neither plotly nor circuitsvis, and 
 only when a model is loaded.
 """
 
+from tv_lens import metrics
+from tv_lens.activation_patching import activation_patch
 from tv_lens.alignment import Analysis, Thresholds, analyze
+from tv_lens.components import Component, ComponentIndex
 from tv_lens.compose import compose
 from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, MissingBaseError,
                             NonFiniteWeightsError, ProcessedWeightsError, ShapeMismatchError,
                             TvLensError, TvLensWarning, UnsupportedArchitectureError,
                             VocabMismatchError)
+from tv_lens.merging import composition_grid
 from tv_lens.pair import ModelPair
+from tv_lens.patching import AttributionComparison, attribute, compare_attribution, patch
 from tv_lens.representations import compare_representations
 from tv_lens.spec import ArchSpec
 from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
@@ -23,8 +28,13 @@ __version__ = "0.1.0"
 __all__ = [
     # pairing and tuning vectors
     "ArchSpec", "HeadDelta", "ModelPair", "NeuronDelta", "TuningVector", "compose",
+    # components
+    "Component", "ComponentIndex",
     # analysis
     "Analysis", "Thresholds", "analyze", "compare_representations",
+    # patching and experiments
+    "AttributionComparison", "activation_patch", "attribute", "compare_attribution",
+    "composition_grid", "metrics", "patch",
     # errors
     "CheckpointNotFoundError", "IncompatiblePairError", "MissingBaseError",
     "NonFiniteWeightsError", "ProcessedWeightsError", "ShapeMismatchError", "TvLensError",

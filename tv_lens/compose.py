@@ -51,7 +51,7 @@ def _dare(tensors: list[Tensor], drop_rate: float, generator: torch.Generator) -
     return out
 
 
-def compose(vectors: Sequence[TuningVector], weights: Sequence[float] | None = None, *,
+def compose(vectors: Sequence[TuningVector], weights: Sequence[float | int] | None = None, *,
             method: str = "sum", top_k: float = 0.2, drop_rate: float = 0.5,
             seed: int = 0) -> TuningVector:
     """Merge tuning vectors of the same base into one.
