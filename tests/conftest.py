@@ -39,37 +39,35 @@ def make_tokenizer():
                                    eos_token="</s>", pad_token="<pad>")
 
 
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def _build(config_cls, model_cls, defaults: dict, seed: int, **overrides):
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**defaults, **overrides}))
+
+
 def llama_model(seed: int = 0, vocab: int = 96, **overrides):
+    """A tiny Llama with grouped-query attention (4 query heads, 2 kv heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg))
-
-
-def gpt2_model(seed: int = 0, vocab: int = 96, **overrides):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-               bos_token_id=1, eos_token_id=2)
-    cfg.update(overrides)
-    return GPT2LMHeadModel(GPT2Config(**cfg))
+    return _build(LlamaConfig, LlamaForCausalLM, _LLAMA_LIKE, seed, vocab_size=vocab, **overrides)
 
 
 def qwen2_model(seed: int = 0, vocab: int = 96, **overrides):
     """A tiny Qwen2: Llama layout plus Q/K/V biases, grouped-query attention."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    cfg.update(overrides)
-    return Qwen2ForCausalLM(Qwen2Config(**cfg))
+    return _build(Qwen2Config, Qwen2ForCausalLM, _LLAMA_LIKE, seed, vocab_size=vocab, **overrides)
+
+
+def gpt2_model(seed: int = 0, vocab: int = 96, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    defaults = dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2)
+    return _build(GPT2Config, GPT2LMHeadModel, defaults, seed, vocab_size=vocab, **overrides)
 
 
 def perturb(model, scale: float = 0.05, seed: int = 1):
