@@ -189,6 +189,11 @@ def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
         to ``⟨∇f, τ⟩``. ``df.attrs["completeness"]`` holds ``f_base``, ``f_tuned``,
         ``difference``, ``add_sum``, ``remove_sum`` and, with ``steps > 1``, ``path_sum``,
         ``gap = path_sum − difference`` and ``relative_gap = gap / difference``.
+
+    Precision: gradients are exactly as precise as the forward pass. Even a float64 bridge
+    takes its attention softmax in float32 (TransformerLens 4.3), and HF's Llama RMSNorm
+    normalises in float32, so attribution and a finite difference of a float64 Llama agree to
+    about 1e-6 of the metric, not to float64 precision.
     """
     if not isinstance(steps, int) or steps < 1:
         raise TvLensError(f"steps must be a positive integer, got {steps!r}.")
