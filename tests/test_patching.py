@@ -1,6 +1,5 @@
 """Exact weight patching, attribution and composition grids: known answers and identities."""
 
-import pandas as pd
 import pytest
 import torch
 

@@ -23,7 +23,7 @@ these to first order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +116,7 @@ def patch(pair: Any, metric: MetricLike, components: Iterable[str] | str,
 
 
 # ---------------------------------------------------------------------- attribution
-def gradient(metric: Metric, model: Any, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+def gradient(metric: MetricLike, model: Any, names: Iterable[str] | None = None) -> dict[str, Tensor]:
     """``∇θ f`` at ``model``'s current weights, in TL names and shapes (``TL name -> tensor``).
 
     One forward and one backward pass per batch of the metric; parameter ``requires_grad`` flags
