@@ -235,6 +235,10 @@ class ComponentIndex:
                     target.select(m.axis, m.index).copy_(full.select(m.axis, m.index))
         return out
 
+    def weights_of(self, names: Iterable[str] | str) -> set[str]:
+        """The TL names of the weights the named components own entries of."""
+        return {m.tl_name for c in self.parse_all(names) for m in self._members[c.name]}
+
     def totals(self, entries: Mapping[str, Tensor]) -> dict[str, float]:
         """``Σ entries`` over each component (both granularities), e.g. ``∇f ⊙ τ`` summed to
         attributions. ``entries`` has a tensor for every weight of the index; sums in float64."""

@@ -99,13 +99,13 @@ def patch(pair: Any, metric: MetricLike, components: Iterable[str] | str,
     tv = pair.tuning_vector()
     chosen = tv.components.resolve(components)
     model, weights, sign = _target(pair, mode)
-    cuts = {c.name: tv.components.deltas(tv, c.name) for c in chosen}
-    tv._check_fits(weights, {name for cut in cuts.values() for name in cut})
+    tv._check_fits(weights, tv.components.weights_of([c.name for c in chosen]))
     f_base, f_tuned = metric.value(pair.base), metric.value(pair.tuned)
     rows = []
     for component in tqdm(chosen, desc=f"patch ({mode})", disable=not progress):
+        cut = tv.components.deltas(tv, component.name)  # one at a time: bounded memory
         for alpha in alphas:
-            with weights.patched(cuts[component.name], sign * alpha):
+            with weights.patched(cut, sign * alpha):
                 value = metric.value(model)
             effect = value - f_base if mode == "add" else f_tuned - value
             rows.append(dict(**_id_columns(component), mode=mode, alpha=float(alpha), base=f_base,
