@@ -16,6 +16,7 @@ with install_import_hook("tv_lens", "beartype.beartype"):
     import tv_lens.alignment, tv_lens.linalg, tv_lens.representations  # noqa: E401, F401
     import tv_lens.demo.evaluate  # noqa: F401
     import tv_lens.activation_patching, tv_lens.metrics, tv_lens.patching  # noqa: E401, F401
+    import tv_lens.readouts, tv_lens.reporting, tv_lens.viz  # noqa: E401, F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -3,13 +3,14 @@
 Pair a base model with its fine-tuned version (:class:`ModelPair`) and work with the tuning
 vector ``τ = θ_tuned − θ_base`` (:class:`TuningVector`) per head, neuron and matrix.
 
-Importing this package is cheap: it imports neither plotly nor circuitsvis, and TransformerLens
-only when a model is loaded.
+Importing this package is cheap: it imports neither plotly nor circuitsvis (``tv_lens.viz`` and
+``tv_lens.report`` load them on first use), and TransformerLens only when a model is loaded.
 """
 
 from tv_lens import metrics
 from tv_lens.activation_patching import activation_patch
-from tv_lens.alignment import Analysis, Thresholds, analyze
+from tv_lens.alignment import Analysis, Thresholds, analyze, matrix_spectrum
+from tv_lens.circuits import composition
 from tv_lens.components import Component, ComponentIndex
 from tv_lens.compose import compose
 from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, MissingBaseError,
@@ -31,7 +32,8 @@ __all__ = [
     # components
     "Component", "ComponentIndex",
     # analysis
-    "Analysis", "Thresholds", "analyze", "compare_representations",
+    "Analysis", "Thresholds", "analyze", "compare_representations", "composition",
+    "matrix_spectrum",
     # patching and experiments
     "AttributionComparison", "activation_patch", "attribute", "compare_attribution",
     "composition_grid", "metrics", "patch",
@@ -39,4 +41,18 @@ __all__ = [
     "CheckpointNotFoundError", "IncompatiblePairError", "MissingBaseError",
     "NonFiniteWeightsError", "ProcessedWeightsError", "ShapeMismatchError", "TvLensError",
     "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError",
+    # views (imported on first use: plotly and circuitsvis stay out of `import tv_lens`)
+    "report", "viz",
 ]
+
+
+def __getattr__(name: str):
+    if name == "viz":
+        import importlib
+
+        return importlib.import_module("tv_lens.viz")
+    if name == "report":
+        from tv_lens.reporting import report
+
+        return report
+    raise AttributeError(f"module 'tv_lens' has no attribute {name!r}")

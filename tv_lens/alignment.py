@@ -96,6 +96,11 @@ class Analysis:
     summary: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n}: {len(getattr(self, n))} rows"
+                          for n in ("heads", "neurons", "matrices", "summary"))
+        return f"Analysis({sizes}; {self.info.get('seconds', float('nan')):.2f} s)"
+
     def save(self, folder: str | Path) -> Path:
         """Write ``heads.csv``, ``neurons.csv``, ``matrices.csv``, ``summary.csv`` and
         ``summary.json`` (the summary plus ``info``: versions, arguments, timings)."""
@@ -364,3 +369,37 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             "metadata": {k: v for k, v in tv.metadata.items() if isinstance(v, (str, int, float))},
             "seconds": round(time.perf_counter() - started, 3)}
     return Analysis(heads, neurons, matrices, summary, info)
+
+
+def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10) -> pd.DataFrame:
+    """Singular values of the base matrix W and of its update Δ, with Δ's top ``top_k`` left
+    singular directions matched against W's (``match_j = max_i |⟨p_j, u_i⟩|``, METHODS.md
+    level 3), for one weight, e.g. ``"blocks.2.mlp.W_out"`` (per-head weights as
+    ``[d_model, n·d_head]`` like the matrices table). Dense SVD in float64: one matrix at a time.
+
+    Returns:
+        One row per index: ``index, sigma_base, sigma_delta, match, matched_index`` (``match``
+        is NaN past ``top_k``); ``attrs["matrix"]`` holds ``name``.
+    """
+    tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
+    if name not in tv:
+        from tv_lens.errors import TvLensError, close_matches
+
+        raise TvLensError(f"No weight {name!r} in this tuning vector." + close_matches(name, list(tv)))
+    with torch.no_grad():
+        W = _as_2d(name, tv.base[name]).double().cpu()
+        D = _as_2d(name, tv[name]).double().cpu()
+        U, S, _ = torch.linalg.svd(W, full_matrices=False)
+        P, S_d, _ = torch.linalg.svd(D, full_matrices=False)
+        k = min(top_k, P.shape[1])
+        overlap = (P[:, :k].T @ U).abs()
+        match, index = overlap.max(dim=1)
+    n = max(len(S), len(S_d))
+    df = pd.DataFrame({"index": range(n),
+                       "sigma_base": np.pad(S.numpy(), (0, n - len(S)), constant_values=np.nan),
+                       "sigma_delta": np.pad(S_d.numpy(), (0, n - len(S_d)), constant_values=np.nan),
+                       "match": np.pad(match.numpy(), (0, n - k), constant_values=np.nan),
+                       "matched_index": np.pad(index.numpy().astype(float), (0, n - k),
+                                               constant_values=np.nan)})
+    df.attrs["matrix"] = name
+    return df

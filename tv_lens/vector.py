@@ -57,6 +57,11 @@ class HeadDelta:
     W_V: Float[Tensor, "d_model d_head"]
     W_O: Float[Tensor, "d_head d_model"]
 
+    def __repr__(self) -> str:
+        norms = ", ".join(f"‖Δ{k}‖={float(getattr(self, k).norm()):.3g}"
+                          for k in ("W_Q", "W_K", "W_V", "W_O"))
+        return f"HeadDelta(L{self.layer}H{self.head}, kv_head={self.kv_head}, {norms})"
+
 
 @dataclass(frozen=True)
 class NeuronDelta:
@@ -67,6 +72,12 @@ class NeuronDelta:
     W_in: Float[Tensor, "d_model"]
     W_gate: Float[Tensor, "d_model"] | None
     W_out: Float[Tensor, "d_model"]
+
+    def __repr__(self) -> str:
+        parts = [f"‖Δ{k}‖={float(v.norm()):.3g}" for k, v in
+                 (("W_in", self.W_in), ("W_gate", self.W_gate), ("W_out", self.W_out))
+                 if v is not None]
+        return f"NeuronDelta(L{self.layer}N{self.neuron}, {', '.join(parts)})"
 
 
 def _as_pairs(items: Iterable[int | tuple[int, int]] | None, layers: list[int]) -> set[tuple[int, int]] | None:

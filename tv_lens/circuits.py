@@ -1,0 +1,107 @@
+"""Circuits between heads: how fine-tuning changed the way heads compose.
+
+Composition scores (Elhage et al. 2021; ``shared/METHODS.md``, "Circuits between heads") between
+an earlier head ``a`` and a later head ``b``, in TransformerLens' row-vector orientation:
+
+    score = ‖OV_a · M_b‖_F / (‖OV_a‖_F · ‖M_b‖_F),   M_b = QK_b (Q), QK_bᵀ (K) or OV_b (V),
+
+as ``transformer_lens.utilities.composition_scores(left, right)`` computes it. Everything stays
+factored: with ``OV_a = V_a O_a`` and ``M_b = X_b Y_b`` (rank ≤ d_head each),
+``‖V_a (O_a X_b) Y_b‖_F² = tr((Cᵀ G_a C) H_b)`` with ``C = O_a X_b`` (``d_head × d_head``),
+``G_a = V_aᵀV_a`` and ``H_b = Y_b Y_bᵀ``, so no ``d_model × d_model`` matrix is ever built.
+
+Every head reads the residual stream through its block's ``ln1``: that norm gain is folded into
+the head's W_Q, W_K and W_V (``diag(w) · W``), as TransformerLens' processed weights would, so
+the reading head's QK/OV and the writing head's OV are both the circuits its input really sees.
+LayerNorm centring and biases are not folded (raw weights are analysed; see METHODS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+KINDS = ("Q", "K", "V")
+COLUMNS = ["layer_a", "head_a", "layer_b", "head_b", "kind", "base", "tuned", "change"]
+
+
+def _factors(weights: Any, spec: Any, layer: int, gain: bool) -> dict[str, Tensor]:
+    """Per head of ``layer``: Q, K, V ([n_heads, d_model, d_head], K/V repeated per query head)
+    and O ([n_heads, d_head, d_model]) in float64, the ln1 gain folded into Q/K/V."""
+    a = f"blocks.{layer}.attn."
+    kv = torch.tensor([spec.kv_head(h) for h in range(spec.n_heads)])
+    out = {"Q": weights[a + "W_Q"].double(), "K": weights[a + "W_K"].double()[kv],
+           "V": weights[a + "W_V"].double()[kv], "O": weights[a + "W_O"].double()}
+    w = f"blocks.{layer}.ln1.w"
+    if gain and w in weights:
+        g = weights[w].double()[None, :, None]
+        for key in ("Q", "K", "V"):
+            out[key] = g * out[key]
+    return out
+
+
+def _frob2(left: Float[Tensor, "a d_model dh"], core: Float[Tensor, "a b dh dh2"],
+           right: Float[Tensor, "b dh2 d_model"]) -> Float[Tensor, "a b"]:
+    """``‖left_a · core_ab · right_b‖_F²`` for every (a, b), from d_head-sized Gram matrices."""
+    G = left.transpose(-1, -2) @ left  # [a, dh, dh]
+    H = right @ right.transpose(-1, -2)  # [b, dh2, dh2]
+    inner = core.transpose(-1, -2) @ G[:, None] @ core  # [a, b, dh2, dh2]
+    return (inner * H[None]).sum((-1, -2))
+
+
+def _circuit_frob2(X: Float[Tensor, "n d_model dh"], Y: Float[Tensor, "n dh d_model"]) -> Float[Tensor, " n"]:
+    """``‖X_i Y_i‖_F²`` per head: ``tr((XᵀX)(YYᵀ))``."""
+    return ((X.transpose(-1, -2) @ X) * (Y @ Y.transpose(-1, -2))).sum((-1, -2))
+
+
+def _scores(early: dict[str, Tensor], late: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Q-, K- and V-composition scores ``[heads_a, heads_b]`` between two layers' heads."""
+    V, O = early["V"], early["O"]
+    ov2 = _circuit_frob2(V, O)
+    right = {"Q": (late["Q"], late["K"].transpose(-1, -2)),   # QK_b = W_Q W_Kᵀ
+             "K": (late["K"], late["Q"].transpose(-1, -2)),   # QK_bᵀ = W_K W_Qᵀ
+             "V": (late["V"], late["O"])}                     # OV_b = W_V W_O
+    out = {}
+    for kind, (X, Y) in right.items():
+        core = O[:, None] @ X[None]  # [a, b, dh, dh]
+        num = _frob2(V, core, Y)
+        m2 = _circuit_frob2(X, Y)
+        out[kind] = (num / (ov2[:, None] * m2[None, :])).clamp(min=0).sqrt()
+    return out
+
+
+def composition(pair: Any, *, fold_norm_gains: bool = True) -> pd.DataFrame:
+    """Composition scores of every (earlier head, later head, kind) in both models.
+
+    Args:
+        pair: a :class:`~tv_lens.ModelPair` (or anything with ``tuning_vector()``).
+        fold_norm_gains: fold each head's ``ln1`` gain into its Q/K/V (default, as
+            TransformerLens' processed weights would).
+
+    Returns:
+        One row per ``(layer_a, head_a, layer_b, head_b, kind)`` with ``layer_a < layer_b`` and
+        ``kind`` in Q/K/V: ``base``, ``tuned`` and ``change = tuned − base``.
+    """
+    tv = pair.tuning_vector()
+    spec, base = tv.spec, tv.base
+    tuned = {name: base[name] + tv[name].to(base[name].device) for name in tv
+             if name.startswith("blocks.")}
+    rows = []
+    with torch.no_grad():
+        per_layer = [(_factors(base, spec, l, fold_norm_gains),
+                      _factors(tuned, spec, l, fold_norm_gains)) for l in range(spec.n_layers)]
+        for la in range(spec.n_layers):
+            for lb in range(la + 1, spec.n_layers):
+                before = _scores(per_layer[la][0], per_layer[lb][0])
+                after = _scores(per_layer[la][1], per_layer[lb][1])
+                for kind in KINDS:
+                    b, t = before[kind].cpu(), after[kind].cpu()
+                    for ha in range(spec.n_heads):
+                        for hb in range(spec.n_heads):
+                            rows.append((la, ha, lb, hb, kind, float(b[ha, hb]), float(t[ha, hb]),
+                                         float(t[ha, hb] - b[ha, hb])))
+    return pd.DataFrame(rows, columns=COLUMNS)

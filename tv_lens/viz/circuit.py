@@ -1,0 +1,119 @@
+"""The circuit view: the model as a graph of heads and MLPs, drawn by what fine-tuning changed.
+
+Layers run left to right (each layer's attention heads, then its MLP). A node's colour is its
+update's ``new_share`` (red: new directions, blue: within existing ones; the colour scale is
+centred on the weight-perturbation baseline), its size the update's norm (or, given patching or
+attribution results, the size of its effect). Edges are the largest changes of composition
+between heads (``score_tuned − score_base`` from :func:`tv_lens.composition`), solid for an
+increase and dotted for a decrease; hovering a node or an edge midpoint shows its numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from tv_lens.viz.figures import _hover, _require
+
+_KIND_COLORS = {"Q": "#2ca02c", "K": "#9467bd", "V": "#ff7f0e"}
+
+
+def _sizes(values: pd.Series, lo: float = 8.0, hi: float = 36.0) -> np.ndarray:
+    v = values.abs().to_numpy(dtype=float)
+    top = np.nanmax(v) if len(v) and np.nanmax(v) > 0 else 1.0
+    return lo + (hi - lo) * np.sqrt(np.nan_to_num(v) / top)
+
+
+def circuit(analysis, composition: pd.DataFrame | None = None,
+            effects: pd.DataFrame | None = None, *, effect_column: str | None = None,
+            top_heads: int = 48, n_edges: int = 30, min_change: float = 0.0,
+            circuit_kind: str = "OV") -> go.Figure:
+    """Draw the model as a graph of heads and MLPs.
+
+    Args:
+        analysis: an :class:`~tv_lens.Analysis` (node colours and default sizes).
+        composition: :func:`tv_lens.composition` result (edges); ``None`` draws no edges.
+        effects: optional :func:`tv_lens.patch` / :func:`tv_lens.attribute` result: node sizes
+            become ``|effect|`` of ``L{l}H{h}`` and ``L{l}.mlp``.
+        effect_column: which column of ``effects`` (default ``normalized``, else ``path``,
+            else ``add``).
+        top_heads: show at most this many heads, the ones with the largest update (the title
+            says how many were left out).
+        n_edges: draw the ``n_edges`` largest ``|change|`` edges among shown heads …
+        min_change: … that also exceed this threshold.
+        circuit_kind: which head circuit colours the nodes (``OV`` or ``QK``).
+    """
+    heads = analysis.heads[analysis.heads.circuit == circuit_kind].copy()
+    _require(heads, ["layer", "head", "new_share", "delta_norm"], "viz.circuit")
+    n_heads_total = len(heads)
+    heads = heads.nlargest(min(top_heads, len(heads)), "delta_norm")
+    heads["component"] = [f"L{l}H{h}" for l, h in zip(heads.layer, heads["head"])]
+    mlp = analysis.summary[(analysis.summary.part == "mlp")
+                           & (analysis.summary.layer.astype(str) != "all")].copy()
+    mlp["layer"] = mlp.layer.astype(int)
+    mlp["component"] = [f"L{l}.mlp" for l in mlp.layer]
+    mlp["new_share"], mlp["delta_norm"] = mlp.mean_new_share, np.sqrt(mlp.update_energy)
+    n_heads = int(analysis.heads["head"].max()) + 1
+
+    size_h, size_m = _sizes(heads.delta_norm), _sizes(mlp.delta_norm)
+    size_label = "‖update‖"
+    if effects is not None:
+        column = effect_column or next(c for c in ("normalized", "path", "add") if c in effects)
+        by_name = effects.drop_duplicates("component").set_index("component")[column]
+        heads["effect"] = heads.component.map(by_name)
+        mlp["effect"] = mlp.component.map(by_name)
+        both = _sizes(pd.concat([heads.effect, mlp.effect]))
+        size_h, size_m = both[:len(heads)], both[len(heads):]
+        size_label = f"|{column}|"
+
+    x_head = {(l, h): 2 * l for l, h in zip(heads.layer, heads["head"])}
+    fig = go.Figure()
+    edges = pd.DataFrame()
+    if composition is not None:
+        _require(composition, ["layer_a", "head_a", "layer_b", "head_b", "kind", "change"],
+                 "viz.circuit")
+        shown = set(x_head)
+        keep = [(la, ha) in shown and (lb, hb) in shown for la, ha, lb, hb in
+                zip(composition.layer_a, composition.head_a, composition.layer_b, composition.head_b)]
+        edges = composition[keep]
+        edges = edges[edges.change.abs() > min_change]
+        edges = edges.reindex(edges.change.abs().sort_values(ascending=False).index).head(n_edges)
+        widest = float(edges.change.abs().max()) if len(edges) else 1.0
+        for r in edges.itertuples():
+            fig.add_trace(go.Scatter(
+                x=[2 * r.layer_a, 2 * r.layer_b], y=[r.head_a, r.head_b], mode="lines",
+                line=dict(width=1 + 5 * abs(r.change) / widest, color=_KIND_COLORS[r.kind],
+                          dash="solid" if r.change > 0 else "dot"),
+                hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(
+            x=[(2 * a + 2 * b) / 2 for a, b in zip(edges.layer_a, edges.layer_b)],
+            y=[(a + b) / 2 for a, b in zip(edges.head_a, edges.head_b)], mode="markers",
+            marker=dict(size=6, color=[_KIND_COLORS[k] for k in edges.kind]),
+            name="composition change", text=_hover(edges, list(edges.columns)), hoverinfo="text",
+            customdata=edges[["layer_a", "head_a", "layer_b", "head_b", "kind", "change"]].to_numpy()))
+    mid = float(analysis.heads.baseline_subspace_share_weights.iloc[0]) \
+        if "baseline_subspace_share_weights" in analysis.heads else 0.5
+    color = dict(colorscale="RdBu_r", cmin=0, cmax=1, cmid=1 - mid,
+                 colorbar=dict(title="new_share"))
+    fig.add_trace(go.Scatter(x=[x_head[(l, h)] for l, h in zip(heads.layer, heads["head"])],
+                             y=heads["head"], mode="markers+text", text=heads.component,
+                             textposition="top center", name="heads",
+                             marker=dict(size=size_h, color=heads.new_share, **color),
+                             hovertext=_hover(heads, list(heads.columns)), hoverinfo="text"))
+    fig.add_trace(go.Scatter(x=2 * mlp.layer + 1, y=[(n_heads - 1) / 2] * len(mlp),
+                             mode="markers+text", text=mlp.component, textposition="top center",
+                             name="MLPs", marker=dict(size=size_m, symbol="square",
+                                                      color=mlp.new_share, **color),
+                             hovertext=_hover(mlp, ["component", "new_share", "delta_norm",
+                                                    "energy_share", "effect"]),
+                             hoverinfo="text"))
+    shown_note = (f"{len(heads)} of {n_heads_total} heads (largest updates)"
+                  if len(heads) < n_heads_total else f"all {n_heads_total} heads")
+    fig.update_layout(
+        title=f"Circuit view: {shown_note}; size = {size_label}; edges = {len(edges)} largest "
+              "composition changes (green Q, purple K, orange V; dotted = decrease)",
+        xaxis=dict(title="layer (attention, then MLP)", tickvals=[2 * l + 0.5 for l in mlp.layer],
+                   ticktext=[f"L{l}" for l in mlp.layer]),
+        yaxis=dict(title="head", autorange="reversed"), showlegend=False)
+    return fig
