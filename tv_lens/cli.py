@@ -1,7 +1,10 @@
 """The ``tv-lens`` command. It composes public functions only; all logic lives in the library.
 
     tv-lens analyze BASE TUNED --out DIR [--top-k K] [--device D] [--dtype T] [--vocab shared]
-    tv-lens demo [--domain medical|math] [--out DIR]
+                   [--prompt TEXT]
+    tv-lens demo [--domain medical|math] [--out DIR] [--prompt TEXT]
+
+Both write the tables and ``DIR/report.html``, one self-contained HTML report.
 
 Bad input ends with a one-paragraph message on stderr and exit status 2, never a stack trace.
 """
@@ -14,6 +17,11 @@ from pathlib import Path
 from typing import Sequence
 
 DTYPES = ("float32", "float16", "bfloat16")
+#: Held-out-phrasing questions the demo report runs the models on.
+DEMO_PROMPTS = {"medical": "Question: For a patient with hypertension, what should be prescribed "
+                           "first? Answer: ibuprofen.",
+                "math": "Question: Lena has 3 plates and buys 12 more. How many plates does Lena "
+                        "have now? Answer: 15."}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +50,8 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="singular directions per matrix matched against the base (default 10)")
     parser.add_argument("--tol", type=float, default=1e-6,
                         help="relative change below which a unit is 'unchanged' (default 1e-6)")
+    parser.add_argument("--prompt", default=None,
+                        help="text for the report's attention patterns and per-token effects")
 
 
 def _print_summary(analysis, out: Path) -> None:
@@ -70,6 +80,10 @@ def _run_analyze(args: argparse.Namespace) -> None:
                        arguments={k: str(v) for k, v in vars(args).items()})
     result.save(args.out)
     _print_summary(result, args.out)
+    from tv_lens.reporting import report
+
+    path = report(result, args.out / "report.html", pair=pair, prompt=args.prompt)
+    print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB, opens offline)")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -77,6 +91,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     args.base, args.tuned = str(checkpoint_dir("base")), str(checkpoint_dir(args.domain))
     args.device, args.dtype, args.vocab = None, "float32", "error"
+    if args.prompt is None:
+        args.prompt = DEMO_PROMPTS[args.domain]
     print(f"tv-lens demo: base -> {args.domain} fine-tune (shipped with tv_lens)\n")
     _run_analyze(args)
 

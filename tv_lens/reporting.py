@@ -1,0 +1,178 @@
+"""One self-contained HTML report: the analysis tables, figures, circuit view and head views.
+
+``report(analysis, path, pair=…, prompt=…)`` writes a single file that opens offline in any
+browser: plotly.js and the circuitsvis bundle are embedded once each (not once per figure), no
+script or stylesheet is loaded from the network, and every token string and model name is
+HTML-escaped. Sections that need the weights (spectra, circuit view, head tokens) are written
+when a ``pair`` (or a tuning vector with its base) is given; sections that run the models
+(attention patterns, per-token effects) when a ``pair`` of loaded models and a ``prompt`` are
+given. The report says which sections were left out and how to get them.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: .85em; } td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; }
+.note { color: #555; font-size: .9em; } .left-out { background: #fff8e1; padding: .5em 1em; }
+code { background: #f4f4f4; padding: 0 .3em; }
+"""
+
+
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def _circuitsvis_js() -> str:
+    import circuitsvis
+
+    bundle = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    return bundle.read_text(encoding="utf-8").replace("</script>", "<\\/script>")
+
+
+class _Page:
+    """Sections of HTML, with figures and views turned into embeddable snippets."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.has_views = False
+
+    def heading(self, text: str, note: str = "") -> None:
+        self.parts.append(f"<h2>{html.escape(text)}</h2>")
+        if note:
+            self.parts.append(f'<p class="note">{html.escape(note)}</p>')
+
+    def figure(self, fig) -> None:
+        self.parts.append(fig.to_html(full_html=False, include_plotlyjs=False,
+                                      config={"displaylogo": False}))
+
+    def view(self, view) -> None:
+        self.has_views = True
+        self.parts.append(f"<h3>{html.escape(view.title)}</h3>\n{view.snippet()}")
+
+    def table(self, df: pd.DataFrame) -> None:
+        self.parts.append(df.to_html(index=False, escape=True, float_format=lambda v: f"{v:.4g}",
+                                     na_rep=""))
+
+    def html(self, title: str) -> str:
+        head = [f"<meta charset='utf-8'><title>{html.escape(title)}</title>",
+                f"<style>{_STYLE}</style>", f"<script>{_plotly_js()}</script>"]
+        if self.has_views:
+            head.append(f"<script>{_circuitsvis_js()}</script>")
+        return ("<!DOCTYPE html>\n<html><head>" + "\n".join(head) + "</head><body>\n"
+                f"<h1>{html.escape(title)}</h1>\n" + "\n".join(self.parts) + "\n</body></html>")
+
+
+def _tuning_vector(pair: Any):
+    if pair is None:
+        return None
+    tv = pair.tuning_vector() if hasattr(pair, "tuning_vector") else pair
+    return tv if tv.base is not None else None
+
+
+def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None = None,
+           composition: pd.DataFrame | None = None, patching: pd.DataFrame | None = None,
+           title: str | None = None, top_heads: int = 3) -> Path:
+    """Write one self-contained HTML report and return its path.
+
+    Args:
+        analysis: the :class:`~tv_lens.Analysis` to report.
+        path: the ``.html`` file to write (folders are created).
+        pair: the :class:`~tv_lens.ModelPair` (or a tuning vector with its base) analysed:
+            enables spectra, the circuit view and head token views; with loaded models and a
+            ``prompt`` also attention patterns and per-token effects.
+        prompt: text to show attention patterns and per-token loss differences on.
+        composition: :func:`tv_lens.composition` scores (computed from ``pair`` if omitted).
+        patching: a :func:`tv_lens.patch` or :func:`tv_lens.attribute` result to draw.
+        title: page title (default: the two model names).
+        top_heads: how many of the most-changed heads get their own views.
+    """
+    from tv_lens import viz
+    from tv_lens.alignment import matrix_spectrum
+    from tv_lens.circuits import composition as composition_scores
+
+    started = time.perf_counter()
+    info = analysis.info
+    meta = info.get("metadata", {})
+    names = (meta.get("base", "base"), meta.get("tuned", "tuned"))
+    page, left_out = _Page(), []
+    page.parts.append(f'<p class="note">{html.escape(names[0])} → {html.escape(names[1])}</p>')
+    provenance = {k: info[k] for k in ("command", "arguments", "tv_lens_version",
+                                      "torch_version", "top_k", "thresholds", "spec") if k in info}
+    page.parts.append("<details><summary>How this report was made</summary><pre>"
+                      + html.escape(json.dumps(provenance, indent=2, default=str))
+                      + "</pre></details>")
+
+    page.heading("Summary: attention vs MLP", "Energy share of the update per layer and part, "
+                 "and how much of it writes new directions, beside the random baselines.")
+    page.figure(viz.summary(analysis))
+    cols = [c for c in ("layer", "part", "energy_share", "new_frac", "amplified_frac",
+                        "mean_new_share", "baseline_new_share", "baseline_new_share_weights")
+            if c in analysis.summary]
+    page.table(analysis.summary[cols])
+
+    page.heading("Heads", "Share of each head's ΔOV / ΔQK inside the head's existing read and "
+                 "write subspaces; colour centred on the weight-perturbation baseline.")
+    page.figure(viz.heads(analysis, "OV", "subspace_share"))
+    page.figure(viz.heads(analysis, "QK", "subspace_share"))
+    page.heading("Neurons", "Cosine between each neuron's output-direction update and the "
+                 "direction itself; the dashed band is a random update's.")
+    page.figure(viz.neurons(analysis, "out"))
+
+    tv = _tuning_vector(pair)
+    ov = analysis.heads[analysis.heads.circuit == "OV"]
+    top = ov.nlargest(top_heads, "delta_norm")[["layer", "head"]].itertuples(index=False)
+    top = [(int(l), int(h)) for l, h in top]
+    if tv is not None:
+        matrices = analysis.matrices.dropna(subset=["layer"])
+        name_row = matrices.loc[matrices.relative_norm.idxmax()]
+        matrix = f"blocks.{int(name_row.layer)}.{'mlp' if name_row.matrix in ('W_in', 'W_gate', 'W_out') else 'attn'}.{name_row.matrix}"
+        page.heading("Spectrum of the most-changed matrix", f"{matrix}: singular values of W and "
+                     "Δ; Δ's top directions marked red where they match no direction of W (< 0.5).")
+        page.figure(viz.spectrum(matrix_spectrum(tv, matrix)))
+        scores = composition if composition is not None else composition_scores(pair)
+        page.heading("Circuit view", "Heads and MLPs by layer; colour = new_share, size = update "
+                     "norm (or patching effect); edges = largest changes in head composition.")
+        page.figure(viz.circuit(analysis, scores, patching))
+        if hasattr(pair, "tuning_vector") and getattr(pair, "tokenizer", None) is not None:
+            page.heading("Most-changed heads: what their ΔOV writes")
+            for layer, head in top:
+                page.view(viz.head_tokens(pair, layer, head))
+    else:
+        left_out.append("spectra, the circuit view and head token views (they need the weights: "
+                        "pass pair= to tv_lens.report)")
+    if patching is not None:
+        page.heading("Patching")
+        page.figure(viz.patching(patching, "normalized" if "normalized" in patching else
+                                 next(c for c in ("path", "add") if c in patching)))
+    runs_models = pair is not None and hasattr(pair, "base") and prompt
+    if runs_models:
+        page.heading("On the prompt", prompt)
+        page.view(viz.attention(pair, prompt, top))
+        page.view(viz.token_loss_difference(pair, prompt))
+        if top:
+            page.view(viz.token_effect(pair, prompt, f"L{top[0][0]}H{top[0][1]}"))
+    else:
+        left_out.append("attention patterns and per-token effects (they run the models: pass "
+                        "pair= and prompt=, or --prompt TEXT on the command line)")
+    if left_out:
+        page.heading("Left out of this report")
+        page.parts.append('<ul class="left-out">' + "".join(
+            f"<li>{html.escape(x)}</li>" for x in left_out) + "</ul>")
+    page.parts.append(f'<p class="note">Written by tv_lens {html.escape(str(info.get("tv_lens_version", "")))} '
+                      f"in {time.perf_counter() - started:.1f} s.</p>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page.html(title or f"tv_lens: {names[0]} → {names[1]}"), encoding="utf-8")
+    return path
