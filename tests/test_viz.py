@@ -63,6 +63,10 @@ def test_head_and_neuron_figures_have_their_structure(analysis):
     assert sum(len(t.x) for t in fig.data) == 48
     assert {t.name for t in fig.data} <= set(viz.figures.LABEL_COLORS)
     assert len(fig.layout.shapes) == 2  # the ±√E[cos²] band
+    labels = viz.heads(analysis, "QK", "label").data[0]
+    codes = {int(c) for c in np.asarray(labels.z).ravel()}
+    assert codes <= set(range(len(viz.figures.LABEL_COLORS)))
+    assert list(labels.colorbar.ticktext) == list(viz.figures.LABEL_COLORS)
     with pytest.raises(TvLensError, match="No rows for circuit 'XY'"):
         viz.heads(analysis, "XY")
 

@@ -53,7 +53,9 @@ def _grid(df: pd.DataFrame, value: str, n_heads: int | None = None):
 
 
 def heads(analysis, circuit: str = "OV", value: str = "subspace_share") -> go.Figure:
-    """Layer × head heatmap of one head-table column for one circuit (``OV`` or ``QK``).
+    """Layer × head heatmap of one head-table column for one circuit (``OV`` or ``QK``):
+    ``relative_norm``, ``subspace_share``, ``amplification_share``, ``new_share``, … or
+    ``label`` (one colour per label).
 
     Shares are coloured on a diverging scale centred on their random baseline (for
     ``subspace_share`` the weight-perturbation baseline ``d_head/d_model``); hover shows every
@@ -65,14 +67,24 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share") -> go.Fi
     if df.empty:
         raise TvLensError(f"No rows for circuit {circuit!r}; circuits are "
                           f"{sorted(table.circuit.unique())}.")
-    layers, z, text = _grid(df, value)
+    labels = list(LABEL_COLORS) if value == "label" else None
+    if labels:  # categorical: one colour band per label
+        df = df.assign(label_code=[labels.index(x) if x in labels else np.nan for x in df.label])
+    layers, z, text = _grid(df, "label_code" if labels else value)
     baseline_col = HEAD_BASELINES.get(value)
     kwargs = dict(colorscale="Viridis")
+    if labels:
+        n = len(labels)
+        scale = [[edge, c] for i, c in enumerate(LABEL_COLORS.values())
+                 for edge in (i / n, (i + 1) / n)]
+        kwargs = dict(colorscale=scale, zmin=-0.5, zmax=n - 0.5,
+                      colorbar=dict(title="label", tickvals=list(range(n)), ticktext=labels))
     if baseline_col and baseline_col in df:
         mid = float(df[baseline_col].iloc[0])
         kwargs = dict(colorscale="RdBu_r", zmid=mid)
     fig = go.Figure(go.Heatmap(z=z, x=list(range(z.shape[1])), y=[f"L{l}" for l in layers],
-                               text=text, hoverinfo="text", colorbar=dict(title=value), **kwargs))
+                               text=text, hoverinfo="text", **{"colorbar": dict(title=value),
+                                                                **kwargs}))
     title = f"{circuit} circuits: {value}"
     if baseline_col and baseline_col in df:
         title += f" (colour centred on the random baseline {df[baseline_col].iloc[0]:.3g})"
