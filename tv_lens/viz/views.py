@@ -8,7 +8,6 @@ The numbers come from the analysis layer (:mod:`tv_lens.metrics`, :mod:`tv_lens.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 from uuid import uuid4
