@@ -117,4 +117,5 @@ def head_tokens(pair: Any, layer: int, head: int, k: int = 15) -> View:
 
     table = ov_tokens(pair, layer, head, k)
     return View("ColoredTokens", f"tokens L{layer}H{head}'s ΔOV writes most",
-                tokens=[f"{t} " for t in table.token], values=table.score.tolist())
+                tokens=[f"{t} " for t in table.token], values=table.score.tolist(),
+                minValue=float(table.score.min()), maxValue=float(table.score.max()))
