@@ -115,5 +115,6 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
               "composition changes (green Q, purple K, orange V; dotted = decrease)",
         xaxis=dict(title="layer (attention, then MLP)", tickvals=[2 * l + 0.5 for l in mlp.layer],
                    ticktext=[f"L{l}" for l in mlp.layer]),
-        yaxis=dict(title="head", autorange="reversed"), showlegend=False)
+        yaxis=dict(title="head", autorange="reversed"), showlegend=False,
+        height=min(1200, 250 + 55 * int(heads["head"].nunique())))
     return fig
