@@ -24,6 +24,14 @@ class CheckpointNotFoundError(TvLensError):
     """A local path that should hold a checkpoint does not exist or is not a checkpoint."""
 
 
+class CorruptCheckpointError(CheckpointNotFoundError):
+    """A checkpoint file is truncated, corrupt or not what its name says."""
+
+
+class PickleCheckpointError(TvLensError):
+    """A checkpoint holds only pickle weights and the caller did not opt in to reading them."""
+
+
 class UnsupportedArchitectureError(TvLensError):
     """The checkpoint's architecture has no tv_lens weight layout (or no TransformerLens adapter)."""
 

@@ -3,6 +3,12 @@
 ``ModelPair`` is the only place tv_lens loads models. Both models are booted the same way with
 **raw** weights (no compatibility mode, no LayerNorm folding: see ``shared/METHODS.md``), their
 architectures are compared field by field, and their vocabularies are reconciled explicitly.
+
+A pair made from local folders (:meth:`ModelPair.from_pretrained`) reads its weights straight
+from the checkpoint files, one tensor at a time (:mod:`tv_lens.checkpoints`), and boots its
+TransformerLens models only when something runs them (patching, representations, attention
+views): weight analysis of a 70B pair never holds a model. The tuned side may be a PEFT adapter
+folder, whose factors are used as they are (:mod:`tv_lens.lora`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +25,7 @@ from tqdm.auto import tqdm
 
 from tv_lens.errors import (CheckpointNotFoundError, NonFiniteWeightsError, TvLensError,
                             TvLensWarning, VocabMismatchError)
+from tv_lens.lazy import LazyDeltas
 from tv_lens.sources import ModelWeights, spec_of
 from tv_lens.spec import ArchSpec, check_compatible
 from tv_lens.vector import TuningVector
@@ -31,11 +39,17 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
 
 
-def check_checkpoint(name_or_path: str | os.PathLike) -> ArchSpec | None:
-    """Validate a local checkpoint folder before booting it; return its spec.
+def is_adapter(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` is a local PEFT adapter folder (has ``adapter_config.json``)."""
+    return (Path(str(name_or_path)).expanduser() / "adapter_config.json").is_file()
+
+
+def check_checkpoint(name_or_path: str | os.PathLike, *, tokenizer: bool = True) -> ArchSpec | None:
+    """Validate a local checkpoint folder before reading or booting it; return its spec.
 
     Returns ``None`` for a Hugging Face hub name (nothing local to check). Raises
-    :class:`CheckpointNotFoundError` for a missing path or a folder that is not a checkpoint,
+    :class:`CheckpointNotFoundError` for a missing path or a folder that is not a checkpoint
+    (or, with ``tokenizer=True``, has no tokenizer: booting needs one, weight analysis does not),
     and :class:`~tv_lens.errors.UnsupportedArchitectureError` for an architecture tv_lens has no
     layout for.
     """
@@ -54,13 +68,15 @@ def check_checkpoint(name_or_path: str | os.PathLike) -> ArchSpec | None:
             f"{name!r} is not a checkpoint folder: it has no config.json (found {found}). "
             "Pass the folder that model.save_pretrained(...) wrote."
         )
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+    if tokenizer and not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise CheckpointNotFoundError(
             f"{name!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}), and without one "
             "TransformerLens tries the Hugging Face Hub. Save the tokenizer next to the weights: "
             "tokenizer.save_pretrained(folder)."
         )
-    return ArchSpec.from_hf_config(json.loads((path / "config.json").read_text()))
+    from tv_lens.checkpoints import read_config
+
+    return ArchSpec.from_hf_config(read_config(path))
 
 
 def boot(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -81,7 +97,7 @@ def boot(name_or_path: str | os.PathLike, *, device: str | torch.device | None =
         ) from exc
 
 
-def _finite(tensor: torch.Tensor, weights: ModelWeights, name: str, which: str) -> torch.Tensor:
+def _finite(tensor: torch.Tensor, weights: Any, name: str, which: str) -> torch.Tensor:
     """``tensor`` itself, or a :class:`NonFiniteWeightsError` naming the parameter."""
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
@@ -93,43 +109,74 @@ def _finite(tensor: torch.Tensor, weights: ModelWeights, name: str, which: str) 
     return tensor
 
 
+def _vocab_error(n_base: int, n_tuned: int) -> VocabMismatchError:
+    shared = min(n_base, n_tuned)
+    return VocabMismatchError(
+        f"d_vocab differs: base={n_base}, tuned={n_tuned} ({abs(n_tuned - n_base)} tokens "
+        f"{'added' if n_tuned > n_base else 'removed'} by the fine-tune). Pass vocab='shared' "
+        f"to compare embeddings and unembeddings on the first {shared} rows; the extra "
+        "tokens are then listed in pair.added_tokens."
+    )
+
+
 def difference(base: Any, tuned: Any, *, vocab: str = "error",
                metadata: dict[str, Any] | None = None) -> TuningVector:
     """``tuned − base`` for two loaded models, checked (see :class:`ModelPair`)."""
+    return weight_difference(ModelWeights(base), ModelWeights(tuned), vocab=vocab,
+                             metadata=metadata)
+
+
+def weight_difference(base_w: Any, tuned_w: Any, *, vocab: str = "error",
+                      metadata: dict[str, Any] | None = None, lazy: bool = False) -> TuningVector:
+    """``tuned − base`` for two ``TL name -> tensor`` weight sources (live models'
+    :class:`~tv_lens.sources.ModelWeights` or checkpoints'
+    :class:`~tv_lens.checkpoints.CheckpointWeights`), checked.
+
+    ``lazy=True`` computes each entry on access (the sources must know shapes and dtypes
+    without reading: ``shape(name)``, ``dtype(name)``) and keeps nothing.
+    """
     if vocab not in VOCAB_MODES:
         raise ValueError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
-    base_w, tuned_w = ModelWeights(base), ModelWeights(tuned)
     check_compatible(base_w.spec, tuned_w.spec)
     n_base, n_tuned = base_w.spec.d_vocab, tuned_w.spec.d_vocab
     shared = min(n_base, n_tuned)
     if n_base != n_tuned and vocab == "error":
-        raise VocabMismatchError(
-            f"d_vocab differs: base={n_base}, tuned={n_tuned} ({abs(n_tuned - n_base)} tokens "
-            f"{'added' if n_tuned > n_base else 'removed'} by the fine-tune). Pass vocab='shared' "
-            f"to compare embeddings and unembeddings on the first {shared} rows; the extra "
-            "tokens are then listed in pair.added_tokens."
-        )
+        raise _vocab_error(n_base, n_tuned)
+    missing = [name for name in base_w if name not in tuned_w]
+    if missing:
+        raise TvLensError(f"The tuned model lacks {missing[0]} which the base model has.")
     dtypes = sorted(str(d) for d in base_w.dtypes | tuned_w.dtypes)
     if len(dtypes) > 1:
         warnings.warn(f"The models hold weights of several dtypes ({', '.join(dtypes)}); "
                       "tv_lens computes every difference in float32 (float64 where a model holds "
                       "float64).", TvLensWarning, stacklevel=3)
-    deltas = {}
-    for name in tqdm(base_w, desc="tuning vector", leave=False, disable=None):
-        if name not in tuned_w:
-            raise TvLensError(f"The tuned model lacks {name} which the base model has.")
+
+    def delta(name: str) -> torch.Tensor:
         b = _finite(base_w[name], base_w, name, "base")
         t = _finite(tuned_w[name], tuned_w, name, "tuned")
         if name == "embed.W_E":
             b, t = b[:shared], t[:shared]
         elif name == "unembed.W_U":
             b, t = b[:, :shared], t[:, :shared]
-        deltas[name] = t - b
+        return t - b
+
+    if lazy:
+        meta = {}
+        for name in base_w:
+            shape = list(base_w.shape(name))
+            if name in ("embed.W_E", "unembed.W_U"):
+                shape[0 if name == "embed.W_E" else 1] = shared
+            meta[name] = (tuple(shape), torch.promote_types(base_w.dtype(name), tuned_w.dtype(name)))
+        deltas: Any = LazyDeltas(meta, delta)
+    else:
+        deltas = {name: delta(name) for name in tqdm(base_w, desc="tuning vector", leave=False,
+                                                     disable=None)}
     spec = base_w.spec
     if n_base != shared:  # the vector then lives in the shared vocabulary
         spec = ArchSpec.from_dict({**spec.to_dict(), "d_vocab": shared})
-    meta = {"vocab": vocab, "d_vocab_base": n_base, "d_vocab_tuned": n_tuned, **(metadata or {})}
-    return TuningVector(deltas, spec, base=base_w, metadata=meta)
+    meta_data = {"vocab": vocab, "d_vocab_base": n_base, "d_vocab_tuned": n_tuned,
+                 **(metadata or {})}
+    return TuningVector(deltas, spec, base=base_w, metadata=meta_data)
 
 
 def _name_of(model: Any) -> str:
@@ -156,19 +203,63 @@ class ModelPair:
     Raises:
         IncompatiblePairError: naming every architecture field that differs.
         VocabMismatchError: vocabulary sizes differ and ``vocab="error"``.
+
+    Pairs made by :meth:`from_pretrained` from local folders read weights from the files and
+    boot :attr:`base` / :attr:`tuned` on first access (:attr:`booted` says whether they have).
     """
 
     def __init__(self, base: Any, tuned: Any, *, vocab: str = "error",
                  names: tuple[str, str] | None = None):
         if vocab not in VOCAB_MODES:
             raise ValueError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
-        self.base, self.tuned, self.vocab = base, tuned, vocab
+        self._models: list[Any] = [base, tuned]
+        self._booters: tuple[Callable[[], Any], Callable[[], Any]] | None = None
+        self._make_vector: Callable[[], TuningVector] | None = None
+        self.vocab = vocab
         self.base_spec, self.tuned_spec = spec_of(base), spec_of(tuned)
-        check_compatible(self.base_spec, self.tuned_spec)
-        if self.base_spec.d_vocab != self.tuned_spec.d_vocab and vocab == "error":
-            difference(base, tuned, vocab="error")  # raises the explanatory VocabMismatchError
+        self._check_specs()
         self.names = names or (_name_of(base), _name_of(tuned))
         self._tuning_vector: TuningVector | None = None
+
+    def _check_specs(self) -> None:
+        check_compatible(self.base_spec, self.tuned_spec)
+        n_base, n_tuned = self.base_spec.d_vocab, self.tuned_spec.d_vocab
+        if n_base != n_tuned and self.vocab == "error":
+            raise _vocab_error(n_base, n_tuned)
+
+    @classmethod
+    def _lazy(cls, specs: tuple[ArchSpec, ArchSpec], make_vector: Callable[[], TuningVector],
+              booters: tuple[Callable[[], Any], Callable[[], Any]], *, vocab: str,
+              names: tuple[str, str]) -> "ModelPair":
+        """A pair whose vector comes from ``make_vector`` and whose models boot on demand."""
+        if vocab not in VOCAB_MODES:
+            raise ValueError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
+        pair = cls.__new__(cls)
+        pair._models, pair._booters, pair._make_vector = [None, None], booters, make_vector
+        pair.vocab, pair.names, pair._tuning_vector = vocab, names, None
+        pair.base_spec, pair.tuned_spec = specs
+        pair._check_specs()
+        return pair
+
+    def _model(self, i: int) -> Any:
+        if self._models[i] is None:
+            self._models[i] = self._booters[i]()
+        return self._models[i]
+
+    @property
+    def base(self) -> Any:
+        """The base model (a ``TransformerBridge``; booted now if it was not yet)."""
+        return self._model(0)
+
+    @property
+    def tuned(self) -> Any:
+        """The fine-tuned model (a ``TransformerBridge``; booted now if it was not yet)."""
+        return self._model(1)
+
+    @property
+    def booted(self) -> tuple[bool, bool]:
+        """Whether the base and the tuned model are loaded (weight analysis never loads them)."""
+        return self._models[0] is not None, self._models[1] is not None
 
     def __repr__(self) -> str:
         s = self.base_spec
@@ -183,7 +274,18 @@ class ModelPair:
 
     @property
     def tokenizer(self):
-        return getattr(self.base, "tokenizer", None)
+        """The base model's tokenizer (read from its folder without booting the model when
+        the pair was made from folders; ``None`` when there is none)."""
+        if self._models[0] is not None or self._booters is None:
+            return getattr(self.base, "tokenizer", None)
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = None
+            folder = Path(self.names[0]).expanduser()
+            if any((folder / f).is_file() for f in _TOKENIZER_FILES):
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(folder)
+        return self._tokenizer
 
     @property
     def added_tokens(self) -> list[str]:
@@ -197,29 +299,86 @@ class ModelPair:
             return [f"<id {i}>" for i in ids]
         return [tok.convert_ids_to_tokens(i) or f"<id {i}>" for i in ids]
 
-    def tuning_vector(self) -> TuningVector:
-        """``tuned − base`` for every weight (computed once, then cached)."""
+    def tuning_vector(self, *, dense: bool = False) -> TuningVector:
+        """``tuned − base`` for every weight (made once, then cached).
+
+        For a pair read from files the vector is lazy (each entry read from the checkpoints on
+        access); ``dense=True`` returns it with every entry in memory (cached too), which is what
+        repeated patching of live models wants.
+        """
         if self._tuning_vector is None:
-            self._tuning_vector = difference(
-                self.base, self.tuned, vocab=self.vocab,
-                metadata={"base": self.names[0], "tuned": self.names[1]})
+            metadata = {"base": self.names[0], "tuned": self.names[1]}
+            self._tuning_vector = (self._make_vector() if self._make_vector is not None else
+                                   difference(self.base, self.tuned, vocab=self.vocab,
+                                              metadata=metadata))
+        if dense and self._tuning_vector.lazy:
+            self._tuning_vector = self._tuning_vector.dense()
         return self._tuning_vector
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike, tuned: str | os.PathLike, *,
                         device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.float32, vocab: str = "error",
-                        **boot_kwargs: Any) -> "ModelPair":
-        """Load both models identically (HF names or local checkpoint folders) with raw weights.
+                        allow_pickle: bool = False, **boot_kwargs: Any) -> "ModelPair":
+        """Pair two checkpoints: local folders (read lazily), a base folder and a PEFT adapter
+        folder (``adapter_config.json``; the adapter's factors are used as they are), or HF hub
+        names (booted now).
 
-        ``boot_kwargs`` go to ``TransformerBridge.boot_transformers`` for both models.
-        Architectures are checked from the config files before any weights are loaded.
+        Local folders are checked (architecture, vocabulary, shapes against ``config.json``,
+        truncated files) from their headers before any weight is read; the models boot on first
+        use with raw weights, in ``dtype`` on ``device``, with ``boot_kwargs`` going to
+        ``TransformerBridge.boot_transformers``. Weight analysis reads the files in their stored
+        precision (float32 for bf16/fp16), or in float64 when ``dtype`` is float64. ``allow_pickle=True`` reads ``pytorch_model.bin``
+        checkpoints with ``torch.load(weights_only=True)``; without it they are refused.
         """
-        specs = check_checkpoint(base), check_checkpoint(tuned)
-        if all(specs):
-            check_compatible(*specs)
-        models = [boot(p, device=device, dtype=dtype, **boot_kwargs) for p in (base, tuned)]
-        return cls(*models, vocab=vocab, names=(str(base), str(tuned)))
+        from tv_lens.checkpoints import CheckpointWeights
+
+        names = (str(base), str(tuned))
+        boot_opts = dict(device=device, dtype=dtype, **boot_kwargs)
+        if is_adapter(tuned):
+            return cls._from_adapter(base, tuned, vocab=vocab, allow_pickle=allow_pickle,
+                                     boot_opts=boot_opts)
+        specs = check_checkpoint(base, tokenizer=False), check_checkpoint(tuned, tokenizer=False)
+        if not all(specs):  # a hub name: nothing local to read, boot both now
+            if all(s is not None for s in specs):
+                check_compatible(*specs)
+            models = [boot(p, **boot_opts) for p in (base, tuned)]
+            return cls(*models, vocab=vocab, names=names)
+        check_compatible(*specs)
+        sources = [CheckpointWeights(p, allow_pickle=allow_pickle, float64=dtype == torch.float64)
+                   for p in (base, tuned)]
+
+        def make_vector() -> TuningVector:
+            return weight_difference(*sources, vocab=vocab, lazy=True,
+                                     metadata={"base": names[0], "tuned": names[1]})
+
+        booters = (lambda: boot(base, **boot_opts), lambda: boot(tuned, **boot_opts))
+        return cls._lazy((sources[0].spec, sources[1].spec), make_vector, booters, vocab=vocab,
+                         names=names)
+
+    @classmethod
+    def _from_adapter(cls, base: str | os.PathLike, adapter: str | os.PathLike, *, vocab: str,
+                      allow_pickle: bool, boot_opts: dict[str, Any]) -> "ModelPair":
+        from tv_lens.checkpoints import CheckpointWeights
+        from tv_lens.lora import Adapter, lora_vector
+
+        if check_checkpoint(base, tokenizer=False) is None:
+            raise CheckpointNotFoundError(
+                f"A PEFT adapter is read against a local base folder, but {str(base)!r} is not "
+                "one. Download the base model once and pass its folder."
+            )
+        base_w = CheckpointWeights(base, allow_pickle=allow_pickle,
+                                   float64=boot_opts.get("dtype") == torch.float64)
+        lora = Adapter(adapter, base_w, allow_pickle=allow_pickle)
+        names = (str(base), f"{base} + {adapter}")
+
+        def make_vector() -> TuningVector:
+            return lora_vector(base_w, lora, metadata={"base": names[0], "tuned": names[1]})
+
+        booters = (lambda: boot(base, **boot_opts),
+                   lambda: boot_merged_adapter(base, adapter, **boot_opts))
+        return cls._lazy((base_w.spec, base_w.spec), make_vector, booters, vocab=vocab,
+                         names=names)
 
     @classmethod
     def from_hf_models(cls, base: Any, tuned: Any, *, tokenizer: Any = None,
@@ -230,52 +389,52 @@ class ModelPair:
         it): save it next to the weights and pass the loaded one, or pass ``None`` to use the
         model's own ``name_or_path``.
         """
-        from transformer_lens.model_bridge import TransformerBridge
-
-        bridges = []
-        for model in (base, tuned):
-            name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
-            if not name:
-                raise TvLensError(
-                    "This HF model has no name_or_path, which TransformerLens needs to set up "
-                    "the bridge. Save it with model.save_pretrained(folder) (with its tokenizer) "
-                    "and load it from there, or use ModelPair.from_pretrained(folder, …)."
-                )
-            bridges.append(TransformerBridge.boot_transformers(name, hf_model=model,
-                                                               tokenizer=tokenizer))
-        return cls(*bridges, vocab=vocab)
+        return cls(bridge_of(base, tokenizer), bridge_of(tuned, tokenizer), vocab=vocab)
 
     @classmethod
     def from_peft(cls, base: str | os.PathLike, adapter: str | os.PathLike, *,
                   device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                  vocab: str = "error") -> "ModelPair":
-        """Pair a base checkpoint with itself plus a PEFT (LoRA) adapter, merged.
-
-        The tuned model is the base with the adapter merged in (``merge_and_unload``), so the
-        tuning vector is exactly the adapter's low-rank update ``scaling · B @ A`` per target
-        module. Needs ``pip install peft`` (the ``lora`` extra).
-        """
-        try:
-            from peft import PeftModel
-        except ImportError as exc:
-            raise TvLensError("Pairing a LoRA adapter needs the peft package: "
-                              "pip install 'tv-lens[lora]' (or pip install peft).") from exc
-        from transformers import AutoModelForCausalLM
-
-        check_checkpoint(base)
-        adapter_path = Path(adapter).expanduser()
-        if not (adapter_path / "adapter_config.json").is_file():
+                  vocab: str = "error", allow_pickle: bool = False) -> "ModelPair":
+        """Pair a base checkpoint folder with a PEFT (LoRA) adapter folder: the same as
+        :meth:`from_pretrained` with the adapter folder as ``tuned``. Each target's tuning
+        vector is kept as ``scale · B A`` (:meth:`TuningVector.factors`)."""
+        if not is_adapter(adapter):
             raise CheckpointNotFoundError(
                 f"{str(adapter)!r} is not a PEFT adapter folder: it has no adapter_config.json. "
                 "Pass the folder that peft_model.save_pretrained(...) wrote."
             )
-        load = dict(torch_dtype=dtype)
-        base_hf = AutoModelForCausalLM.from_pretrained(base, **load)
-        tuned_hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **load),
-                                             str(adapter_path)).merge_and_unload()
-        tuned_hf.name_or_path = base_hf.name_or_path  # tokenizer comes from the base folder
-        pair = cls.from_hf_models(base_hf, tuned_hf, vocab=vocab)
-        if device is not None:
-            pair.base.to(device), pair.tuned.to(device)
-        pair.names = (str(base), f"{base} + {adapter}")
-        return pair
+        return cls.from_pretrained(base, adapter, device=device, dtype=dtype, vocab=vocab,
+                                   allow_pickle=allow_pickle)
+
+
+def bridge_of(model: Any, tokenizer: Any = None) -> Any:
+    """An already-loaded Hugging Face causal LM wrapped as a ``TransformerBridge``."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+    if not name:
+        raise TvLensError(
+            "This HF model has no name_or_path, which TransformerLens needs to set up "
+            "the bridge. Save it with model.save_pretrained(folder) (with its tokenizer) "
+            "and load it from there, or use ModelPair.from_pretrained(folder, …)."
+        )
+    return TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer)
+
+
+def boot_merged_adapter(base: str | os.PathLike, adapter: str | os.PathLike, *,
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype = torch.float32, **_: Any) -> Any:
+    """The base with a PEFT adapter merged in (``merge_and_unload``), as a bridge. Needs
+    ``peft`` (the ``lora`` extra)."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise TvLensError("Running a LoRA-tuned model needs the peft package: "
+                          "pip install 'tv-lens[lora]' (or pip install peft).") from exc
+    from transformers import AutoModelForCausalLM
+
+    check_checkpoint(base)
+    tuned = AutoModelForCausalLM.from_pretrained(base, torch_dtype=dtype)
+    tuned = PeftModel.from_pretrained(tuned, str(Path(adapter).expanduser())).merge_and_unload()
+    bridge = bridge_of(tuned)  # the tokenizer comes from the base folder
+    return bridge.to(device) if device is not None else bridge

@@ -97,6 +97,9 @@ class ModelWeights(Mapping[str, Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.slots)
 
+    def __contains__(self, tl_name: object) -> bool:
+        return tl_name in self.slots
+
     def __len__(self) -> int:
         return len(self.slots)
 

@@ -15,6 +15,13 @@ float64 models)
   included), :meth:`apply_to` (a patched copy) and :meth:`apply_` (in place, permanent);
 - persistence: :meth:`save` / :meth:`load` (safetensors with metadata).
 
+Entries may be *lazy* (a :class:`~tv_lens.lazy.LazyDeltas`: read from the two checkpoints on
+access, as ``ModelPair.from_pretrained`` folders give them) and may carry *factors* (a LoRA
+target's ``scale · B A`` as a :class:`~tv_lens.lazy.LowRank`, see :meth:`factors`). Everything
+above works on them and materialises only what it touches: arithmetic and :meth:`select` on a lazy
+vector give a lazy vector, :meth:`save` writes one tensor at a time, and :meth:`dense` holds
+every entry in memory when that is what you want (patching a live model, many repeated reads).
+
 Key and value weights belong to key-value heads: they are stored once per kv head and a query
 head's circuits use its group's K/V (``head // (n_heads // n_kv_heads)``).
 """
@@ -37,6 +44,7 @@ from torch import Tensor
 from tv_lens.components import PART_KINDS, ComponentIndex, part_kind
 from tv_lens.errors import MissingBaseError, ShapeMismatchError, TvLensError, close_matches
 from tv_lens.layout import Slot, layout
+from tv_lens.lazy import LazyDeltas, LowRank, Meta
 from tv_lens.sources import ModelWeights, layer_of
 from tv_lens.spec import ArchSpec, check_compatible
 
@@ -93,7 +101,7 @@ def _as_pairs(items: Iterable[int | tuple[int, int]] | None, layers: list[int]) 
     return pairs
 
 
-class TuningVector(Mapping[str, Tensor]):
+class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must not sample it)
     """Per-parameter differences ``tuned − base`` in TransformerLens names and shapes.
 
     Args:
@@ -104,11 +112,16 @@ class TuningVector(Mapping[str, Tensor]):
             a ``ModelPair`` it reads the base model's *live* parameters (no copy), so do not
             ask for circuits while the base model itself is patched by :meth:`applied`.
         metadata: free-form provenance (model identifiers, vocab handling), saved with the vector.
+        factors: ``TL name -> LowRank`` for entries known as a product of thin factors (a LoRA
+            target); ``deltas[name]`` must equal their product (in TL shape).
     """
 
-    def __init__(self, deltas: Mapping[str, Tensor], spec: ArchSpec, *,
-                 base: Mapping[str, Tensor] | None = None, metadata: dict[str, Any] | None = None):
-        self.deltas: dict[str, Tensor] = dict(deltas)
+    def __init__(self, deltas: Mapping[str, Any], spec: ArchSpec, *,
+                 base: Mapping[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+                 factors: Mapping[str, LowRank] | None = None):
+        # (values typed Any: a type checker sampling a lazy mapping's values would read weights)
+        self.deltas: Mapping[str, Tensor] = deltas if isinstance(deltas, LazyDeltas) else dict(deltas)
+        self._factors: dict[str, LowRank] = dict(factors or {})
         self.spec = spec
         self.base = base
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -132,8 +145,52 @@ class TuningVector(Mapping[str, Tensor]):
 
         return difference(base, tuned, vocab=vocab, metadata=metadata)
 
-    def _new(self, deltas: Mapping[str, Tensor]) -> "TuningVector":
-        return TuningVector(deltas, self.spec, base=self.base, metadata=self.metadata)
+    def _new(self, deltas: Mapping[str, Any],
+             factors: Mapping[str, LowRank] | None = None) -> "TuningVector":
+        return TuningVector(deltas, self.spec, base=self.base, metadata=self.metadata,
+                            factors=factors)
+
+    @property
+    def lazy(self) -> bool:
+        """Whether entries are computed on access rather than held (see :meth:`dense`)."""
+        return isinstance(self.deltas, LazyDeltas)
+
+    def meta(self, name: str) -> Meta:
+        """Shape and dtype of one entry, without computing it."""
+        if isinstance(self.deltas, LazyDeltas):
+            return self.deltas.meta[name]
+        t = self.deltas[name]
+        return tuple(t.shape), t.dtype
+
+    def _zeros(self, name: str) -> Tensor:
+        shape, dtype = self.meta(name)
+        return torch.zeros(shape, dtype=dtype)
+
+    def _map(self, fn: Any, other: "TuningVector | None" = None,
+             factors: Mapping[str, LowRank] | None = None) -> "TuningVector":
+        """A vector with entries ``fn(name, self[name])`` (or ``fn(name, self[name],
+        other[name])``): lazy when either input is, so nothing is computed until asked."""
+        if self.lazy or (other is not None and other.lazy):
+            if other is None:
+                compute = lambda k: fn(k, self[k])  # noqa: E731
+            else:
+                compute = lambda k: fn(k, self[k], other[k])  # noqa: E731
+            return self._new(LazyDeltas({k: self.meta(k) for k in self.deltas}, compute), factors)
+        if other is None:
+            return self._new({k: fn(k, v) for k, v in self.deltas.items()}, factors)
+        return self._new({k: fn(k, v, other.deltas[k]) for k, v in self.deltas.items()}, factors)
+
+    def dense(self) -> "TuningVector":
+        """This vector with every entry computed and held in memory (itself if it already is)."""
+        if not self.lazy:
+            return self
+        return TuningVector({k: self[k] for k in self.deltas}, self.spec, base=self.base,
+                            metadata=self.metadata, factors=self._factors)
+
+    def factors(self, name: str) -> LowRank | None:
+        """The entry ``name`` as thin factors in TL matrix orientation (a LoRA target's
+        ``scale · B A``), or ``None`` when it is only known densely."""
+        return self._factors.get(name)
 
     # ----------------------------------------------------------------- mapping protocol
     def __getitem__(self, name: str) -> Tensor:
@@ -149,9 +206,11 @@ class TuningVector(Mapping[str, Tensor]):
         return len(self.deltas)
 
     def __repr__(self) -> str:
-        n = sum(t.numel() for t in self.deltas.values())
+        n = sum(torch.Size(self.meta(k)[0]).numel() for k in self.deltas)
+        norm = "lazy: read on access" if self.lazy else f"norm={self.norm():.4g}"
+        factored = f", {len(self._factors)} factored" if self._factors else ""
         return (f"TuningVector({self.spec.architecture}, {self.spec.n_layers} layers, "
-                f"{len(self)} tensors, {n:,} entries, norm={self.norm():.4g})")
+                f"{len(self)} tensors{factored}, {n:,} entries, {norm})")
 
     # ----------------------------------------------------------------- components
     @property
@@ -168,8 +227,11 @@ class TuningVector(Mapping[str, Tensor]):
 
         The components of one granularity sum to the whole vector.
         """
-        cut = self.components.deltas(self.deltas, names)
-        return self._new({k: cut.get(k, torch.zeros_like(v)) for k, v in self.deltas.items()})
+        cut = self.components.deltas(self, names)
+        entry = lambda k: cut[k] if k in cut else self._zeros(k)  # noqa: E731
+        if self.lazy:  # zeros of a 7B vector would fill memory: made on access instead
+            return self._new(LazyDeltas({k: self.meta(k) for k in self.deltas}, entry))
+        return self._new({k: entry(k) for k in self.deltas})
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.n_layers:
@@ -212,7 +274,8 @@ class TuningVector(Mapping[str, Tensor]):
         """This vector with ``base_model``'s weights attached (for :meth:`ov`, :meth:`qk`)."""
         weights = ModelWeights(base_model)
         self._check_fits(weights)
-        return TuningVector(self.deltas, self.spec, base=weights, metadata=self.metadata)
+        return TuningVector(self.deltas, self.spec, base=weights, metadata=self.metadata,
+                            factors=self._factors)
 
     def ov(self, layer: int, head: int):
         """Exact change of the head's OV circuit, ``W_V' W_O' − W_V W_O``, kept factored.
@@ -246,7 +309,7 @@ class TuningVector(Mapping[str, Tensor]):
         check_compatible(self.spec, other.spec)
         mismatched = sorted(set(self.deltas) ^ set(other.deltas))
         mismatched += [k for k in self.deltas if k in other.deltas
-                       and self.deltas[k].shape != other.deltas[k].shape]
+                       and self.meta(k)[0] != other.meta(k)[0]]
         if mismatched:
             raise ShapeMismatchError(
                 f"The two tuning vectors hold different parameters or shapes, e.g. "
@@ -256,19 +319,20 @@ class TuningVector(Mapping[str, Tensor]):
 
     def __add__(self, other: "TuningVector") -> "TuningVector":
         self._check_same(other)
-        return self._new({k: v + other.deltas[k] for k, v in self.deltas.items()})
+        return self._map(lambda k, a, b: a + b, other)
 
     def __sub__(self, other: "TuningVector") -> "TuningVector":
         self._check_same(other)
-        return self._new({k: v - other.deltas[k] for k, v in self.deltas.items()})
+        return self._map(lambda k, a, b: a - b, other)
 
     def __neg__(self) -> "TuningVector":
-        return self._new({k: -v for k, v in self.deltas.items()})
+        return self * -1
 
     def __mul__(self, alpha: float | int) -> "TuningVector":
         if not isinstance(alpha, (int, float)):
             return NotImplemented
-        return self._new({k: alpha * v for k, v in self.deltas.items()})
+        factors = {k: f.scaled(alpha) for k, f in self._factors.items()}
+        return self._map(lambda k, v: alpha * v, factors=factors)
 
     __rmul__ = __mul__
 
@@ -308,37 +372,35 @@ class TuningVector(Mapping[str, Tensor]):
         head_pairs = _as_pairs(heads, sorted(layer_set))
         neuron_pairs = _as_pairs(neurons, sorted(layer_set))
         by_unit = head_pairs is not None or neuron_pairs is not None
-        out = {}
-        for name, delta in self.deltas.items():
+        for pairs, kind, size in ((head_pairs, "head", spec.n_heads),
+                                  (neuron_pairs, "neuron", spec.d_mlp)):
+            for _, index in pairs or ():
+                self._check_index(kind, index, size)
+
+        def keep(name: str, delta: Tensor) -> Tensor:
             slot, layer = self.slots[name], layer_of(name)
-            keep_mask = None
-            keep = part_kind(name, slot) in part_set and (
+            kept = part_kind(name, slot) in part_set and (
                 layer in layer_set if layer is not None else layers is None)
-            if keep and by_unit:
-                keep, keep_mask = self._unit_mask(slot, layer, delta, head_pairs, neuron_pairs)
-            if not keep:
-                out[name] = torch.zeros_like(delta)
-            elif keep_mask is None:
-                out[name] = delta.clone()
-            else:
-                out[name] = delta * keep_mask
-        return self._new(out)
+            mask = None
+            if kept and by_unit:
+                kept, mask = self._unit_mask(slot, layer, delta, head_pairs, neuron_pairs)
+            if not kept:
+                return torch.zeros_like(delta)
+            return delta.clone() if mask is None else delta * mask
+
+        return self._map(keep)
 
     def _unit_mask(self, slot: Slot, layer: int | None, delta: Tensor,
                    head_pairs: set | None, neuron_pairs: set | None) -> tuple[bool, Tensor | None]:
         """Whether a weight survives a head/neuron selection, and the mask along its unit axis."""
         if slot.part == "attn" and head_pairs:
             chosen = {h for l, h in head_pairs if l == layer}
-            for h in chosen:
-                self._check_index("head", h, self.spec.n_heads)
             if slot.unit == "kv_head":
                 chosen = {self.spec.kv_head(h) for h in chosen}
             elif slot.unit is None:  # b_O belongs to no head
                 return False, None
         elif slot.part == "mlp" and neuron_pairs and slot.unit == "neuron":
             chosen = {n for l, n in neuron_pairs if l == layer}
-            for n in chosen:
-                self._check_index("neuron", n, self.spec.d_mlp)
         else:
             return False, None
         shape = [1] * delta.ndim
@@ -376,14 +438,14 @@ class TuningVector(Mapping[str, Tensor]):
         check_compatible(self.spec, weights.spec)
         problems = []
         for name in self.deltas if names is None else names:
-            delta = self.deltas[name]
+            shape = tuple(self.meta(name)[0])
             if name not in weights.slots:
                 problems.append(f"{name}: not in the model")
                 continue
             slot = weights.slots[name]
             expected = tuple(slot.to_tl(weights.parameter(slot.hf_key).detach(), weights.spec).shape)
-            if expected != tuple(delta.shape):
-                problems.append(f"{name}: vector {tuple(delta.shape)}, model {expected}")
+            if expected != shape:
+                problems.append(f"{name}: vector {shape}, model {expected}")
         if problems:
             hint = ""
             if any("W_E" in p or "W_U" in p for p in problems):
@@ -421,35 +483,42 @@ class TuningVector(Mapping[str, Tensor]):
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write the vector to a safetensors file (architecture, shapes and provenance in its
-        metadata). Returns the path."""
-        from safetensors.torch import save_file
-
+        metadata), one entry at a time (a lazy vector is never held whole). The file appears
+        only once complete. Returns the path."""
         from tv_lens import __version__
+        from tv_lens.checkpoints import write_safetensors
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: self.meta(k) for k in self.deltas}
         header = {"spec": self.spec.to_dict(), "metadata": self.metadata,
                   "tv_lens_version": __version__,
-                  "shapes": {k: list(v.shape) for k, v in self.deltas.items()}}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
-        save_file(tensors, str(path), metadata={"tv_lens": json.dumps(header)})
-        return path
+                  "shapes": {k: list(shape) for k, (shape, _) in meta.items()}}
+        return write_safetensors(path, list(self.deltas), meta, self.__getitem__,
+                                 metadata={"tv_lens": json.dumps(header)})
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TuningVector":
-        """Read a vector written by :meth:`save` (no base weights attached; see :meth:`with_base`)."""
-        from safetensors import safe_open
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", *,
+             lazy: bool = False) -> "TuningVector":
+        """Read a vector written by :meth:`save` (no base weights attached; see :meth:`with_base`).
+
+        ``lazy=True`` reads each entry from the file on access instead of all at once."""
+        from tv_lens.checkpoints import SafetensorsFile
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No tuning vector file at {str(path)!r}.")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            raw = (f.metadata() or {}).get("tv_lens")
-            if raw is None:
-                raise TvLensError(f"{str(path)!r} is a safetensors file but not a tv_lens tuning "
-                                  "vector (no 'tv_lens' metadata). Write vectors with tv.save().")
-            header = json.loads(raw)
-            deltas = {k: f.get_tensor(k) for k in f.keys()}
+        file = SafetensorsFile(path)
+        raw = file.metadata.get("tv_lens")
+        if raw is None:
+            raise TvLensError(f"{str(path)!r} is a safetensors file but not a tv_lens tuning "
+                              "vector (no 'tv_lens' metadata). Write vectors with tv.save().")
+        header = json.loads(raw)
         spec = ArchSpec.from_dict(header["spec"])
         meta = dict(header.get("metadata", {}), saved_with=header.get("tv_lens_version"))
-        return cls(deltas, spec, metadata=meta)
+        read = lambda k: file.read(k).to(device)  # noqa: E731
+        if lazy:
+            entries = LazyDeltas({k: (shape, dtype) for k, (dtype, shape, _, _)
+                                  in file.entries.items()}, read)
+            return cls(entries, spec, metadata=meta)
+        return cls({k: read(k) for k in file.keys()}, spec, metadata=meta)

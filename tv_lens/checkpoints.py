@@ -1,0 +1,363 @@
+"""Checkpoint folders read one tensor at a time, without loading a model.
+
+Weight-space analysis needs one layer of each model at a time, so tv_lens reads checkpoints
+directly: :class:`SafetensorsFile` parses a safetensors header (validated against the file size,
+so a truncated download is named as such before any work starts) and reads a tensor with plain
+``seek`` + ``readinto`` (no memory map: memory holds only what the caller keeps).
+:class:`Checkpoint` is a folder's tensors by checkpoint key, single-file or sharded
+(``model.safetensors.index.json``); pickle checkpoints (``pytorch_model.bin``) are refused unless
+the caller opts in, and then read with ``torch.load(weights_only=True)``.
+:class:`CheckpointWeights` maps TransformerLens names to tensors through
+:mod:`tv_lens.layout`, exactly as :class:`tv_lens.sources.ModelWeights` does for a live model.
+:func:`write_safetensors` is the matching streaming writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tv_lens.errors import CheckpointNotFoundError, CorruptCheckpointError, PickleCheckpointError
+from tv_lens.layout import Slot, layout
+from tv_lens.sources import compute_dtype
+from tv_lens.spec import ArchSpec
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{str(path)!r} is truncated or corrupt: {problem}. An interrupted download or copy "
+        "leaves files like this: download or save the checkpoint again."
+    )
+
+
+class SafetensorsFile:
+    """One safetensors file: its header, validated, and tensors read on demand.
+
+    Raises:
+        CorruptCheckpointError: the file is shorter than its header says, the header is not
+            valid JSON, or a tensor's byte range does not match its shape and dtype.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(self.path, f"it has {size} bytes, fewer than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise _corrupt(self.path, f"its header claims {n} bytes but the file has {size}")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise _corrupt(self.path, f"its header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise _corrupt(self.path, "its header is not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype, shape = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise _corrupt(self.path, f"the header entry of {key!r} is malformed") from None
+            expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            if end - begin != expected:
+                raise _corrupt(self.path, f"{key!r} holds {end - begin} bytes, its shape "
+                                          f"{list(shape)} needs {expected}")
+            if self.data_start + end > size:
+                raise _corrupt(self.path, f"{key!r} ends at byte {self.data_start + end} but the "
+                                          f"file has only {size} bytes")
+            self.entries[key] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, key: str) -> Tensor:
+        """The tensor stored under ``key`` (a fresh CPU tensor of the stored dtype)."""
+        dtype, shape, begin, end = self.entries[key]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise _corrupt(self.path, f"reading {key!r} ended early")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+class Checkpoint:
+    """A checkpoint folder's tensors by key: ``model.safetensors``, a sharded safetensors
+    checkpoint, or, only with ``allow_pickle=True``, ``pytorch_model.bin`` (sharded or not).
+
+    Reads are not cached beyond the last ``cache`` tensors (a tuning vector reads the base
+    weight it has just returned again), so memory stays bounded by what the caller holds.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, allow_pickle: bool = False, cache: int = 2):
+        self.folder = Path(folder).expanduser()
+        self._files: dict[str, Any] = {}  # file name -> SafetensorsFile or loaded pickle dict
+        self._where: dict[str, str] = {}  # key -> file name
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cache_size = cache
+        self.pickle = False
+        if (self.folder / SAFETENSORS_INDEX).is_file():
+            self._index(SAFETENSORS_INDEX)
+        elif (self.folder / "model.safetensors").is_file():
+            self._open("model.safetensors")
+            self._where = dict.fromkeys(self._files["model.safetensors"].keys(), "model.safetensors")
+        elif any((self.folder / p).is_file() for p in PICKLE_FILES):
+            self._pickle(allow_pickle)
+        else:
+            found = sorted(p.name for p in self.folder.iterdir())[:8]
+            raise CheckpointNotFoundError(
+                f"{str(self.folder)!r} has no weights: no model.safetensors, no "
+                f"{SAFETENSORS_INDEX} and no pytorch_model.bin (found {found})."
+            )
+
+    def _open(self, name: str) -> None:
+        path = self.folder / name
+        if not path.is_file():
+            raise CheckpointNotFoundError(
+                f"The shard {name!r} named by {str(self.folder / SAFETENSORS_INDEX)!r} is "
+                "missing. Download or copy every shard of the checkpoint."
+            )
+        self._files[name] = SafetensorsFile(path)
+
+    def _index(self, index_name: str) -> None:
+        path = self.folder / index_name
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise _corrupt(path, f"it is not a shard index with a 'weight_map' ({exc})") from None
+        pickled = index_name != SAFETENSORS_INDEX
+        for name in sorted(set(weight_map.values())):
+            if pickled and not (self.folder / name).is_file():
+                raise CheckpointNotFoundError(f"The shard {name!r} named by {str(path)!r} is "
+                                              "missing. Download or copy every shard.")
+            if not pickled:
+                self._open(name)
+        for key, name in weight_map.items():
+            if not pickled and key not in self._files[name].entries:
+                raise _corrupt(self.folder / name, f"the index {index_name} places {key!r} in "
+                                                   "this shard but the shard does not hold it")
+            self._where[key] = name
+
+    def _pickle(self, allow_pickle: bool) -> None:
+        found = [p for p in PICKLE_FILES if (self.folder / p).is_file()][0]
+        if not allow_pickle:
+            raise PickleCheckpointError(
+                f"{str(self.folder)!r} holds only pickle weights ({found}). Unpickling can run "
+                "arbitrary code, so tv_lens reads safetensors only by default. Convert the "
+                "checkpoint (model.save_pretrained(folder, safe_serialization=True)), or opt in "
+                "with allow_pickle=True (CLI: --allow-pickle) to load it with "
+                "torch.load(weights_only=True)."
+            )
+        self.pickle = True
+        if found.endswith(".json"):
+            self._index(found)
+        else:
+            self._where = dict.fromkeys(self._load_pickle(found), found)
+
+    def _load_pickle(self, name: str) -> dict[str, Tensor]:
+        if name not in self._files:
+            path = self.folder / name
+            if not path.is_file():
+                raise CheckpointNotFoundError(f"The shard {name!r} of {str(self.folder)!r} is "
+                                              "missing. Download or copy every shard.")
+            try:
+                self._files = {name: torch.load(path, map_location="cpu", weights_only=True,
+                                                mmap=True)}
+            except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+                raise _corrupt(path, f"torch.load(weights_only=True) failed ({exc})") from None
+        return self._files[name]
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self.pickle:
+            return tuple(self._load_pickle(self._where[key])[key].shape)
+        return self._files[self._where[key]].entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self.pickle:
+            return self._load_pickle(self._where[key])[key].dtype
+        return self._files[self._where[key]].entries[key][0]
+
+    def read(self, key: str) -> Tensor:
+        """The tensor stored under ``key`` (CPU, stored dtype)."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        name = self._where[key]
+        tensor = (self._load_pickle(name)[key].clone() if self.pickle
+                  else self._files[name].read(key))
+        self._cache[key] = tensor
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tensor
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a checkpoint folder, with a clear error when it is not valid JSON."""
+    path = Path(folder).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _corrupt(path, f"it is not valid JSON ({exc})") from None
+
+
+class CheckpointWeights(Mapping):  # of str -> Tensor (unsubscripted: checkers must not read it)
+    """Read-only mapping ``TL name -> tensor`` over a checkpoint folder, read on access.
+
+    The streaming counterpart of :class:`tv_lens.sources.ModelWeights`: same layout, same
+    :func:`~tv_lens.sources.compute_dtype` (float32; float64 for float64 weights), but nothing
+    is loaded until a name is asked for. ``device`` is where returned tensors live;
+    ``float64=True`` returns float64 whatever the stored dtype (differences of float32 weights
+    are then exact).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, spec: ArchSpec | None = None,
+                 allow_pickle: bool = False, device: str | torch.device | None = None,
+                 float64: bool = False):
+        self.folder = Path(folder).expanduser()
+        self.float64 = float64
+        self.spec = spec or ArchSpec.from_hf_config(read_config(self.folder))
+        self.checkpoint = Checkpoint(self.folder, allow_pickle=allow_pickle)
+        self.device = torch.device(device) if device is not None else None
+        keys = self.checkpoint.keys()
+        self.slots: dict[str, Slot] = {s.tl_name: s for s in layout(self.spec, keys)}
+        missing = [s.hf_key for s in self.slots.values() if s.hf_key not in keys]
+        if missing:
+            from tv_lens.errors import UnsupportedArchitectureError
+
+            raise UnsupportedArchitectureError(
+                f"The checkpoint {str(self.folder)!r} ({self.spec.architecture}) lacks tensors "
+                f"its layout needs, e.g. {missing[:3]}; it holds keys like {sorted(keys)[:4]}. "
+                "Is it a complete checkpoint of that architecture?"
+            )
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Every tensor's shape against ``config.json`` (read from headers, no data)."""
+        from tv_lens.errors import ShapeMismatchError
+
+        problems = []
+        for name, slot in self.slots.items():
+            stored = self.checkpoint.shape(slot.hf_key)
+            try:
+                got = tuple(slot.to_tl(torch.empty(stored, device="meta"), self.spec).shape)
+            except Exception:  # noqa: BLE001 - einops names the failed split; we name the key
+                got = None
+            want = expected_shape(name, self.spec)
+            if got is None or (want is not None and got != want):
+                problems.append(f"{slot.hf_key} has shape {list(stored)}")
+        if problems:
+            raise ShapeMismatchError(
+                f"The weights in {str(self.folder)!r} do not match its config.json "
+                f"({len(problems)} tensor(s)): " + "; ".join(problems[:3]) + ". The config and "
+                "the weights come from different models: save them together again."
+            )
+
+    def shape(self, tl_name: str) -> tuple[int, ...]:
+        """The TL shape of ``tl_name``, from the file header (no data read)."""
+        slot = self.slots[tl_name]
+        meta = torch.empty(self.checkpoint.shape(slot.hf_key), device="meta")
+        return tuple(slot.to_tl(meta, self.spec).shape)
+
+    def dtype(self, tl_name: str) -> torch.dtype:
+        """The dtype returned for ``tl_name`` (compute dtype of the stored one)."""
+        stored = self.checkpoint.dtype(self.slots[tl_name].hf_key)
+        return torch.float64 if self.float64 else compute_dtype(stored)
+
+    @property
+    def dtypes(self) -> set[torch.dtype]:
+        return {self.checkpoint.dtype(s.hf_key) for s in self.slots.values()}
+
+    def __getitem__(self, tl_name: str) -> Tensor:
+        slot = self.slots[tl_name]
+        raw = self.checkpoint.read(slot.hf_key)
+        out = slot.to_tl(raw, self.spec).to(torch.float64 if self.float64 else compute_dtype(raw.dtype))
+        return out.to(self.device) if self.device is not None else out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.slots)
+
+    def __contains__(self, tl_name: object) -> bool:
+        return tl_name in self.slots
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+def expected_shape(tl_name: str, spec: ArchSpec) -> tuple[int, ...] | None:
+    """The TL shape ``config.json`` implies for a weight (``None`` where it does not say)."""
+    kind = tl_name.rsplit(".", 1)[-1]
+    d, dh, m = spec.d_model, spec.d_head, spec.d_mlp
+    shapes = {"W_Q": (spec.n_heads, d, dh), "W_K": (spec.n_kv_heads, d, dh),
+              "W_V": (spec.n_kv_heads, d, dh), "W_O": (spec.n_heads, dh, d),
+              "b_Q": (spec.n_heads, dh), "b_K": (spec.n_kv_heads, dh),
+              "b_V": (spec.n_kv_heads, dh), "b_O": (d,), "W_in": (d, m), "W_gate": (d, m),
+              "W_out": (m, d), "b_in": (m,), "b_out": (d,), "W_E": (spec.d_vocab, d),
+              "W_U": (d, spec.d_vocab), "w": (d,), "b": (d,)}
+    return shapes.get(kind)
+
+
+def write_safetensors(path: str | os.PathLike, names: Iterable[str],
+                      meta: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                      get: Any, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors one at a time: ``get(name)`` is called once per name, in order, and its
+    result written and dropped, so memory holds one tensor. ``meta`` gives each name's shape
+    and dtype up front (the header precedes the data). The file appears under ``path`` only
+    when complete (written to a temporary name, then renamed)."""
+    path = Path(path)
+    names = list(names)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        shape, dtype = meta[name]
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name in names:
+                tensor = get(name).detach().to("cpu").contiguous()
+                shape, dtype = meta[name]
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the "
+                                     f"header says {tuple(shape)} {dtype}.")
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
