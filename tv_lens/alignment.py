@@ -40,9 +40,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tv_lens.linalg import (align, best_matches, cluster_ids, core_shares,
-                            factored_svd, frob2_factored, gram_svd, matrix_overlap,
-                            orthonormal_basis, random_match_baseline, spectrum_stats)
+from tv_lens.lazy import LowRank
+from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, gram_svd,
+                            matrix_overlap, random_match_baseline, randomized_svd,
+                            spectrum_stats)
+from tv_lens.sources import layer_of
 from tv_lens.vector import TuningVector
 
 LABELS = ("amplified", "dampened", "new", "mixed", "unchanged")
@@ -115,58 +117,80 @@ class Analysis:
 
 
 # --------------------------------------------------------------------------- heads
-def _head_rows(tv: TuningVector, layer: int, t: Thresholds) -> list[dict]:
-    spec, base = tv.spec, tv.base
+def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, Tensor],
+               t: Thresholds) -> list[dict]:
+    """Every head's OV and QK rows of one layer, all heads at once (:func:`align_circuits`)."""
     a = f"blocks.{layer}.attn."
-    W = {k: base[a + k].double() for k in ("W_Q", "W_K", "W_V", "W_O")}
-    D = {k: tv[a + k].double() for k in ("W_Q", "W_K", "W_V", "W_O")}
+    W = {k: base[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
+    D = {k: delta[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
+    kv = torch.tensor([spec.kv_head(h) for h in range(spec.n_heads)], device=W["W_V"].device)
+    circuits = {  # circuit = L @ Rt per head, with the updates dL, dRt
+        "OV": (W["W_V"][kv], W["W_O"], D["W_V"][kv], D["W_O"]),
+        "QK": (W["W_Q"], W["W_K"][kv].mT, D["W_Q"], D["W_K"][kv].mT),
+    }
+    m, n = spec.d_model, spec.d_model
+    by_circuit = {c: align_circuits(*factors) for c, factors in circuits.items()}
     rows = []
     for head in range(spec.n_heads):
-        kv = spec.kv_head(head)
-        circuits = {
-            # circuit: (left factor, right factor, their updates); circuit = L @ Rᵀ-style A @ B
-            "OV": (W["W_V"][kv], W["W_O"][head], D["W_V"][kv], D["W_O"][head]),
-            "QK": (W["W_Q"][head], W["W_K"][kv].T, D["W_Q"][head], D["W_K"][kv].T),
-        }
-        for circuit, (L, Rt, dL, dRt) in circuits.items():
-            A = torch.cat([L + dL, -L], dim=1)
-            B = torch.cat([Rt + dRt, Rt], dim=0)
-            base_svd = factored_svd(L, Rt)
-            read, write = orthonormal_basis(L), orthonormal_basis(Rt.T)
-            al = align(A, B, base_svd, read, write)
-            delta_norm = float(np.sqrt(max(frob2_factored(A, B), 0.0)))
-            base_norm = float(base_svd.S.norm())
+        for circuit, al in by_circuit.items():
+            S, core, delta_norm = al.base_S[head], al.core[head], al.delta_norm[head]
+            ids = cluster_ids(S)
+            base_norm = float(S.norm())
             rel = delta_norm / base_norm if base_norm > 0 else float("inf")
-            if not rel >= t.tol:
-                al = type(al)(float("nan"), float("nan"), 0.0, al.baseline_subspace_share,
-                              al.baseline_amplification_share)
-            new_share = 1.0 - al.subspace_share
+            base_sub = al.read_rank[head] * al.write_rank[head] / (m * n)
+            base_amp = float(torch.bincount(ids).pow(2).sum()) / (m * n) if len(ids) else 0.0
+            sub, amp, scale = float("nan"), float("nan"), 0.0
+            if rel >= t.tol and delta_norm > 0:
+                sub = al.subspace[head]
+                amp, scale = core_shares(core, S, delta_norm**2, ids)
+            new_share = 1.0 - sub
             rows.append(dict(
                 layer=layer, head=head, circuit=circuit,
-                label=label(rel, al.amplification_share, new_share, al.signed_scale, t),
-                delta_norm=delta_norm, relative_norm=rel, subspace_share=al.subspace_share,
-                new_share=new_share, amplification_share=al.amplification_share,
-                signed_scale=al.signed_scale, baseline_subspace_share=al.baseline_subspace_share,
-                baseline_amplification_share=al.baseline_amplification_share,
-                baseline_subspace_share_weights=read.shape[1] / spec.d_model))
+                label=label(rel, amp, new_share, scale, t),
+                delta_norm=delta_norm, relative_norm=rel, subspace_share=sub,
+                new_share=new_share, amplification_share=amp, signed_scale=scale,
+                baseline_subspace_share=base_sub, baseline_amplification_share=base_amp,
+                baseline_subspace_share_weights=al.read_rank[head] / spec.d_model))
     return rows
 
 
 # --------------------------------------------------------------------------- neurons
-def _neuron_rows(tv: TuningVector, layer: int, t: Thresholds) -> list[pd.DataFrame]:
+def _unit_products(w: Tensor, d: Tensor | LowRank, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per neuron (the slices along ``axis``: columns for ``axis=1``, rows for ``0``): ``‖w_n‖``,
+    ``‖d_n‖`` and ``⟨w_n, d_n⟩``, summed in float64 without transposing the weights. Factors
+    ``d = L @ R`` are never formed: ``⟨w_n, L_n R⟩ = L_n · (w Rᵀ)_n``, ``‖L_n R‖² = L_n (R Rᵀ) L_nᵀ``
+    (rows; columns likewise)."""
+    other = 1 - axis
+    spec = "ij,ij->j" if axis == 1 else "ij,ij->i"  # per-neuron sums, one pass each (BLAS)
+
+    def dots(a: Tensor, b: Tensor) -> Tensor:
+        return torch.einsum(spec, a, b).double()
+
+    w_norm = dots(w, w).sqrt()
+    if isinstance(d, LowRank):
+        L, R, w = d.left.double(), d.right.double(), w.double()
+        if axis == 1:  # columns: d_n = L R[:, n]
+            norm2 = ((L.T @ L) @ R * R).sum(dim=0)
+            dot = ((w.T @ L).T * R).sum(dim=0)
+        else:
+            norm2 = ((L @ (R @ R.T)) * L).sum(dim=1)
+            dot = (L * (w @ R.T)).sum(dim=1)
+        return w_norm, norm2.clamp(min=0).sqrt(), dot
+    return w_norm, dots(d, d).sqrt(), dots(w, d)
+
+
+def _neuron_rows(layer: int, base: dict[str, Tensor], delta: dict[str, Tensor | LowRank],
+                 t: Thresholds) -> list[pd.DataFrame]:
     m = f"blocks.{layer}.mlp."
     sides = {"in": ("W_in", 1), "gate": ("W_gate", 1), "out": ("W_out", 0)}
     frames = []
     for side, (name, axis) in sides.items():
-        if m + name not in tv:
+        if m + name not in delta:
             continue
-        w = tv.base[m + name].double()
-        d = tv[m + name].double()
-        if axis == 1:  # columns are the neurons' directions
-            w, d = w.T, d.T
-        w_norm, d_norm = w.norm(dim=1), d.norm(dim=1)
+        w = base[m + name]
+        w_norm, d_norm, dot = _unit_products(w, delta[m + name], axis)
         rel = (d_norm / w_norm).cpu().numpy()
-        cos = ((w * d).sum(dim=1) / (w_norm * d_norm)).cpu().numpy()
+        cos = (dot / (w_norm * d_norm)).cpu().numpy()
         unchanged = ~(rel >= t.tol)
         cos = np.where(unchanged, np.nan, cos)
         amp = cos**2
@@ -175,9 +199,9 @@ def _neuron_rows(tv: TuningVector, layer: int, t: Thresholds) -> list[pd.DataFra
                           np.where(amp >= t.amplified, np.where(cos >= 0, "amplified", "dampened"),
                                    np.where(new >= t.new, "new", "mixed")))
         frames.append(pd.DataFrame(dict(
-            layer=layer, neuron=np.arange(w.shape[0]), side=side, label=labels,
+            layer=layer, neuron=np.arange(w.shape[axis]), side=side, label=labels,
             delta_norm=d_norm.cpu().numpy(), relative_norm=rel, cos=cos,
-            amplification_share=amp, new_share=new, baseline_cos2=1.0 / w.shape[1])))
+            amplification_share=amp, new_share=new, baseline_cos2=1.0 / w.shape[1 - axis])))
     return frames
 
 
@@ -197,19 +221,37 @@ def _match_baseline(m: int, n: int, n_vectors: int) -> tuple[float, float]:
     return random_match_baseline(m, n, n_vectors)
 
 
-def _matrix_row(name: str, W: Tensor, D: Tensor, top_k: int, t: Thresholds) -> dict:
-    W, D = W.double(), D.double()
+def _frob(x: Tensor | LowRank) -> float:
+    """``‖x‖_F`` accumulated in float64 over row chunks (no float64 copy of an embedding)."""
+    if isinstance(x, LowRank):
+        return float(np.sqrt(max(x.frob2(), 0.0)))
+    return float(sum(float(x[i:i + 4096].pow(2).sum(dtype=torch.float64))
+                     for i in range(0, x.shape[0], 4096)) ** 0.5)
+
+
+def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresholds,
+                fast_rank: int | None = None) -> dict:
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
-    delta_norm, base_norm = float(D.norm()), float(W.norm())
+    delta_norm, base_norm = _frob(D), _frob(W)
     rel = delta_norm / base_norm if base_norm > 0 else float("inf")
     row: dict[str, Any] = dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None
                                else name, delta_norm=delta_norm, relative_norm=rel)
-    base = gram_svd(W)  # once per matrix; Δ is then read in its singular bases
-    base_r = spectrum_stats(base.S)["rank_90"]
+    # once per matrix; Δ is then read in its singular bases. --fast: Δ's top triplets first,
+    # so the base's range finder can be probed with them (every base pair Δ touches recovered)
+    fast_delta = None
+    if fast_rank is None:
+        base = gram_svd(W)
+    else:
+        if not isinstance(D, LowRank) and rel >= t.tol:
+            fast_delta = randomized_svd(D, max(fast_rank, top_k))
+        probes = fast_delta.V[:, :top_k] if fast_delta is not None else None
+        base = randomized_svd(W, fast_rank, probes=probes)
+    base_r = spectrum_stats(base.S, energy=base.energy if base.partial else None)["rank_90"]
+    r_used = base.S.numel() if base_r != base_r else base_r  # NaN: rank_90 > the top found
     m, n = W.shape
     mean_b, p95_b = _match_baseline(m, n, base.S.numel())
     row.update(base_rank_90=base_r, baseline_match=mean_b, baseline_match_p95=p95_b,
-               baseline_top_subspace_share=base_r * base_r / (m * n))
+               baseline_top_subspace_share=r_used * r_used / (m * n))
     if not rel >= t.tol:
         nan = float("nan")
         row.update(label="unchanged", stable_rank=nan, effective_rank=nan, rank_90=0,
@@ -217,17 +259,18 @@ def _matrix_row(name: str, W: Tensor, D: Tensor, top_k: int, t: Thresholds) -> d
                    top_subspace_share=nan, amplification_share=nan, new_share=nan,
                    signed_scale=0.0)
         return row
-    overlap = matrix_overlap(base, D, top_k)
-    row.update(spectrum_stats(overlap.delta_S))
+    overlap = matrix_overlap(base, D, top_k, fast_rank=fast_rank, delta=fast_delta)
+    row.update(spectrum_stats(overlap.delta_S, energy=overlap.energy if overlap.partial else None))
     ids = cluster_ids(base.S)
     left, left_idx = best_matches(overlap.left, ids)
     right, right_idx = best_matches(overlap.right, ids)
     match = torch.minimum(left, right)
     is_new = match < t.intruder
     is_amp = (~is_new) & (left_idx == right_idx)
-    total = float(overlap.delta_S.pow(2).sum())
-    top_share = float(overlap.core[:base_r, :base_r].pow(2).sum()) / total
-    amp, scale = core_shares(overlap.core, base.S, total, ids)
+    total = overlap.energy
+    top_share = float(overlap.core[:r_used, :r_used].pow(2).sum()) / total
+    amp, scale = core_shares(overlap.core, base.S, total, ids,
+                             base.energy if base.partial else None)
     new_share = 1.0 - top_share
     row.update(n_new_directions=int(is_new.sum()), n_amplified_directions=int(is_amp.sum()),
                top_match=float(match[0]), mean_match=float(match.mean()),
@@ -254,20 +297,29 @@ def _concentration(energy: np.ndarray, q: float) -> float:
     return float((np.searchsorted(cum, q - 1e-12) + 1) / energy.size)
 
 
-def _unit_energies(tv: TuningVector, layer: int, part: str) -> np.ndarray:
+def _neuron_norm2(d: Tensor | LowRank, axis: int) -> Tensor:
+    """Squared norm of each neuron's slice (columns for ``axis=1``, rows for ``axis=0``)."""
+    if isinstance(d, LowRank):
+        L, R = d.left.double(), d.right.double()
+        if axis == 1:
+            return ((L.T @ L) @ R * R).sum(dim=0)
+        return ((L @ (R @ R.T)) * L).sum(dim=1)
+    return torch.einsum("ij,ij->j" if axis == 1 else "ij,ij->i", d, d).double()
+
+
+def _unit_energies(spec: Any, layer: int, part: str, delta: dict[str, Tensor | LowRank]) -> np.ndarray:
     """Per-head (attn) or per-neuron (mlp) squared update norm; K/V shared by a group are
     split evenly over the group's query heads."""
-    spec = tv.spec
     if part == "attn":
         a = f"blocks.{layer}.attn."
-        e = tv[a + "W_Q"].pow(2).sum((1, 2)) + tv[a + "W_O"].pow(2).sum((1, 2))
-        kv = (tv[a + "W_K"].pow(2).sum((1, 2)) + tv[a + "W_V"].pow(2).sum((1, 2))) / spec.group_size
+        e = delta[a + "W_Q"].pow(2).sum((1, 2)) + delta[a + "W_O"].pow(2).sum((1, 2))
+        kv = (delta[a + "W_K"].pow(2).sum((1, 2)) + delta[a + "W_V"].pow(2).sum((1, 2))) / spec.group_size
         e = e + kv.repeat_interleave(spec.group_size)
         return e.double().cpu().numpy()
     m = f"blocks.{layer}.mlp."
-    e = tv[m + "W_in"].pow(2).sum(0) + tv[m + "W_out"].pow(2).sum(1)
-    if m + "W_gate" in tv:
-        e = e + tv[m + "W_gate"].pow(2).sum(0)
+    e = _neuron_norm2(delta[m + "W_in"], 1) + _neuron_norm2(delta[m + "W_out"], 0)
+    if m + "W_gate" in delta:
+        e = e + _neuron_norm2(delta[m + "W_gate"], 1)
     return e.double().cpu().numpy()
 
 
@@ -291,10 +343,8 @@ def _summary_row(layer: Any, part: str, units: pd.DataFrame, unit_energy: np.nda
                 concentration_90=_concentration(unit_energy, 0.9), n_units=len(unit_energy))
 
 
-def _summary(tv: TuningVector, heads: pd.DataFrame, neurons: pd.DataFrame) -> pd.DataFrame:
-    spec = tv.spec
-    energies = {(l, p): _unit_energies(tv, l, p) for l in range(spec.n_layers)
-                for p in ("attn", "mlp")}
+def _summary(spec: Any, heads: pd.DataFrame, neurons: pd.DataFrame,
+             energies: dict[tuple[int, str], np.ndarray]) -> pd.DataFrame:
     total = float(sum(e.sum() for e in energies.values()))
     base_new = {"attn": (1.0 - float(heads["baseline_subspace_share"].mean()),
                          1.0 - float(heads["baseline_subspace_share_weights"].mean())),
@@ -311,8 +361,27 @@ def _summary(tv: TuningVector, heads: pd.DataFrame, neurons: pd.DataFrame) -> pd
 
 
 # --------------------------------------------------------------------------- entry point
+def _layer_tensors(tv: TuningVector, names: list[str], device: Any) -> tuple[dict, dict]:
+    """One layer's base weights and updates (factors where the vector has them and no dense
+    form is needed: attention heads slice their weights densely, d_model × d_head each)."""
+    base, delta = {}, {}
+    for name in names:
+        base[name] = tv.base[name].to(device)
+        factors = tv.factors(name)
+        if factors is not None and ".attn." not in name:
+            delta[name] = factors.to(device)
+        else:
+            delta[name] = tv[name].to(device)
+    return base, delta
+
+
+def _as_matrix(name: str, D: Tensor | LowRank) -> Tensor | LowRank:
+    return D if isinstance(D, LowRank) else _as_2d(name, D)
+
+
 def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
-            thresholds: Thresholds | None = None, progress: bool = True) -> "Analysis":
+            thresholds: Thresholds | None = None, progress: bool = True, fast: bool = False,
+            fast_rank: int = 32, device: str | torch.device | None = None) -> "Analysis":
     """Directional-alignment tables for a :class:`~tv_lens.ModelPair` (or a tuning vector with
     base weights attached).
 
@@ -321,10 +390,25 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
         top_k: singular directions of each matrix update matched against the base.
         tol: relative change below which a unit is ``unchanged`` (its shares are NaN).
         thresholds: label thresholds; ``tol`` overrides ``thresholds.tol``.
-        progress: show a tqdm bar over layers.
+        progress: show a tqdm bar over layers (with an ETA).
+        fast: per-matrix rows from the top ``fast_rank`` singular triplets of the base and of
+            the update (randomized SVD) instead of full decompositions; heads and neurons are
+            exact either way. What changes: ``amplification_share``, ``signed_scale``, matches
+            and ``top_subspace_share`` use the base's top ``fast_rank`` directions only
+            (``top_subspace_share`` within the top ``min(rank_90, fast_rank)``), ``rank_90`` is
+            NaN where it exceeds ``fast_rank`` and ``effective_rank`` is NaN (it needs every
+            singular value). ``info["fast"]`` records the choice.
+        fast_rank: singular triplets per matrix in ``fast`` mode (at least ``top_k``).
+        device: where the per-layer work runs (e.g. ``"cuda"``); weights are read on the CPU
+            one layer at a time and moved there.
 
     Returns:
         :class:`Analysis` with ``heads``, ``neurons``, ``matrices`` and ``summary`` tables.
+
+    Memory: weights are read one layer at a time (a pair from ``ModelPair.from_pretrained``
+    reads them straight from the checkpoint files), so peak memory is about one layer of the
+    base and of the update plus the work on its largest matrix, whatever the model size. LoRA
+    updates (:meth:`TuningVector.factors`) are analysed from their factors.
 
     Degenerate singular values: where the base has (near-)equal singular values (relative gap
     below 1e-4), single singular vectors are arbitrary within their cluster, so amplification
@@ -332,50 +416,68 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     (:func:`tv_lens.linalg.cluster_ids`); for distinct values this is the per-vector definition.
 
     Cost: head circuits stay factored (QR of ``[d_model, 2·d_head]`` factors, never a dense
-    ``d_model²`` per head), neuron cosines are batched, and each matrix's base SVD is computed
-    once, all in float64 whatever the checkpoint dtype.
+    ``d_model²`` per head), neuron cosines are batched, and each matrix's base decomposition is
+    computed once (precision: :mod:`tv_lens.linalg`).
     """
     import time
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    if fast and fast_rank < top_k:
+        raise ValueError(f"fast_rank ({fast_rank}) must be at least top_k ({top_k}).")
     tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
     t = replace(thresholds or Thresholds(), tol=tol)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rank = fast_rank if fast else None
+    spec = tv.spec
     started = time.perf_counter()
     head_rows: list[dict] = []
     neuron_frames: list[pd.DataFrame] = []
     matrix_rows: list[dict] = []
-    names = _matrix_names(tv)
-    by_layer: dict[Any, list[str]] = {}
-    for name in names:
-        by_layer.setdefault(name.split(".")[1] if name.startswith("blocks.") else "model", []).append(name)
+    energies: dict[tuple[int, str], np.ndarray] = {}
+    matrices = set(_matrix_names(tv))
+    by_layer: dict[int | None, list[str]] = {}
+    for name in tv.slots:
+        if name in tv:
+            by_layer.setdefault(layer_of(name), []).append(name)
     with torch.no_grad():
-        for layer in tqdm(range(tv.spec.n_layers), desc="analyze layers", disable=not progress):
-            head_rows += _head_rows(tv, layer, t)
-            neuron_frames += _neuron_rows(tv, layer, t)
-            for name in by_layer.get(str(layer), []):
-                matrix_rows.append(_matrix_row(name, _as_2d(name, tv.base[name]),
-                                               _as_2d(name, tv[name]), top_k, t))
-        for name in by_layer.get("model", []):
-            matrix_rows.append(_matrix_row(name, tv.base[name], tv[name], top_k, t))
+        for layer in tqdm(range(spec.n_layers), desc="analyze layers", disable=not progress):
+            names = [n for n in by_layer.get(layer, []) if ".attn." in n or ".mlp." in n]
+            base, delta = _layer_tensors(tv, names, device)
+            head_rows += _head_rows(spec, layer, base, delta, t)
+            neuron_frames += _neuron_rows(layer, base, delta, t)
+            for part in ("attn", "mlp"):
+                energies[(layer, part)] = _unit_energies(spec, layer, part, delta)
+            for name in names:
+                if name in matrices:
+                    matrix_rows.append(_matrix_row(name, _as_2d(name, base[name]),
+                                                   _as_matrix(name, delta[name]), top_k, t, rank))
+            del base, delta
+        for name in by_layer.get(None, []):
+            if name in matrices:
+                base, delta = _layer_tensors(tv, [name], device)
+                matrix_rows.append(_matrix_row(name, base[name], delta[name], top_k, t, rank))
+                del base, delta
     heads = pd.DataFrame(head_rows, columns=HEAD_COLUMNS)
     neurons = pd.concat(neuron_frames, ignore_index=True)[NEURON_COLUMNS]
-    matrices = pd.DataFrame(matrix_rows)[MATRIX_COLUMNS]
-    matrices["layer"] = matrices["layer"].astype("Int64")
-    summary = _summary(tv, heads, neurons)
-    info = {"top_k": top_k, "thresholds": t.__dict__, "spec": tv.spec.to_dict(),
+    matrix_table = pd.DataFrame(matrix_rows)[MATRIX_COLUMNS]
+    matrix_table["layer"] = matrix_table["layer"].astype("Int64")
+    summary = _summary(spec, heads, neurons, energies)
+    info = {"top_k": top_k, "thresholds": t.__dict__, "spec": spec.to_dict(),
+            "fast": fast, "fast_rank": rank, "device": str(device),
             "metadata": {k: v for k, v in tv.metadata.items() if isinstance(v, (str, int, float))},
             "seconds": round(time.perf_counter() - started, 3)}
-    return Analysis(heads, neurons, matrices, summary, info)
+    return Analysis(heads, neurons, matrix_table, summary, info)
 
 
 def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10) -> pd.DataFrame:
     """Singular values of the base matrix W and of its update Δ, with Δ's top ``top_k`` left
     singular directions matched against W's (``match_j = max_i |⟨p_j, u_i⟩|``, METHODS.md
     level 3), for one weight, e.g. ``"blocks.2.mlp.W_out"`` (per-head weights as
-    ``[d_model, n·d_head]`` like the matrices table). Dense SVD in float64: one matrix at a time.
+    ``[d_model, n·d_head]`` like the matrices table). Computed as the matrices table does
+    (:func:`tv_lens.linalg.matrix_overlap`, factors for LoRA targets): one matrix at a time.
 
     Returns:
         One row per index: ``index, sigma_base, sigma_delta, match, matched_index`` (``match``
@@ -387,19 +489,19 @@ def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10) -> pd.DataF
 
         raise TvLensError(f"No weight {name!r} in this tuning vector." + close_matches(name, list(tv)))
     with torch.no_grad():
-        W = _as_2d(name, tv.base[name]).double().cpu()
-        D = _as_2d(name, tv[name]).double().cpu()
-        U, S, _ = torch.linalg.svd(W, full_matrices=False)
-        P, S_d, _ = torch.linalg.svd(D, full_matrices=False)
-        k = min(top_k, P.shape[1])
-        overlap = (P[:, :k].T @ U).abs()
-        match, index = overlap.max(dim=1)
+        W = _as_2d(name, tv.base[name])
+        factors = tv.factors(name)
+        D = factors if factors is not None else _as_2d(name, tv[name])
+        base = gram_svd(W)
+        overlap = matrix_overlap(base, D, top_k)
+        match, index = overlap.left.abs().max(dim=0)
+    S, S_d, k = base.S.cpu().numpy(), overlap.delta_S.cpu().numpy(), match.numel()
     n = max(len(S), len(S_d))
     df = pd.DataFrame({"index": range(n),
-                       "sigma_base": np.pad(S.numpy(), (0, n - len(S)), constant_values=np.nan),
-                       "sigma_delta": np.pad(S_d.numpy(), (0, n - len(S_d)), constant_values=np.nan),
-                       "match": np.pad(match.numpy(), (0, n - k), constant_values=np.nan),
-                       "matched_index": np.pad(index.numpy().astype(float), (0, n - k),
+                       "sigma_base": np.pad(S, (0, n - len(S)), constant_values=np.nan),
+                       "sigma_delta": np.pad(S_d, (0, n - len(S_d)), constant_values=np.nan),
+                       "match": np.pad(match.cpu().numpy(), (0, n - k), constant_values=np.nan),
+                       "matched_index": np.pad(index.cpu().numpy().astype(float), (0, n - k),
                                                constant_values=np.nan)})
     df.attrs["matrix"] = name
     return df

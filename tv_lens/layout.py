@@ -14,6 +14,7 @@ shards), so a difference is always taken between two identically read raw weight
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import einops
@@ -58,6 +59,18 @@ class Slot:
     def matrix(self) -> str:
         """The short TL name: ``W_Q``, ``b_in``, ``w`` (norm gain), ``W_E``, …"""
         return self.tl_name.rsplit(".", 1)[-1]
+
+    @property
+    def matrix_transposed(self) -> bool:
+        """Whether this weight as one TL matrix (heads side by side: ``W_Q`` as
+        ``[d_model, n·d_head]``, ``W_O`` as ``[n·d_head, d_model]``) is the transpose of its 2-D
+        checkpoint tensor (chunk). Only meaningful for 2-D checkpoint tensors."""
+        lhs, rhs = (re.findall(r"\([^)]*\)|\S+", side) for side in self.pattern.split("->"))
+        if rhs[0] == "h":  # [h, d, dh] -> [d, (h dh)];  [h, dh, d] -> [(h dh), d]
+            first = "d" if rhs[1] == "d" else "(h dh)"
+        else:
+            first = rhs[0]
+        return lhs[0] != first
 
     def sizes(self, spec: ArchSpec) -> dict[str, int]:
         heads = spec.n_kv_heads if self.unit == "kv_head" else spec.n_heads

@@ -1,7 +1,14 @@
 """Small, exact linear-algebra kernels behind the alignment metrics (``shared/METHODS.md``).
 
 Everything works on factored matrices ``A @ B`` with a small inner dimension (a head's circuit,
-rank ≤ 2·d_head) without forming the ``d_model × d_model`` product, and in float64.
+rank ≤ 2·d_head, or a LoRA update) without forming the dense product, and in float64.
+
+Dense weight matrices go through the eigendecomposition of their small Gram matrix
+(:func:`gram_svd`). Precision: Gram products are accumulated in float64 over row chunks;
+each chunk's product and the eigendecomposition run in :func:`work_dtype` (float64 up to
+``n = 1024``, where it costs little; float32 above, where float64 doubles the cost of every
+layer of a 7B model: the error this adds to the shares is measured in ``tests/test_linalg.py``).
+:func:`randomized_svd` is the ``--fast`` path: the top singular triplets only.
 
 Degenerate singular values: when the base has (near-)equal singular values, individual singular
 vectors are arbitrary within their cluster, so every "is this an existing direction?" question
@@ -16,6 +23,41 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from tv_lens.lazy import LowRank
+
+#: Largest Gram size decomposed in float64 (above it: float32, see the module docstring).
+FLOAT64_UP_TO = 1024
+_CHUNK_ROWS = 8192
+
+
+def work_dtype(n: int) -> torch.dtype:
+    """The dtype products and eigendecompositions of an ``n × n`` Gram matrix run in."""
+    return torch.float64 if n <= FLOAT64_UP_TO else torch.float32
+
+
+def gram(A: Float[Tensor, "m n"], B: Float[Tensor, "m p"] | None = None,
+         dtype: torch.dtype | None = None) -> Float[Tensor, "n p"]:
+    """``Aᵀ B`` (``Aᵀ A`` without ``B``) in float64, accumulated over row chunks whose products
+    run in ``dtype`` (default :func:`work_dtype` of ``n``); memory: one chunk at a time."""
+    dtype = dtype or work_dtype(A.shape[1])
+    B_ = A if B is None else B
+    n = A.shape[1]
+    out = torch.zeros(n, B_.shape[1], dtype=torch.float64, device=A.device)
+    # Aᵀ A is symmetric: compute the blocks on and above the diagonal only (5/8 of the work)
+    blocks = [slice(j, min(n, j + -(-n // 4))) for j in range(0, n, -(-n // 4))] if B is None else None
+    for i in range(0, A.shape[0], _CHUNK_ROWS):
+        a = A[i:i + _CHUNK_ROWS].to(dtype)
+        if blocks is None:
+            out += (a.T @ B[i:i + _CHUNK_ROWS].to(dtype)).double()
+            continue
+        for bi, rows in enumerate(blocks):
+            cols = slice(rows.start, n)
+            out[rows, cols] += (a[:, rows].T @ a[:, cols]).double()
+    if blocks is not None:
+        upper = torch.triu(out)
+        out = upper + torch.triu(out, diagonal=1).T
+    return out
 
 
 def orthonormal_basis(M: Float[Tensor, "n k"], rtol: float = 1e-6) -> Float[Tensor, "n r"]:
@@ -61,30 +103,73 @@ class GramSVD:
     S: Float[Tensor, "r"]
     V: Float[Tensor, "n r"]
     transposed: bool
+    energy: float = float("nan")  # ‖W‖_F²; S holds all of it unless ``partial``
+    partial: bool = False  # S, V are only the top singular triplets (randomized_svd)
 
 
-def gram_svd(W: Float[Tensor, "a b"], rtol: float = 1e-6) -> GramSVD:
-    """SVD through the eigendecomposition of the small Gram matrix, in float64: one
-    ``m·n²`` product and one ``n``-sized ``eigh``, several times faster than a direct SVD for
-    tall embedding and MLP matrices.
+def _tall(W: Tensor) -> tuple[Tensor, bool]:
+    transposed = W.shape[0] < W.shape[1]
+    return (W.T if transposed else W), transposed
+
+
+def gram_svd(W: Float[Tensor, "a b"], rtol: float = 1e-6, *, vectors: bool = True) -> GramSVD:
+    """SVD through the eigendecomposition of the small Gram matrix: one ``m·n²`` product and
+    one ``n``-sized ``eigh``, several times faster than a direct SVD for tall embedding and MLP
+    matrices. ``vectors=False`` computes singular values only (``V`` is then empty).
 
     Singular values below ``rtol · σ_max`` (the numerical null space: float64 Gram precision
-    is about ``1e-8 · σ_max``) are dropped with their vectors.
+    is about ``1e-8 · σ_max``) are dropped with their vectors. ``S`` and ``V`` are float64;
+    ``Wt`` keeps ``W``'s dtype (see :func:`work_dtype` for the precision of large matrices).
     """
-    W = W.double()
-    transposed = W.shape[0] < W.shape[1]
-    Wt = W.T if transposed else W
-    evals, V = torch.linalg.eigh(Wt.T @ Wt)
-    S = evals.flip(0).clamp(min=0).sqrt()
-    V = V.flip(1)
+    Wt, transposed = _tall(W)
+    G = gram(Wt)
+    energy = float(G.diagonal().sum())
+    G = G.to(work_dtype(G.shape[0]))
+    if vectors:
+        evals, V = torch.linalg.eigh(G)
+        V = V.flip(1).double()
+    else:
+        evals, V = torch.linalg.eigvalsh(G), G.new_zeros(G.shape[0], 0, dtype=torch.float64)
+    S = evals.double().flip(0).clamp(min=0).sqrt()
     keep = S > rtol * S[0] if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-    return GramSVD(Wt, S[keep], V[:, keep], transposed)
+    return GramSVD(Wt, S[keep], V[:, keep] if vectors else V, transposed, energy)
+
+
+def randomized_svd(W: Float[Tensor, "a b"], rank: int, *, oversample: int = 10, iters: int = 1,
+                   seed: int = 0, probes: Tensor | None = None) -> GramSVD:
+    """Top-``rank`` singular triplets of ``W`` by a randomized range finder (Halko, Martinsson
+    & Tropp 2011: ``rank + oversample`` Gaussian probes, ``iters`` power iterations, QR between
+    them), in float32 with float64 energies; ``energy`` is the exact ``‖W‖_F²``.
+
+    ``probes`` (``[n, p]``, in the right space of ``W``'s tall orientation) are added to the
+    Gaussian ones and their triplets kept beside the top ones: passing an update's top right
+    singular vectors makes every base singular pair the update touches exactly recoverable
+    (``W v_i = σ_i u_i`` lies in the range), even where ``W``'s spectrum is too flat for a
+    range finder to separate its top directions."""
+    Wt, transposed = _tall(W)
+    M = Wt.float()
+    n = M.shape[1]
+    width = min(n, rank + oversample)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, width, generator=g).to(M.device)
+    if probes is not None:
+        omega = torch.cat([omega, probes.to(M)], dim=1)
+        rank += probes.shape[1]
+    Y = M @ omega
+    for _ in range(iters):
+        Y, _ = torch.linalg.qr(Y)
+        Y = M @ (M.T @ Y)
+    Qm, _ = torch.linalg.qr(Y)
+    _, S, Vh = torch.linalg.svd(Qm.T @ M, full_matrices=False)
+    energy = float(M.double().pow(2).sum()) if M.numel() < 2**26 else float(
+        sum(float(M[i:i + _CHUNK_ROWS].double().pow(2).sum()) for i in range(0, M.shape[0], _CHUNK_ROWS)))
+    return GramSVD(Wt, S[:rank].double(), Vh[:rank].T.double(), transposed, energy, partial=True)
 
 
 def dense_svd(W: Float[Tensor, "m n"], rtol: float = 1e-6) -> FactoredSVD:
     """Explicit thin SVD ``W = U diag(S) Vᵀ`` (via :func:`gram_svd`), null space dropped."""
     g = gram_svd(W, rtol)
-    U = (g.Wt @ g.V) / g.S
+    U = (g.Wt.double() @ g.V) / g.S
     return FactoredSVD(g.V, g.S, U) if g.transposed else FactoredSVD(U, g.S, g.V)
 
 
@@ -94,31 +179,71 @@ class MatrixOverlap:
 
     Attributes:
         core: ``Uᵀ Δ V`` (``[r, r]``), ``U, V`` the base's singular vectors.
-        delta_S: all non-null singular values of Δ.
+        delta_S: the non-null singular values of Δ (all of them unless ``partial``).
         left: ``Uᵀ P_k`` (``[r, k]``), P_k the top-k left singular vectors of Δ.
         right: ``Vᵀ Q_k`` (``[r, k]``), Q_k the top-k right singular vectors of Δ.
+        energy: ``‖Δ‖_F²`` (exact in every mode).
+        partial: ``delta_S`` holds only Δ's top singular values (``--fast``).
     """
 
     core: Float[Tensor, "r r"]
     delta_S: Float[Tensor, "rd"]
     left: Float[Tensor, "r k"]
     right: Float[Tensor, "r k"]
+    energy: float
+    partial: bool = False
 
 
-def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"], k: int, rtol: float = 1e-6) -> MatrixOverlap:
-    """Everything the per-matrix table needs, with three ``m·n²`` products and no ``m``-sized
-    singular vectors: ``Uᵀ Δ V = S⁻¹ Vᵀ (Wtᵀ Δt) V`` and ``Uᵀ P = S⁻¹ Vᵀ (Wtᵀ Δt) Q S_Δ⁻¹``."""
-    Dt = D.double().T if base.transposed else D.double()
-    delta = gram_svd(Dt, rtol)  # Dt is tall too: same orientation, not transposed again
-    Q, S_d = delta.V[:, :k], delta.S[:k]
-    C = base.Wt.T @ Dt  # [n, n]
-    VtC = base.V.T @ C
-    core = (VtC @ base.V) / base.S[:, None]
-    left_t = (VtC @ Q) / base.S[:, None] / S_d
-    right_t = base.V.T @ Q
+def _tall_factors(D: LowRank, transposed: bool) -> tuple[Tensor, Tensor]:
+    """``(L, R)`` with ``Dt = L @ R`` in the tall orientation of the base."""
+    return (D.right.T, D.left.T) if transposed else (D.left, D.right)
+
+
+def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
+                   rtol: float = 1e-6, *, fast_rank: int | None = None,
+                   delta: GramSVD | None = None) -> MatrixOverlap:
+    """Everything the per-matrix table needs, without ``m``-sized singular vectors of the base.
+
+    - dense Δ, exact: three ``m·n²`` products, ``Uᵀ Δ V = S⁻¹ Vᵀ (Wtᵀ Δt) V`` and
+      ``Uᵀ P = S⁻¹ Vᵀ (Wtᵀ Δt) Q S_Δ⁻¹``;
+    - Δ given as factors (:class:`~tv_lens.lazy.LowRank`, rank r): Δ's exact SVD from the factors
+      and ``m·n·r`` products, never the dense Δ;
+    - ``fast_rank`` (dense Δ): Δ's top singular triplets by :func:`randomized_svd` and products
+      with ``m·n·(rank + k)`` cost; with a ``partial`` base only its top directions are used
+      (``delta``: Δ's randomized SVD when the caller already has it).
+    """
+    if isinstance(D, LowRank):
+        L, R = (f.double() for f in _tall_factors(D, base.transposed))
+        delta = factored_svd(L, R, rtol)
+        P, Q, S_d = delta.U[:, :k], delta.V[:, :k], delta.S[:k]
+        VtWtL = base.V.T @ gram(base.Wt, L, torch.float64)  # [r_b, r]
+        core = (VtWtL @ (R @ base.V)) / base.S[:, None]
+        left_t = (base.V.T @ gram(base.Wt, P, torch.float64)) / base.S[:, None]
+        out = (core, delta.S, left_t, base.V.T @ Q, frob2_factored(L, R), False)
+    elif fast_rank is not None or base.partial:
+        Dt = D.T if base.transposed else D
+        delta = delta or randomized_svd(Dt, max(fast_rank or 0, k))
+        Q, S_d = delta.V[:, :k], delta.S[:k]
+        U_b = (base.Wt.float() @ base.V.float()) / base.S.float()  # [m, r_b]: the top U only
+        DtV = Dt.float() @ base.V.float()
+        core = (U_b.T @ DtV).double()
+        P = (Dt.float() @ Q.float()) / S_d.float()
+        left_t = (U_b.T @ P).double()
+        out = (core, delta.S, left_t, base.V.T @ Q, delta.energy, True)
+    else:
+        Dt = D.T if base.transposed else D
+        delta = gram_svd(Dt, rtol)  # Dt is tall too: same orientation, not transposed again
+        Q, S_d = delta.V[:, :k], delta.S[:k]
+        wd = work_dtype(Dt.shape[1])
+        V = base.V.to(wd)
+        VtC = V.T @ gram(base.Wt, Dt).to(wd)  # Vᵀ Wtᵀ Δt: [r, n]
+        core = (VtC @ V).double() / base.S[:, None]
+        left_t = (VtC @ Q.to(wd)).double() / base.S[:, None] / S_d
+        out = (core, delta.S, left_t, base.V.T @ Q, delta.energy, False)
+    core, delta_S, left_t, right_t, energy, partial = out
     if base.transposed:
-        return MatrixOverlap(core.T, delta.S, right_t, left_t)
-    return MatrixOverlap(core, delta.S, left_t, right_t)
+        return MatrixOverlap(core.T, delta_S, right_t, left_t, energy, partial)
+    return MatrixOverlap(core, delta_S, left_t, right_t, energy, partial)
 
 
 def cluster_ids(S: Float[Tensor, "r"], rtol: float = 1e-4) -> Tensor:
@@ -159,15 +284,17 @@ class Alignment:
 
 
 def core_shares(core: Float[Tensor, "r r"], S: Float[Tensor, "r"], total: float,
-                ids: Tensor) -> tuple[float, float]:
+                ids: Tensor, base_energy: float | None = None) -> tuple[float, float]:
     """Amplification share ``Σ_C ‖core[C, C]‖² / total`` and signed scale
-    ``Σ_C σ̄_C tr(core[C, C]) / Σσ²`` of an update whose base-basis core is ``core``."""
+    ``Σ_C σ̄_C tr(core[C, C]) / Σσ²`` of an update whose base-basis core is ``core``
+    (``base_energy`` replaces ``Σσ²`` when ``S`` holds only the top singular values)."""
     same = ids[:, None] == ids[None, :]
     amp = float((core.pow(2) * same).sum()) / total
     n = int(ids.max()) + 1
     mean_S = torch.zeros(n, dtype=S.dtype, device=S.device).index_add_(0, ids, S)
     mean_S = mean_S / torch.bincount(ids, minlength=n).to(S.dtype)
-    return amp, float((mean_S[ids] * core.diagonal()).sum() / S.pow(2).sum())
+    norm = S.pow(2).sum() if base_energy is None else base_energy
+    return amp, float((mean_S[ids] * core.diagonal()).sum() / norm)
 
 
 def align(A: Float[Tensor, "m k"], B: Float[Tensor, "k n"], base: FactoredSVD,
@@ -191,11 +318,90 @@ def align(A: Float[Tensor, "m k"], B: Float[Tensor, "k n"], base: FactoredSVD,
     return Alignment(sub, amp, scale, base_sub, base_amp)
 
 
-def spectrum_stats(S: Float[Tensor, "r"], q: float = 0.9) -> dict[str, float | int]:
-    """Stable rank ``‖Δ‖²/σ₁²``, effective rank ``exp(H(σ/Σσ))``, and ``rank@q``."""
+@dataclass(frozen=True)
+class CircuitAlignments:
+    """:func:`align` for a batch of circuits ``L @ Rt`` (one per head) and their updates.
+
+    Attributes (one entry per circuit):
+        delta_norm: ``‖(L + dL)(Rt + dRt) − L Rt‖_F``.
+        base_S: the base circuit's singular values (null ones dropped).
+        subspace: ``‖P_R ΔC P_S‖² / ‖ΔC‖²`` (NaN for ``ΔC = 0``); R = range(L), S = range(Rtᵀ).
+        core: ``Uᵀ ΔC V`` in the base circuit's singular bases (``[r, r]``).
+        read_rank, write_rank: ``dim R``, ``dim S``.
+    """
+
+    delta_norm: list[float]
+    base_S: list[Tensor]
+    subspace: list[float]
+    core: list[Tensor]
+    read_rank: list[int]
+    write_rank: list[int]
+
+
+def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
+                   dL: Float[Tensor, "h m k"], dRt: Float[Tensor, "h k n"],
+                   rtol: float = 1e-6) -> CircuitAlignments:
+    """Batched, exact :func:`align` of every head's circuit update at once (float64).
+
+    With ``L = Qa Ra`` and ``Rtᵀ = Qb Rb`` (QR), every quantity lives in the ``k × k`` matrix
+    ``M = Qaᵀ ΔC Qb = (Qaᵀ dL) Rbᵀ + Ra (dRt Qb) + (Qaᵀ dL)(dRt Qb)``: the read/write bases are
+    ``Qa ua``, ``Qb ub`` (``ua``, ``ub`` singular vectors of ``Ra``, ``Rb``; null directions
+    dropped at ``rtol``), the base circuit is ``(Qa u) s (Qb vhᵀ)ᵀ`` with ``u s vh = Ra Rbᵀ``,
+    so ``Uᵀ ΔC V = uᵀ M vhᵀ``. Cost: two batched QRs and ``O(m·k²)`` products per head.
+    """
+    wd = work_dtype(L.shape[1])  # float32 above d_model 1024; k × k results in float64
+    L, Rt, dL, dRt = (x.to(wd) for x in (L, Rt, dL, dRt))
+    Qa, Ra = torch.linalg.qr(L)
+    Qb, Rb = torch.linalg.qr(Rt.mT)
+    X, Y = Qa.mT @ dL, dRt @ Qb
+    M = X @ Rb.mT + Ra @ Y + X @ Y
+    L2, Rt2 = L + dL, Rt + dRt  # ‖L2 Rt2 − L Rt‖² from k × k Gram blocks, as frob2_factored
+    Ra, Rb, M, X = Ra.double(), Rb.double(), M.double(), X.double()
+
+    def inner(P: Tensor, Q: Tensor, R: Tensor, T: Tensor) -> Tensor:
+        return ((P.mT @ Q).double() * (R @ T.mT).double()).sum((-1, -2))
+
+    # ‖ΔC‖² = ‖L2 Rt2 − L Rt‖²; the difference of squares cancels badly in float32, so it is
+    # taken in float64 from k × k Grams: ‖ΔC‖² = ‖dL Rt2 + L dRt‖² expanded
+    total = (inner(dL, dL, Rt2, Rt2) + 2 * inner(dL, L, Rt2, dRt) + inner(L, L, dRt, dRt)).clamp(min=0)
+    ua, sa, _ = torch.linalg.svd(Ra)
+    ub, sb, _ = torch.linalg.svd(Rb)
+    read = sa > rtol * sa[:, :1]
+    write = sb > rtol * sb[:, :1]
+    sub_core = (ua.mT @ M @ ub) * read[:, :, None] * write[:, None, :]
+    sub = sub_core.pow(2).sum((-1, -2))
+    u, s, vh = torch.linalg.svd(Ra @ Rb.mT)
+    core = u.mT @ M @ vh.mT
+    out = CircuitAlignments([], [], [], [], [], [])
+    for h in range(L.shape[0]):
+        keep = s[h] > 1e-9 * s[h, 0] if s[h, 0] > 0 else torch.zeros_like(s[h], dtype=torch.bool)
+        t = float(total[h])
+        out.delta_norm.append(t ** 0.5)
+        out.base_S.append(s[h][keep])
+        out.subspace.append(float(sub[h]) / t if t > 0 else float("nan"))
+        out.core.append(core[h][keep][:, keep])
+        out.read_rank.append(int(read[h].sum()) if sa[h, 0] > 0 else 0)
+        out.write_rank.append(int(write[h].sum()) if sb[h, 0] > 0 else 0)
+    return out
+
+
+def spectrum_stats(S: Float[Tensor, "r"], q: float = 0.9,
+                   energy: float | None = None) -> dict[str, float | int]:
+    """Stable rank ``‖Δ‖²/σ₁²``, effective rank ``exp(H(σ/Σσ))``, and ``rank@q``.
+
+    ``energy`` (``‖Δ‖_F²``) marks ``S`` as only the *top* singular values (``--fast``): the
+    stable rank is then still exact, ``rank@q`` is exact when the top values reach ``q`` of the
+    energy (else NaN: it is larger than ``len(S)``), and the effective rank, which needs every
+    singular value, is NaN."""
     S = S.double()
     if S.numel() == 0 or S[0] == 0:
         return {"stable_rank": float("nan"), "effective_rank": float("nan"), "rank_90": 0}
+    if energy is not None:
+        cum = torch.cumsum(S.pow(2), 0) / energy
+        reached = cum >= q - 1e-12
+        rank_q = int(reached.nonzero()[0, 0]) + 1 if reached.any() else float("nan")
+        return {"stable_rank": float(energy / S[0] ** 2), "effective_rank": float("nan"),
+                "rank_90": rank_q}
     energy = S.pow(2)
     p = S / S.sum()
     p = p[p > 0]
