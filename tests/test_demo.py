@@ -74,12 +74,14 @@ def test_load_pair_offline_and_fast():
 
 
 def test_fine_tunes_learned_their_domain():
-    pair_med, pair_math = load_pair("medical"), load_pair("math")
+    pair_med, pair_math, pair_lora = load_pair("medical"), load_pair("math"), load_pair("medical_lora")
     tok = pair_med.base.tokenizer
-    df = evaluate({"base": pair_med.base, "medical": pair_med.tuned, "math": pair_math.tuned}, tok)
+    df = evaluate({"base": pair_med.base, "medical": pair_med.tuned, "math": pair_math.tuned,
+                   "medical_lora": pair_lora.tuned}, tok)
     acc = df.set_index(["model", "domain"])["answer_acc"]
     loss = df.set_index(["model", "domain"])["loss"]
     assert acc["medical", "medical"] > acc["base", "medical"] + 0.3
+    assert acc["medical_lora", "medical"] > acc["base", "medical"] + 0.3
     assert acc["math", "math"] > acc["base", "math"] + 0.3
     assert loss["medical", "medical"] < loss["base", "medical"] - 1.0
     assert loss["math", "math"] < loss["base", "math"] - 1.0

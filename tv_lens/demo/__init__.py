@@ -1,12 +1,14 @@
-"""The shipped demo family: a small Llama-architecture base and two full fine-tunes of it.
+"""The shipped demo family: a small Llama-architecture base, two full fine-tunes of it and a LoRA.
 
 ``base`` was pre-trained from scratch on a seeded grammar of everyday English; ``medical`` and
 ``math`` are full fine-tunes of it on seeded clinical question/answer data and arithmetic word
-problems (see :mod:`tv_lens.demo.corpus` and :mod:`tv_lens.demo.train`; each checkpoint folder
-has a model card). Everything loads offline from the installed package.
+problems; ``medical_lora`` is a rank-8 LoRA adapter of it on the medical data (a PEFT adapter
+folder: tv_lens reads its factors). See :mod:`tv_lens.demo.corpus` and :mod:`tv_lens.demo.train`;
+each checkpoint folder has a model card. Everything loads offline from the installed package.
 
     >>> from tv_lens.demo import load_pair
     >>> pair = load_pair("medical")          # ModelPair(base, medical fine-tune)
+    >>> lora = load_pair("medical_lora")     # ModelPair(base, base + LoRA adapter)
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from pathlib import Path
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 NAMES = ("base", "medical", "math")
+#: Shipped PEFT adapters of ``base`` (folders with adapter_config.json).
+ADAPTERS = ("medical_lora",)
 
 
 def checkpoint_dir(name: str) -> Path:
-    """The folder of a shipped checkpoint: ``"base"``, ``"medical"`` or ``"math"``."""
-    if name not in NAMES:
+    """The folder of a shipped checkpoint (``"base"``, ``"medical"``, ``"math"``) or adapter
+    (``"medical_lora"``)."""
+    if name not in NAMES + ADAPTERS:
         from tv_lens.errors import TvLensError, close_matches
 
-        raise TvLensError(f"No demo checkpoint {name!r}; the shipped ones are {NAMES}."
-                          + close_matches(name, list(NAMES)))
+        raise TvLensError(f"No demo checkpoint {name!r}; the shipped ones are {NAMES + ADAPTERS}."
+                          + close_matches(name, list(NAMES + ADAPTERS)))
     return CHECKPOINTS / name
 
 
@@ -35,11 +40,12 @@ def load_base(**boot_kwargs):
 
 
 def load_pair(domain: str = "medical", **kwargs):
-    """``ModelPair(base, <domain> fine-tune)`` for ``domain`` in ``{"medical", "math"}``."""
+    """``ModelPair(base, <domain> fine-tune)`` for ``domain`` in ``{"medical", "math",
+    "medical_lora"}``."""
     from tv_lens.pair import ModelPair
 
     if domain == "base":
-        raise ValueError("Pick a fine-tuned domain: 'medical' or 'math'.")
+        raise ValueError("Pick a fine-tuned domain: 'medical', 'math' or 'medical_lora'.")
     return ModelPair.from_pretrained(checkpoint_dir("base"), checkpoint_dir(domain), **kwargs)
 
 

@@ -8,7 +8,9 @@ float32, about 4 MB per model).
 Stages:
 1. a byte-free BPE tokenizer trained on all three training corpora;
 2. ``base``: pre-trained from scratch on the *general* corpus;
-3. ``medical`` and ``math``: full fine-tunes of ``base`` on each domain's training split.
+3. ``medical`` and ``math``: full fine-tunes of ``base`` on each domain's training split;
+4. ``medical_lora``: a rank-8 LoRA fine-tune of ``base`` on the medical split (PEFT adapter folder:
+   ``adapter_config.json`` + ``adapter_model.safetensors``; needs ``peft``).
 """
 
 from __future__ import annotations
@@ -53,12 +55,19 @@ class Stage:
     batch_size: int = 32
     block_size: int = 64
     replay: float = 0.0  # general-corpus lines mixed in per domain line, fresh each epoch
+    lora_rank: int = 0  # > 0: train a LoRA adapter of this rank instead of every weight
+
+
+#: What the LoRA stage adapts: every attention and MLP projection (PEFT module names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 STAGES = (
     Stage("base", "general", steps=3000, lr=3e-3, warmup=100),
     Stage("medical", "medical", steps=800, lr=1e-3, warmup=30, replay=0.5),
     Stage("math", "math", steps=3000, lr=3e-3, warmup=30, replay=1.0),
+    Stage("medical_lora", "medical", steps=1200, lr=1e-2, warmup=30, replay=0.5,
+          lora_rank=8),
 )
 
 
@@ -138,7 +147,7 @@ def train_stage(model, texts: list[str], tokenizer, stage: Stage, seed: int,
                 replay_texts: list[str] = ()) -> list[float]:
     """Train ``model`` in place for ``stage`` (or only ``steps`` steps); returns the losses."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01,
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr, weight_decay=0.01,
                             betas=(0.9, 0.98))
     model.train()
     losses = []
@@ -159,6 +168,38 @@ def train_stage(model, texts: list[str], tokenizer, stage: Stage, seed: int,
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
+
+
+def with_lora(model, stage: Stage):
+    """``model`` wrapped by PEFT with a fresh rank-``stage.lora_rank`` LoRA on every projection
+    (alpha = 2·rank, no dropout, so the update is exactly ``2 · B A`` per target)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=stage.lora_rank, lora_alpha=2 * stage.lora_rank, lora_dropout=0.0,
+                        target_modules=list(LORA_TARGETS), init_lora_weights=True)
+    return get_peft_model(model, config)
+
+
+def save_adapter(model, folder: Path) -> None:
+    """Save a PEFT model's adapter only (safetensors), pointing at the sibling ``base`` folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "../base"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_trained(out: Path, name: str, stage: dict):
+    """A trained stage as a plain HF causal LM (a LoRA stage merged into the base)."""
+    from transformers import AutoModelForCausalLM
+
+    if not stage.get("lora_rank"):
+        return AutoModelForCausalLM.from_pretrained(out / name).eval()
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    return PeftModel.from_pretrained(base, str(out / name)).merge_and_unload().eval()
 
 
 def save_checkpoint(model, tokenizer, folder: Path) -> None:
@@ -182,6 +223,10 @@ _DATA = {
     "math": "full fine-tune of `base` on arithmetic word problems (addition and subtraction to "
             "20, multiplication to 9×9; 15% of number pairs held out), mixed with {replay} "
             "general lines per domain line (replay, fresh each epoch).",
+    "medical_lora": "rank-8 LoRA (alpha 16, no dropout) of `base` on every attention and MLP "
+                    "projection, trained on the medical split with {replay} general lines per "
+                    "domain line. Only the adapter is stored (`adapter_model.safetensors`); "
+                    "tv_lens reads its factors directly.",
 }
 
 
@@ -266,9 +311,14 @@ def main(argv: list[str] | None = None) -> None:
         if stage.name not in args.stages:
             continue
         model = base if stage.name == "base" else copy.deepcopy(base)
+        if stage.lora_rank:
+            model = with_lora(model, stage)
         losses = train_stage(model, texts[stage.corpus], tokenizer, stage, args.seed,
                              replay_texts=texts["general"])
-        save_checkpoint(model, tokenizer, args.out / stage.name)
+        if stage.lora_rank:
+            save_adapter(model, args.out / stage.name)
+        else:
+            save_checkpoint(model, tokenizer, args.out / stage.name)
         record["stages"][stage.name] = {**asdict(stage), "final_train_loss": sum(losses[-20:]) / 20,
                                         "train_seconds": round(time.time() - started, 1)}
         started = time.time()
@@ -279,12 +329,11 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate_and_document(out: Path, record: dict) -> None:
     """Evaluate the checkpoints in ``out`` (whole eval split and held-out phrasings only),
     store the numbers in ``out/training.json`` and write the model cards."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tv_lens.demo.evaluate import evaluate
 
-    models = {name: AutoModelForCausalLM.from_pretrained(out / name).eval()
-              for name in record["stages"]}
+    models = {name: load_trained(out, name, stage) for name, stage in record["stages"].items()}
     tokenizer = AutoTokenizer.from_pretrained(out / "base")
     results = evaluate(models, tokenizer, seed=record["seed"])
     held_out = evaluate(models, tokenizer, seed=record["seed"], domains=("medical", "math"),
