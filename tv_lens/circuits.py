@@ -74,6 +74,20 @@ def _scores(early: dict[str, Tensor], late: dict[str, Tensor]) -> dict[str, Tens
     return out
 
 
+class _Tuned:
+    """``name -> base[name] + τ[name]``, computed on access (one layer's weights at a time)."""
+
+    def __init__(self, base: Any, tv: Any):
+        self.base, self.tv = base, tv
+
+    def __getitem__(self, name: str) -> Tensor:
+        b = self.base[name]
+        return b + self.tv[name].to(b.device)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tv
+
+
 def composition(pair: Any, *, fold_norm_gains: bool = True) -> pd.DataFrame:
     """Composition scores of every (earlier head, later head, kind) in both models.
 
@@ -88,8 +102,7 @@ def composition(pair: Any, *, fold_norm_gains: bool = True) -> pd.DataFrame:
     """
     tv = pair.tuning_vector()
     spec, base = tv.spec, tv.base
-    tuned = {name: base[name] + tv[name].to(base[name].device) for name in tv
-             if name.startswith("blocks.")}
+    tuned = _Tuned(base, tv)
     rows = []
     with torch.no_grad():
         per_layer = [(_factors(base, spec, l, fold_norm_gains),

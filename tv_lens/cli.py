@@ -1,10 +1,11 @@
 """The ``tv-lens`` command. It composes public functions only; all logic lives in the library.
 
-    tv-lens analyze BASE TUNED --out DIR [--top-k K] [--device D] [--dtype T] [--vocab shared]
-                   [--prompt TEXT]
+    tv-lens analyze BASE TUNED|ADAPTER --out DIR [--top-k K] [--fast] [--device D] [--dtype T]
+                   [--vocab shared] [--allow-pickle] [--prompt TEXT]
     tv-lens demo [--domain medical|math] [--out DIR] [--prompt TEXT]
 
-Both write the tables and ``DIR/report.html``, one self-contained HTML report.
+Both write the tables and ``DIR/report.html``, one self-contained HTML report. Weights are read
+from the checkpoint files one layer at a time; the output folder appears only once complete.
 
 Bad input ends with a one-paragraph message on stderr and exit status 2, never a stack trace.
 """
@@ -22,6 +23,7 @@ DEMO_PROMPTS = {"medical": "Question: For a patient with hypertension, what shou
                            "first? Answer: ibuprofen.",
                 "math": "Question: Lena has 3 plates and buys 12 more. How many plates does Lena "
                         "have now? Answer: 15."}
+DEMO_PROMPTS["medical_lora"] = DEMO_PROMPTS["medical"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,17 +31,21 @@ def _parser() -> argparse.ArgumentParser:
                                      "of fine-tuning: where did the tuning vector go?")
     sub = parser.add_subparsers(dest="command", required=True)
     analyze = sub.add_parser("analyze", help="amplified-vs-new tables for a base/tuned pair")
-    analyze.add_argument("base", help="HF model name or local checkpoint folder")
-    analyze.add_argument("tuned", help="HF model name or local checkpoint folder")
+    analyze.add_argument("base", help="local checkpoint folder (or HF model name)")
+    analyze.add_argument("tuned", help="local checkpoint folder, PEFT adapter folder (or HF name)")
     analyze.add_argument("--out", required=True, type=Path, help="folder for the CSV/JSON tables")
     _analysis_options(analyze)
-    analyze.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    analyze.add_argument("--device", default=None,
+                         help="where the per-layer work and the models run: cpu, cuda, cuda:1")
     analyze.add_argument("--dtype", default="float32", choices=DTYPES,
-                         help="dtype to load the models in (analysis always runs in float64/32)")
+                         help="dtype models are booted in for the report's prompt views; weight "
+                              "analysis reads the files in their stored precision")
     analyze.add_argument("--vocab", default="error", choices=("error", "shared"),
                          help="'shared': compare embeddings on the shared vocabulary rows")
+    analyze.add_argument("--allow-pickle", action="store_true",
+                         help="read pytorch_model.bin checkpoints (torch.load weights_only=True)")
     demo = sub.add_parser("demo", help="analyze the shipped demo pair (offline)")
-    demo.add_argument("--domain", default="medical", choices=("medical", "math"))
+    demo.add_argument("--domain", default="medical", choices=("medical", "math", "medical_lora"))
     demo.add_argument("--out", type=Path, default=Path("tv_lens_demo_out"))
     _analysis_options(demo)
     return parser
@@ -48,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=10,
                         help="singular directions per matrix matched against the base (default 10)")
+    parser.add_argument("--fast", action="store_true",
+                        help="per-matrix rows from the top singular directions only (randomized "
+                             "SVD): minutes instead of hours on 7B pairs; heads/neurons exact")
+    parser.add_argument("--fast-rank", type=int, default=32,
+                        help="singular directions per matrix with --fast (default 32)")
     parser.add_argument("--tol", type=float, default=1e-6,
                         help="relative change below which a unit is 'unchanged' (default 1e-6)")
     parser.add_argument("--prompt", default=None,
@@ -72,25 +83,49 @@ def _run_analyze(args: argparse.Namespace) -> None:
     from tv_lens import ModelPair, __version__
     from tv_lens.alignment import analyze
 
-    pair = ModelPair.from_pretrained(args.base, args.tuned, device=args.device,
-                                     dtype=getattr(torch, args.dtype), vocab=args.vocab)
-    result = analyze(pair, top_k=args.top_k, tol=args.tol)
-    result.info.update(command="analyze", tv_lens_version=__version__,
-                       torch_version=torch.__version__,
-                       arguments={k: str(v) for k, v in vars(args).items()})
-    result.save(args.out)
-    _print_summary(result, args.out)
     from tv_lens.reporting import report
+    from tv_lens.staging import staged_folder
 
-    path = report(result, args.out / "report.html", pair=pair, prompt=args.prompt)
-    print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB, opens offline)")
+    device = _device(args.device)
+    pair = ModelPair.from_pretrained(args.base, args.tuned, device=device,
+                                     dtype=getattr(torch, args.dtype), vocab=args.vocab,
+                                     allow_pickle=args.allow_pickle)
+    with staged_folder(args.out) as stage:
+        result = analyze(pair, top_k=args.top_k, tol=args.tol, fast=args.fast,
+                         fast_rank=args.fast_rank, device=device)
+        result.info.update(command="analyze", tv_lens_version=__version__,
+                           torch_version=torch.__version__,
+                           arguments={k: str(v) for k, v in vars(args).items()})
+        result.save(stage)
+        path = report(result, stage / "report.html", pair=pair, prompt=args.prompt)
+        size = path.stat().st_size / 2**20
+    _print_summary(result, args.out)
+    print(f"report: {args.out / 'report.html'} ({size:.1f} MiB, opens offline)")
+
+
+def _device(name: str | None):
+    """``--device`` checked: an unknown string or CUDA without a GPU is a clear error."""
+    import torch
+
+    from tv_lens.errors import TvLensError
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TvLensError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TvLensError(f"--device {name} asks for a GPU but PyTorch sees none here "
+                          f"(torch {torch.__version__}). Drop --device or use --device cpu.")
+    return device
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from tv_lens.demo import checkpoint_dir
 
     args.base, args.tuned = str(checkpoint_dir("base")), str(checkpoint_dir(args.domain))
-    args.device, args.dtype, args.vocab = None, "float32", "error"
+    args.device, args.dtype, args.vocab, args.allow_pickle = None, "float32", "error", False
     if args.prompt is None:
         args.prompt = DEMO_PROMPTS[args.domain]
     print(f"tv-lens demo: base -> {args.domain} fine-tune (shipped with tv_lens)\n")
@@ -104,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if getattr(args, "top_k", 1) < 1:
         print("tv-lens: error: --top-k must be at least 1.", file=sys.stderr)
+        return 2
+    if getattr(args, "fast", False) and args.fast_rank < args.top_k:
+        print(f"tv-lens: error: --fast-rank ({args.fast_rank}) must be at least --top-k "
+              f"({args.top_k}).", file=sys.stderr)
         return 2
     try:
         {"analyze": _run_analyze, "demo": _run_demo}[args.command](args)

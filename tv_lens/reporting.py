@@ -74,6 +74,10 @@ class _Page:
                 f"<h1>{html.escape(title)}</h1>\n" + "\n".join(self.parts) + "\n</body></html>")
 
 
+#: Largest n_layers·n_heads for which the report computes all-pairs composition scores itself.
+MAX_COMPOSITION_HEADS = 512
+
+
 def _tuning_vector(pair: Any):
     if pair is None:
         return None
@@ -141,9 +145,16 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
         page.heading("Spectrum of the most-changed matrix", f"{matrix}: singular values of W and "
                      "Δ; Δ's top directions marked red where they match no direction of W (< 0.5).")
         page.figure(viz.spectrum(matrix_spectrum(tv, matrix)))
-        scores = composition if composition is not None else composition_scores(pair)
+        scores = composition
+        edges = "edges = largest changes in head composition."
+        if scores is None and tv.spec.n_layers * tv.spec.n_heads <= MAX_COMPOSITION_HEADS:
+            scores = composition_scores(pair)
+        elif scores is None:
+            edges = (f"no composition edges: this model has more than {MAX_COMPOSITION_HEADS} "
+                     "heads, whose all-pairs scores would hold every layer's heads in memory; "
+                     "pass composition=tv_lens.composition(pair) to draw them.")
         page.heading("Circuit view", "Heads and MLPs by layer; colour = new_share, size = update "
-                     "norm (or patching effect); edges = largest changes in head composition.")
+                     "norm (or patching effect); " + edges)
         page.figure(viz.circuit(analysis, scores, patching))
         if hasattr(pair, "tuning_vector") and getattr(pair, "tokenizer", None) is not None:
             page.heading("Most-changed heads: what their ΔOV writes")
@@ -156,7 +167,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
         page.heading("Patching")
         page.figure(viz.patching(patching, "normalized" if "normalized" in patching else
                                  next(c for c in ("path", "add") if c in patching)))
-    runs_models = pair is not None and hasattr(pair, "base") and prompt
+    runs_models = pair is not None and hasattr(type(pair), "base") and prompt
     if runs_models:
         page.heading("On the prompt", prompt)
         page.view(viz.attention(pair, prompt, top))

@@ -93,15 +93,21 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share") -> go.Fi
     return fig
 
 
-def neurons(analysis, side: str = "out", layer: int | None = None) -> go.Figure:
+def neurons(analysis, side: str = "out", layer: int | None = None,
+            max_points: int = 20000) -> go.Figure:
     """Each neuron's direction cosine (update vs existing direction) against its relative
-    norm, coloured by label; the dashed band is ``±√E[cos²]`` of a random update."""
+    norm, coloured by label; the dashed band is ``±√E[cos²]`` of a random update. Past
+    ``max_points`` neurons (a 7B model has 350k per side) only the ones with the largest
+    updates are drawn, and the title says so."""
     table = analysis.neurons
     _require(table, ["layer", "neuron", "side", "cos", "relative_norm", "label"], "viz.neurons")
     df = table[(table.side == side) & ((table.layer == layer) if layer is not None else True)]
     if df.empty:
         raise TvLensError(f"No neurons for side={side!r}, layer={layer!r}; sides are "
                           f"{sorted(table.side.unique())}.")
+    total = len(df)
+    if total > max_points:
+        df = df.nlargest(max_points, "delta_norm")
     fig = go.Figure()
     trace = go.Scatter if len(df) <= 20000 else go.Scattergl  # WebGL only where SVG is too slow
     for label, rows in df.groupby("label"):
@@ -112,6 +118,8 @@ def neurons(analysis, side: str = "out", layer: int | None = None) -> go.Figure:
     for y in (band, -band):
         fig.add_hline(y=y, line_dash="dash", line_color="grey")
     where = f"layer {layer}" if layer is not None else "all layers"
+    if total > len(df):
+        where += f"; the {len(df):,} of {total:,} with the largest updates"
     fig.update_layout(title=f"Neurons ({side} direction, {where}): cos(update, direction); "
                             f"dashed = random ±{band:.3f}",
                       xaxis_title="relative norm ‖Δw‖/‖w‖", yaxis_title="cos(Δw, w)")
