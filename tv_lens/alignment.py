@@ -41,8 +41,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tv_lens.lazy import LowRank
-from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, gram_svd,
-                            matrix_overlap, random_match_baseline, randomized_svd,
+from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, frob2,
+                            gram_svd, matrix_overlap, random_match_baseline, randomized_svd,
                             spectrum_stats)
 from tv_lens.sources import layer_of
 from tv_lens.vector import TuningVector
@@ -160,7 +160,6 @@ def _unit_products(w: Tensor, d: Tensor | LowRank, axis: int) -> tuple[Tensor, T
     ``‖d_n‖`` and ``⟨w_n, d_n⟩``, summed in float64 without transposing the weights. Factors
     ``d = L @ R`` are never formed: ``⟨w_n, L_n R⟩ = L_n · (w Rᵀ)_n``, ``‖L_n R‖² = L_n (R Rᵀ) L_nᵀ``
     (rows; columns likewise)."""
-    other = 1 - axis
     spec = "ij,ij->j" if axis == 1 else "ij,ij->i"  # per-neuron sums, one pass each (BLAS)
 
     def dots(a: Tensor, b: Tensor) -> Tensor:
@@ -225,8 +224,7 @@ def _frob(x: Tensor | LowRank) -> float:
     """``‖x‖_F`` accumulated in float64 over row chunks (no float64 copy of an embedding)."""
     if isinstance(x, LowRank):
         return float(np.sqrt(max(x.frob2(), 0.0)))
-    return float(sum(float(x[i:i + 4096].pow(2).sum(dtype=torch.float64))
-                     for i in range(0, x.shape[0], 4096)) ** 0.5)
+    return frob2(x) ** 0.5
 
 
 def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresholds,

@@ -36,6 +36,12 @@ def work_dtype(n: int) -> torch.dtype:
     return torch.float64 if n <= FLOAT64_UP_TO else torch.float32
 
 
+def frob2(x: Float[Tensor, "m n"]) -> float:
+    """``‖x‖_F²`` summed in float64 over row chunks (never a float64 copy of a large matrix)."""
+    return float(sum(float(x[i:i + _CHUNK_ROWS].pow(2).sum(dtype=torch.float64))
+                     for i in range(0, x.shape[0], _CHUNK_ROWS)))
+
+
 def gram(A: Float[Tensor, "m n"], B: Float[Tensor, "m p"] | None = None,
          dtype: torch.dtype | None = None) -> Float[Tensor, "n p"]:
     """``Aᵀ B`` (``Aᵀ A`` without ``B``) in float64, accumulated over row chunks whose products
@@ -161,9 +167,7 @@ def randomized_svd(W: Float[Tensor, "a b"], rank: int, *, oversample: int = 10, 
         Y = M @ (M.T @ Y)
     Qm, _ = torch.linalg.qr(Y)
     _, S, Vh = torch.linalg.svd(Qm.T @ M, full_matrices=False)
-    energy = float(M.double().pow(2).sum()) if M.numel() < 2**26 else float(
-        sum(float(M[i:i + _CHUNK_ROWS].double().pow(2).sum()) for i in range(0, M.shape[0], _CHUNK_ROWS)))
-    return GramSVD(Wt, S[:rank].double(), Vh[:rank].T.double(), transposed, energy, partial=True)
+    return GramSVD(Wt, S[:rank].double(), Vh[:rank].T.double(), transposed, frob2(M), partial=True)
 
 
 def dense_svd(W: Float[Tensor, "m n"], rtol: float = 1e-6) -> FactoredSVD:
@@ -341,7 +345,8 @@ class CircuitAlignments:
 def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
                    dL: Float[Tensor, "h m k"], dRt: Float[Tensor, "h k n"],
                    rtol: float = 1e-6) -> CircuitAlignments:
-    """Batched, exact :func:`align` of every head's circuit update at once (float64).
+    """Batched, exact :func:`align` of every head's circuit update at once (``d_model``-sized
+    products in :func:`work_dtype`, everything ``k × k`` in float64).
 
     With ``L = Qa Ra`` and ``Rtᵀ = Qb Rb`` (QR), every quantity lives in the ``k × k`` matrix
     ``M = Qaᵀ ΔC Qb = (Qaᵀ dL) Rbᵀ + Ra (dRt Qb) + (Qaᵀ dL)(dRt Qb)``: the read/write bases are
@@ -355,8 +360,8 @@ def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
     Qb, Rb = torch.linalg.qr(Rt.mT)
     X, Y = Qa.mT @ dL, dRt @ Qb
     M = X @ Rb.mT + Ra @ Y + X @ Y
-    L2, Rt2 = L + dL, Rt + dRt  # ‖L2 Rt2 − L Rt‖² from k × k Gram blocks, as frob2_factored
-    Ra, Rb, M, X = Ra.double(), Rb.double(), M.double(), X.double()
+    Rt2 = Rt + dRt
+    Ra, Rb, M = Ra.double(), Rb.double(), M.double()
 
     def inner(P: Tensor, Q: Tensor, R: Tensor, T: Tensor) -> Tensor:
         return ((P.mT @ Q).double() * (R @ T.mT).double()).sum((-1, -2))

@@ -13,7 +13,6 @@ folder, whose factors are used as they are (:mod:`tv_lens.lora`).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path

@@ -60,7 +60,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class ModelWeights(Mapping[str, Tensor]):
+class SlotWeights(Mapping):
+    """``TL name -> tensor`` over a layout's slots (``self.slots``); subclasses read values.
+    Unsubscripted on purpose: a runtime type checker must not sample (read) its values."""
+
+    slots: dict[str, Slot]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.slots)
+
+    def __contains__(self, tl_name: object) -> bool:
+        return tl_name in self.slots
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+class ModelWeights(SlotWeights):
     """Read-only mapping ``TL name -> tensor`` over a live model's raw weights.
 
     Values are computed on access (never cached), detached, on the model's device, in
@@ -94,14 +110,6 @@ class ModelWeights(Mapping[str, Tensor]):
             param = self.params[slot.hf_key].detach()
             return slot.to_tl(param, self.spec).to(compute_dtype(param.dtype))
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.slots)
-
-    def __contains__(self, tl_name: object) -> bool:
-        return tl_name in self.slots
-
-    def __len__(self) -> int:
-        return len(self.slots)
 
     @property
     def dtypes(self) -> set[torch.dtype]:
