@@ -42,25 +42,37 @@ from tqdm.auto import tqdm
 
 from tv_lens.lazy import LowRank
 from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, frob2,
-                            gram_svd, matrix_overlap, random_match_baseline, randomized_svd,
-                            spectrum_stats)
+                            gram_svd, intruder_count, matrix_overlap, random_match_baseline,
+                            randomized_svd, spectrum_stats)
+from tv_lens.nulls import (CIRCUIT_CODES, block_counts, circuit_null, cluster_counts,
+                           haar_share_moments, neuron_moments)
+from tv_lens.stats import NullMoments, bh_adjust
 from tv_lens.sources import layer_of
 from tv_lens.vector import TuningVector
 
-LABELS = ("amplified", "dampened", "new", "mixed", "unchanged")
+LABELS = ("amplified", "dampened", "aligned", "new", "mixed", "unchanged")
+LABEL_MODES = ("calibrated", "fixed")
+#: significance columns of one tested share (``prefix`` + these)
+_TEST = ["z", "p_value", "q_value"]
+_AMP_TEST = ["amplification_" + c for c in _TEST]
 HEAD_COLUMNS = ["layer", "head", "circuit", "label", "delta_norm", "relative_norm",
                 "subspace_share", "new_share", "amplification_share", "signed_scale",
                 "baseline_subspace_share", "baseline_amplification_share",
-                "baseline_subspace_share_weights"]
+                "baseline_subspace_share_weights", "null_subspace_share", *_TEST,
+                "null_amplification_share", *_AMP_TEST]
 NEURON_COLUMNS = ["layer", "neuron", "side", "label", "delta_norm", "relative_norm", "cos",
-                  "amplification_share", "new_share", "baseline_cos2"]
+                  "amplification_share", "new_share", "baseline_cos2", *_TEST]
 MATRIX_COLUMNS = ["layer", "matrix", "label", "delta_norm", "relative_norm", "stable_rank",
                   "effective_rank", "rank_90", "n_new_directions", "n_amplified_directions",
-                  "top_match", "mean_match", "baseline_match", "baseline_match_p95",
-                  "top_subspace_share", "baseline_top_subspace_share", "amplification_share",
+                  "n_intruders", "top_match", "mean_match", "baseline_match", "baseline_match_p95",
+                  "top_subspace_share", "baseline_top_subspace_share", *_TEST,
+                  "amplification_share", "baseline_amplification_share", *_AMP_TEST,
                   "new_share", "signed_scale", "base_rank_90"]
+#: the per-layer linear weights that get an intruder count (PEFT's nn.Linear targets)
+LINEAR_MATRICES = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
 SUMMARY_COLUMNS = ["layer", "part", "update_energy", "energy_share", "new_frac",
-                   "amplified_frac", "dampened_frac", "mixed_frac", "unchanged_frac",
+                   "amplified_frac", "dampened_frac", "aligned_frac", "mixed_frac",
+                   "unchanged_frac",
                    "mean_new_share", "baseline_new_share", "baseline_new_share_weights",
                    "concentration_50",
                    "concentration_90", "n_units"]
@@ -72,13 +84,14 @@ class Thresholds:
 
     tol: float = 1e-6  # relative change below this: "unchanged"
     amplified: float = 0.5  # amplification_share at or above: amplified / dampened
-    new: float = 0.5  # new_share at or above: new
+    new: float = 0.5  # new_share at or above: new (fixed labels)
     intruder: float = 0.5  # a Δ direction whose best base match is below this is new
+    level: float = 0.01  # calibrated labels: q-value at or below this is significant
 
 
 def label(relative_norm: float, amplification_share: float, new_share: float,
           signed_scale: float, t: Thresholds = Thresholds()) -> str:
-    """The METHODS.md label of one unit from its raw numbers."""
+    """The METHODS.md fixed-threshold label of one unit from its raw numbers."""
     if not relative_norm >= t.tol:  # also catches NaN
         return "unchanged"
     if amplification_share >= t.amplified:
@@ -86,6 +99,38 @@ def label(relative_norm: float, amplification_share: float, new_share: float,
     if new_share >= t.new:
         return "new"
     return "mixed"
+
+
+def calibrated_labels(table: pd.DataFrame, t: Thresholds) -> np.ndarray:
+    """METHODS.md calibrated labels of a table with ``q_value`` (alignment: subspace share, or
+    ``cos²`` for neurons) and, where it has them, ``amplification_q_value`` columns:
+    ``amplified``/``dampened`` (amplification share ≥ ``t.amplified`` and significant),
+    ``aligned`` (alignment significant, not an amplification), ``new`` (not more aligned than
+    the null), ``unchanged`` (relative change below ``t.tol``)."""
+    rel = table["relative_norm"].to_numpy(dtype=float)
+    amp = table["amplification_share"].to_numpy(dtype=float)
+    q_align = table["q_value"].to_numpy(dtype=float)
+    q_amp = table["amplification_q_value"].to_numpy(dtype=float) if "amplification_q_value" in table \
+        else q_align
+    sign = table["cos"].to_numpy(dtype=float) if "cos" in table else table["signed_scale"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        amplified = (amp >= t.amplified) & (q_amp <= t.level)
+        aligned = q_align <= t.level
+    out = np.where(amplified, np.where(sign >= 0, "amplified", "dampened"),
+                   np.where(aligned, "aligned", "new"))
+    return np.where(~(rel >= t.tol), "unchanged", out).astype(object)
+
+
+def _add_q_values(table: pd.DataFrame, kind: str) -> None:
+    """Benjamini–Hochberg q-values per family: the units of one table and ``kind``."""
+    for prefix in ("", "amplification_"):
+        p = prefix + "p_value"
+        if p not in table:
+            continue
+        q = np.full(len(table), np.nan)
+        for _, idx in table.groupby(kind, sort=False).indices.items():
+            q[idx] = bh_adjust(table[p].to_numpy(dtype=float)[idx])
+        table[prefix + "q_value"] = q
 
 
 @dataclass
@@ -118,8 +163,10 @@ class Analysis:
 
 # --------------------------------------------------------------------------- heads
 def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, Tensor],
-               t: Thresholds) -> list[dict]:
-    """Every head's OV and QK rows of one layer, all heads at once (:func:`align_circuits`)."""
+               t: Thresholds, null_samples: int = 0, seed: int = 0) -> list[dict]:
+    """Every head's OV and QK rows of one layer, all heads at once (:func:`align_circuits`);
+    with ``null_samples`` each changed circuit is tested against its weight-perturbation null
+    (:func:`tv_lens.nulls.circuit_null`, seeded by ``(seed, layer, head, circuit)``)."""
     a = f"blocks.{layer}.attn."
     W = {k: base[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
     D = {k: delta[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
@@ -130,6 +177,8 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
     }
     m, n = spec.d_model, spec.d_model
     by_circuit = {c: align_circuits(*factors) for c, factors in circuits.items()}
+    factor_norms = {c: (f[2].double().pow(2).sum((1, 2)).sqrt().cpu(),
+                        f[3].double().pow(2).sum((1, 2)).sqrt().cpu()) for c, f in circuits.items()}
     rows = []
     for head in range(spec.n_heads):
         for circuit, al in by_circuit.items():
@@ -139,10 +188,18 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
             rel = delta_norm / base_norm if base_norm > 0 else float("inf")
             base_sub = al.read_rank[head] * al.write_rank[head] / (m * n)
             base_amp = float(torch.bincount(ids).pow(2).sum()) / (m * n) if len(ids) else 0.0
-            sub, amp, scale = float("nan"), float("nan"), 0.0
+            nan = float("nan")
+            sub, amp, scale = nan, nan, 0.0
+            tests = dict(null_subspace_share=nan, z=nan, p_value=nan, null_amplification_share=nan,
+                         amplification_z=nan, amplification_p_value=nan)
             if rel >= t.tol and delta_norm > 0:
                 sub = al.subspace[head]
                 amp, scale = core_shares(core, S, delta_norm**2, ids)
+                if null_samples:
+                    norms = factor_norms[circuit]
+                    nulls = circuit_null(al.frames[head], float(norms[0][head]), float(norms[1][head]),
+                                         null_samples, [seed, layer, head, CIRCUIT_CODES[circuit]])
+                    tests = _tests(nulls, (sub, amp))
             new_share = 1.0 - sub
             rows.append(dict(
                 layer=layer, head=head, circuit=circuit,
@@ -150,8 +207,19 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
                 delta_norm=delta_norm, relative_norm=rel, subspace_share=sub,
                 new_share=new_share, amplification_share=amp, signed_scale=scale,
                 baseline_subspace_share=base_sub, baseline_amplification_share=base_amp,
-                baseline_subspace_share_weights=al.read_rank[head] / spec.d_model))
+                baseline_subspace_share_weights=al.read_rank[head] / spec.d_model, **tests))
     return rows
+
+
+def _tests(nulls: tuple[NullMoments, NullMoments], shares: tuple[float, float]) -> dict[str, float]:
+    """z and p of an (alignment, amplification) share pair against their nulls, as row fields."""
+    out = {}
+    for (null, share), (mean_col, prefix) in zip(zip(nulls, shares), (
+            ("null_subspace_share", ""), ("null_amplification_share", "amplification_"))):
+        z, p = null.test(torch.tensor([share], dtype=torch.float64))
+        out.update({mean_col: float(null.mean[0]), prefix + "z": float(z[0]),
+                    prefix + "p_value": float(p[0])})
+    return out
 
 
 # --------------------------------------------------------------------------- neurons
@@ -197,10 +265,12 @@ def _neuron_rows(layer: int, base: dict[str, Tensor], delta: dict[str, Tensor | 
         labels = np.where(unchanged, "unchanged",
                           np.where(amp >= t.amplified, np.where(cos >= 0, "amplified", "dampened"),
                                    np.where(new >= t.new, "new", "mixed")))
+        z, p = neuron_moments(len(amp), w.shape[1 - axis]).test(torch.from_numpy(amp))
         frames.append(pd.DataFrame(dict(
             layer=layer, neuron=np.arange(w.shape[axis]), side=side, label=labels,
             delta_norm=d_norm.cpu().numpy(), relative_norm=rel, cos=cos,
-            amplification_share=amp, new_share=new, baseline_cos2=1.0 / w.shape[1 - axis])))
+            amplification_share=amp, new_share=new, baseline_cos2=1.0 / w.shape[1 - axis],
+            z=z.numpy(), p_value=p.numpy())))
     return frames
 
 
@@ -227,8 +297,36 @@ def _frob(x: Tensor | LowRank) -> float:
     return frob2(x) ** 0.5
 
 
+def _null_spectrum(overlap: Any, m: int, n: int) -> Tensor:
+    """Δ's singular values for the matrix null; with only the top ones (``--fast``) the
+    remaining energy is spread evenly over the remaining ``min(m, n) − len(top)`` values."""
+    S = overlap.delta_S.double().cpu()
+    if not overlap.partial:
+        return S
+    rest, count = overlap.energy - float(S.pow(2).sum()), min(m, n) - S.numel()
+    if rest <= 0 or count <= 0:
+        return S
+    return torch.cat([S, torch.full((count,), (rest / count) ** 0.5, dtype=torch.float64)])
+
+
+def _matrix_tests(overlap: Any, ids: Tensor, r_used: int, m: int, n: int,
+                  shares: tuple[float, float]) -> dict[str, float]:
+    """Row fields testing (top_subspace_share, amplification_share) against random matrices
+    with Δ's spectrum and Haar singular vectors (:func:`tv_lens.nulls.haar_share_moments`)."""
+    spectrum = _null_spectrum(overlap, m, n)
+    sizes = torch.bincount(ids).cpu().numpy() if ids.numel() else np.zeros(0, dtype=np.int64)
+    moments = [haar_share_moments(spectrum, m, n, *counts)
+               for counts in (block_counts(r_used, r_used), cluster_counts(sizes))]
+    out = {}
+    for (mean, var), share, prefix in zip(moments, shares, ("", "amplification_")):
+        z, p = NullMoments(torch.tensor([mean]), torch.tensor([var])).test(torch.tensor([share]))
+        out.update({prefix + "z": float(z[0]), prefix + "p_value": float(p[0])})
+    return out
+
+
 def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresholds,
-                fast_rank: int | None = None) -> dict:
+                fast_rank: int | None = None, intruders: tuple[int, float] = (10, 0.5)) -> dict:
+    """One weight matrix's row (``intruders``: PEFT's ``(top_k, threshold_epsilon)``)."""
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
     delta_norm, base_norm = _frob(D), _frob(W)
     rel = delta_norm / base_norm if base_norm > 0 else float("inf")
@@ -248,18 +346,22 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     r_used = base.S.numel() if base_r != base_r else base_r  # NaN: rank_90 > the top found
     m, n = W.shape
     mean_b, p95_b = _match_baseline(m, n, base.S.numel())
+    ids = cluster_ids(base.S)
+    linear = layer is not None and row["matrix"] in LINEAR_MATRICES
     row.update(base_rank_90=base_r, baseline_match=mean_b, baseline_match_p95=p95_b,
-               baseline_top_subspace_share=r_used * r_used / (m * n))
+               baseline_top_subspace_share=r_used * r_used / (m * n),
+               baseline_amplification_share=float(torch.bincount(ids).pow(2).sum()) / (m * n)
+               if ids.numel() else 0.0)
     if not rel >= t.tol:
         nan = float("nan")
         row.update(label="unchanged", stable_rank=nan, effective_rank=nan, rank_90=0,
                    n_new_directions=0, n_amplified_directions=0, top_match=nan, mean_match=nan,
                    top_subspace_share=nan, amplification_share=nan, new_share=nan,
-                   signed_scale=0.0)
+                   signed_scale=0.0, n_intruders=0 if linear else nan,
+                   **{c: nan for c in ("z", "p_value", "amplification_z", "amplification_p_value")})
         return row
     overlap = matrix_overlap(base, D, top_k, fast_rank=fast_rank, delta=fast_delta)
     row.update(spectrum_stats(overlap.delta_S, energy=overlap.energy if overlap.partial else None))
-    ids = cluster_ids(base.S)
     left, left_idx = best_matches(overlap.left, ids)
     right, right_idx = best_matches(overlap.right, ids)
     match = torch.minimum(left, right)
@@ -270,6 +372,10 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     amp, scale = core_shares(overlap.core, base.S, total, ids,
                              base.energy if base.partial else None)
     new_share = 1.0 - top_share
+    tall = (max(m, n), min(m, n))
+    row.update(_matrix_tests(overlap, ids, r_used, *tall, (top_share, amp)))
+    row["n_intruders"] = (intruder_count(base, overlap, *intruders)[0]
+                          if linear and overlap.tuned_gram is not None else float("nan"))
     row.update(n_new_directions=int(is_new.sum()), n_amplified_directions=int(is_amp.sum()),
                top_match=float(match[0]), mean_match=float(match.mean()),
                top_subspace_share=top_share, amplification_share=amp, new_share=new_share,
@@ -334,7 +440,8 @@ def _summary_row(layer: Any, part: str, units: pd.DataFrame, unit_energy: np.nda
     return dict(layer=layer, part=part, update_energy=energy,
                 energy_share=energy / total_energy if total_energy > 0 else float("nan"),
                 new_frac=fracs["new"], amplified_frac=fracs["amplified"],
-                dampened_frac=fracs["dampened"], mixed_frac=fracs["mixed"],
+                dampened_frac=fracs["dampened"], aligned_frac=fracs["aligned"],
+                mixed_frac=fracs["mixed"],
                 unchanged_frac=fracs["unchanged"], mean_new_share=mean_new,
                 baseline_new_share=baselines[0], baseline_new_share_weights=baselines[1],
                 concentration_50=_concentration(unit_energy, 0.5),
@@ -379,7 +486,9 @@ def _as_matrix(name: str, D: Tensor | LowRank) -> Tensor | LowRank:
 
 def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             thresholds: Thresholds | None = None, progress: bool = True, fast: bool = False,
-            fast_rank: int = 32, device: str | torch.device | None = None) -> "Analysis":
+            fast_rank: int = 32, device: str | torch.device | None = None,
+            labels: str = "calibrated", level: float | None = None, null_samples: int = 200,
+            seed: int = 0, intruder_top_k: int = 10, intruder_epsilon: float = 0.5) -> "Analysis":
     """Directional-alignment tables for a :class:`~tv_lens.ModelPair` (or a tuning vector with
     base weights attached).
 
@@ -399,6 +508,24 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
         fast_rank: singular triplets per matrix in ``fast`` mode (at least ``top_k``).
         device: where the per-layer work runs (e.g. ``"cuda"``); weights are read on the CPU
             one layer at a time and moved there.
+        labels: ``"calibrated"`` (default: each share tested against its unit's null,
+            ``shared/METHODS.md``) or ``"fixed"`` (the 0.5 thresholds of ``thresholds``). Every
+            table carries ``z``, ``p_value`` and ``q_value`` (Benjamini–Hochberg over one table's
+            units of one kind: heads per circuit, neurons per side, matrices per matrix name)
+            for its alignment share, and heads and matrices the same for the amplification
+            share (``amplification_z`` …), in both modes.
+        level: q-value at or below which a share is significant (default
+            ``thresholds.level`` = 0.01).
+        null_samples: Monte Carlo draws per head circuit for its null (neurons and matrices
+            have closed forms); 0 skips the head tests (only with ``labels="fixed"``).
+        seed: seed of the head nulls (each circuit's draws are seeded by ``(seed, layer,
+            head, circuit)``, so results do not depend on processing order).
+        intruder_top_k, intruder_epsilon: ``n_intruders`` in ``matrices`` (PEFT's ``top_k`` and
+            ``threshold_epsilon``): how many of the tuned matrix's top singular vectors on the
+            output side have no base singular vector with ``|cos| ≥ ε``. Computed for the
+            per-layer linear weights (``[out, in]`` = TransformerLens ``Wᵀ``) in exact mode;
+            NaN for embeddings and with ``fast``. GPT-2's fused ``c_attn`` is split into W_Q,
+            W_K, W_V here, so its counts differ from PEFT's count on the fused Conv1D tensor.
 
     Returns:
         :class:`Analysis` with ``heads``, ``neurons``, ``matrices`` and ``summary`` tables.
@@ -421,12 +548,23 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}.")
+    if level is not None and not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    if null_samples < (2 if labels == "calibrated" else 0) or null_samples == 1:
+        raise ValueError(f"null_samples must be at least 2 for calibrated labels (or 0 with "
+                         f"labels='fixed'), got {null_samples}.")
+    if intruder_top_k < 1 or not 0 < intruder_epsilon <= 1:
+        raise ValueError(f"intruder_top_k must be ≥ 1 and intruder_epsilon in (0, 1], got "
+                         f"{intruder_top_k} and {intruder_epsilon}.")
     if fast and fast_rank < top_k:
         raise ValueError(f"fast_rank ({fast_rank}) must be at least top_k ({top_k}).")
     tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
     t = replace(thresholds or Thresholds(), tol=tol)
+    t = replace(t, level=level) if level is not None else t
     device = torch.device(device) if device is not None else torch.device("cpu")
     rank = fast_rank if fast else None
     spec = tv.spec
@@ -444,14 +582,15 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
         for layer in tqdm(range(spec.n_layers), desc="analyze layers", disable=not progress):
             names = [n for n in by_layer.get(layer, []) if ".attn." in n or ".mlp." in n]
             base, delta = _layer_tensors(tv, names, device)
-            head_rows += _head_rows(spec, layer, base, delta, t)
+            head_rows += _head_rows(spec, layer, base, delta, t, null_samples, seed)
             neuron_frames += _neuron_rows(layer, base, delta, t)
             for part in ("attn", "mlp"):
                 energies[(layer, part)] = _unit_energies(spec, layer, part, delta)
             for name in names:
                 if name in matrices:
                     matrix_rows.append(_matrix_row(name, _as_2d(name, base[name]),
-                                                   _as_matrix(name, delta[name]), top_k, t, rank))
+                                                   _as_matrix(name, delta[name]), top_k, t, rank,
+                                                   (intruder_top_k, intruder_epsilon)))
             del base, delta
         for name in by_layer.get(None, []):
             if name in matrices:
@@ -459,12 +598,18 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
                 matrix_rows.append(_matrix_row(name, base[name], delta[name], top_k, t, rank))
                 del base, delta
     heads = pd.DataFrame(head_rows, columns=HEAD_COLUMNS)
-    neurons = pd.concat(neuron_frames, ignore_index=True)[NEURON_COLUMNS]
-    matrix_table = pd.DataFrame(matrix_rows)[MATRIX_COLUMNS]
+    neurons = pd.concat(neuron_frames, ignore_index=True).reindex(columns=NEURON_COLUMNS)
+    matrix_table = pd.DataFrame(matrix_rows).reindex(columns=MATRIX_COLUMNS)
     matrix_table["layer"] = matrix_table["layer"].astype("Int64")
+    for table, kind in ((heads, "circuit"), (neurons, "side"), (matrix_table, "matrix")):
+        _add_q_values(table, kind)
+        if labels == "calibrated":
+            table["label"] = calibrated_labels(table, t)
     summary = _summary(spec, heads, neurons, energies)
     info = {"top_k": top_k, "thresholds": t.__dict__, "spec": spec.to_dict(),
-            "fast": fast, "fast_rank": rank, "device": str(device),
+            "fast": fast, "fast_rank": rank, "device": str(device), "labels": labels,
+            "null_samples": null_samples, "seed": seed,
+            "intruders": {"top_k": intruder_top_k, "epsilon": intruder_epsilon},
             "metadata": {k: v for k, v in tv.metadata.items() if isinstance(v, (str, int, float))},
             "seconds": round(time.perf_counter() - started, 3)}
     return Analysis(heads, neurons, matrix_table, summary, info)

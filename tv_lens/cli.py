@@ -61,6 +61,13 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="singular directions per matrix with --fast (default 32)")
     parser.add_argument("--tol", type=float, default=1e-6,
                         help="relative change below which a unit is 'unchanged' (default 1e-6)")
+    parser.add_argument("--labels", default="calibrated", choices=("calibrated", "fixed"),
+                        help="calibrated: each share tested against its unit's null (default); "
+                             "fixed: the 0.5 thresholds")
+    parser.add_argument("--level", type=float, default=0.01,
+                        help="q-value at or below which a share is significant (default 0.01)")
+    parser.add_argument("--null-samples", type=int, default=200,
+                        help="Monte Carlo draws per head circuit for its null (default 200)")
     parser.add_argument("--prompt", default=None,
                         help="text for the report's attention patterns and per-token effects")
 
@@ -69,7 +76,7 @@ def _print_summary(analysis, out: Path) -> None:
     import pandas as pd
 
     cols = ["layer", "part", "energy_share", "new_frac", "amplified_frac", "dampened_frac",
-            "mixed_frac", "mean_new_share", "baseline_new_share", "baseline_new_share_weights",
+            "aligned_frac" if analysis.info.get("labels") == "calibrated" else "mixed_frac", "mean_new_share", "baseline_new_share", "baseline_new_share_weights",
             "concentration_50"]
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
@@ -92,7 +99,8 @@ def _run_analyze(args: argparse.Namespace) -> None:
                                      allow_pickle=args.allow_pickle)
     with staged_folder(args.out) as stage:
         result = analyze(pair, top_k=args.top_k, tol=args.tol, fast=args.fast,
-                         fast_rank=args.fast_rank, device=device)
+                         fast_rank=args.fast_rank, device=device, labels=args.labels,
+                         level=args.level, null_samples=args.null_samples)
         result.info.update(command="analyze", tv_lens_version=__version__,
                            torch_version=torch.__version__,
                            arguments={k: str(v) for k, v in vars(args).items()})
@@ -139,6 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if getattr(args, "top_k", 1) < 1:
         print("tv-lens: error: --top-k must be at least 1.", file=sys.stderr)
+        return 2
+    if hasattr(args, "level") and not 0 < args.level < 1:
+        print(f"tv-lens: error: --level must be between 0 and 1 (e.g. 0.01), got {args.level}.",
+              file=sys.stderr)
+        return 2
+    if hasattr(args, "null_samples") and args.null_samples < 2:
+        print(f"tv-lens: error: --null-samples must be at least 2 (default 200), got "
+              f"{args.null_samples}.", file=sys.stderr)
         return 2
     if getattr(args, "fast", False) and args.fast_rank < args.top_k:
         print(f"tv-lens: error: --fast-rank ({args.fast_rank}) must be at least --top-k "

@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tv_lens.lazy import LowRank
+from tv_lens.nulls import CircuitFrame
 
 #: Largest Gram size decomposed in float64 (above it: float32, see the module docstring).
 FLOAT64_UP_TO = 1024
@@ -111,6 +112,7 @@ class GramSVD:
     transposed: bool
     energy: float = float("nan")  # ‖W‖_F²; S holds all of it unless ``partial``
     partial: bool = False  # S, V are only the top singular triplets (randomized_svd)
+    gram: Tensor | None = None  # ``Wtᵀ Wt`` in float64 (exact mode)
 
 
 def _tall(W: Tensor) -> tuple[Tensor, bool]:
@@ -128,9 +130,9 @@ def gram_svd(W: Float[Tensor, "a b"], rtol: float = 1e-6, *, vectors: bool = Tru
     ``Wt`` keeps ``W``'s dtype (see :func:`work_dtype` for the precision of large matrices).
     """
     Wt, transposed = _tall(W)
-    G = gram(Wt)
-    energy = float(G.diagonal().sum())
-    G = G.to(work_dtype(G.shape[0]))
+    G64 = gram(Wt)
+    energy = float(G64.diagonal().sum())
+    G = G64.to(work_dtype(G64.shape[0]))
     if vectors:
         evals, V = torch.linalg.eigh(G)
         V = V.flip(1).double()
@@ -138,7 +140,7 @@ def gram_svd(W: Float[Tensor, "a b"], rtol: float = 1e-6, *, vectors: bool = Tru
         evals, V = torch.linalg.eigvalsh(G), G.new_zeros(G.shape[0], 0, dtype=torch.float64)
     S = evals.double().flip(0).clamp(min=0).sqrt()
     keep = S > rtol * S[0] if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-    return GramSVD(Wt, S[keep], V[:, keep] if vectors else V, transposed, energy)
+    return GramSVD(Wt, S[keep], V[:, keep] if vectors else V, transposed, energy, gram=G64)
 
 
 def randomized_svd(W: Float[Tensor, "a b"], rank: int, *, oversample: int = 10, iters: int = 1,
@@ -188,6 +190,8 @@ class MatrixOverlap:
         right: ``Vᵀ Q_k`` (``[r, k]``), Q_k the top-k right singular vectors of Δ.
         energy: ``‖Δ‖_F²`` (exact in every mode).
         partial: ``delta_S`` holds only Δ's top singular values (``--fast``).
+        tuned_gram: ``(Wt + Δt)ᵀ (Wt + Δt)`` in the base's tall orientation (exact mode).
+        tuned_cross: ``(Wt + Δt)ᵀ Wt`` (exact mode), for the tuned matrix's long-side vectors.
     """
 
     core: Float[Tensor, "r r"]
@@ -196,6 +200,8 @@ class MatrixOverlap:
     right: Float[Tensor, "r k"]
     energy: float
     partial: bool = False
+    tuned_gram: Tensor | None = None
+    tuned_cross: Tensor | None = None
 
 
 def _tall_factors(D: LowRank, transposed: bool) -> tuple[Tensor, Tensor]:
@@ -216,14 +222,18 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
       with ``m·n·(rank + k)`` cost; with a ``partial`` base only its top directions are used
       (``delta``: Δ's randomized SVD when the caller already has it).
     """
+    grams: tuple[Tensor, Tensor, Tensor | None] | None = None
     if isinstance(D, LowRank):
         L, R = (f.double() for f in _tall_factors(D, base.transposed))
         delta = factored_svd(L, R, rtol)
         P, Q, S_d = delta.U[:, :k], delta.V[:, :k], delta.S[:k]
-        VtWtL = base.V.T @ gram(base.Wt, L, torch.float64)  # [r_b, r]
-        core = (VtWtL @ (R @ base.V)) / base.S[:, None]
+        WtL = gram(base.Wt, L, torch.float64)  # [n, r]
+        core = ((base.V.T @ WtL) @ (R @ base.V)) / base.S[:, None]
         left_t = (base.V.T @ gram(base.Wt, P, torch.float64)) / base.S[:, None]
         out = (core, delta.S, left_t, base.V.T @ Q, frob2_factored(L, R), False)
+        if base.gram is not None:
+            cross = WtL @ R  # Wtᵀ Δt
+            grams = (base.gram, cross, R.T @ (L.T @ L) @ R)
     elif fast_rank is not None or base.partial:
         Dt = D.T if base.transposed else D
         delta = delta or randomized_svd(Dt, max(fast_rank or 0, k))
@@ -240,14 +250,21 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         Q, S_d = delta.V[:, :k], delta.S[:k]
         wd = work_dtype(Dt.shape[1])
         V = base.V.to(wd)
-        VtC = V.T @ gram(base.Wt, Dt).to(wd)  # Vᵀ Wtᵀ Δt: [r, n]
+        cross = gram(base.Wt, Dt)  # Wtᵀ Δt: [n, n]
+        VtC = V.T @ cross.to(wd)  # [r, n]
         core = (VtC @ V).double() / base.S[:, None]
         left_t = (VtC @ Q.to(wd)).double() / base.S[:, None] / S_d
         out = (core, delta.S, left_t, base.V.T @ Q, delta.energy, False)
+        if base.gram is not None:
+            grams = (base.gram, cross, delta.gram)
     core, delta_S, left_t, right_t, energy, partial = out
+    tuned = (None, None)
+    if not partial and base.gram is not None:
+        G, C, G_d = grams  # (Wt + Δt)ᵀ(Wt + Δt) = G + C + Cᵀ + G_d;  (Wt + Δt)ᵀ Wt = G + Cᵀ
+        tuned = (G + C + C.T + G_d, G + C.T)
     if base.transposed:
-        return MatrixOverlap(core.T, delta_S, right_t, left_t, energy, partial)
-    return MatrixOverlap(core, delta_S, left_t, right_t, energy, partial)
+        return MatrixOverlap(core.T, delta_S, right_t, left_t, energy, partial, *tuned)
+    return MatrixOverlap(core, delta_S, left_t, right_t, energy, partial, *tuned)
 
 
 def cluster_ids(S: Float[Tensor, "r"], rtol: float = 1e-4) -> Tensor:
@@ -257,6 +274,36 @@ def cluster_ids(S: Float[Tensor, "r"], rtol: float = 1e-4) -> Tensor:
         return torch.zeros(0, dtype=torch.long, device=S.device)
     gaps = ((S[:-1] - S[1:]).abs() > rtol * S[0]).long()
     return torch.cat([torch.zeros(1, dtype=torch.long, device=S.device), torch.cumsum(gaps, 0)])
+
+
+def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
+                   epsilon: float = 0.5, out_side: str = "right") -> tuple[int, Tensor]:
+    """Intruder dimensions (Shuttleworth et al. 2024, as PEFT's ``reduce_intruder_dimension``
+    counts them): among the tuned matrix's top-``top_k`` singular vectors on its output side,
+    those whose largest ``|cos|`` with any of the base's singular vectors on that side is below
+    ``epsilon``. Returns ``(count, best |cos| per vector)``.
+
+    ``out_side`` says which side of the (un-transposed) matrix is the output: ``"right"`` for a
+    TransformerLens weight ``x @ W`` (PEFT's ``[out, in]`` left side is its right side). Works
+    from the Grams :func:`matrix_overlap` keeps (exact mode): the tuned matrix's short-side
+    vectors from an ``eigh`` of ``(Wt + Δt)ᵀ(Wt + Δt)``; long-side vectors only through
+    ``u'ᵀ u_i = v'ᵀ (Wt + Δt)ᵀ Wt v_i / (s' σ_i)``, never formed.
+    """
+    if overlap.tuned_gram is None:
+        raise ValueError("intruder_count needs the exact-mode Grams (not available with --fast).")
+    G = overlap.tuned_gram
+    evals, vecs = torch.linalg.eigh(G.to(work_dtype(G.shape[0])))
+    evals, vecs = evals.double().flip(0), vecs.double().flip(1)
+    k = min(top_k, int((evals > 1e-12 * evals[0].clamp(min=0)).sum()))
+    v_t, s_t = vecs[:, :k], evals[:k].clamp(min=0).sqrt()
+    # the output side is Wt's short side (V) unless W was transposed to make it tall
+    short_side = (out_side == "right") != base.transposed
+    if short_side:
+        cos = (base.V.T @ v_t).abs()
+    else:
+        cos = (base.V.T @ overlap.tuned_cross.T @ v_t).abs() / base.S[:, None] / s_t[None, :]
+    best = cos.max(dim=0).values if cos.numel() else torch.zeros(k, dtype=torch.float64)
+    return int((best < epsilon).sum()), best
 
 
 def frob2_factored(A: Float[Tensor, "m k"], B: Float[Tensor, "k n"]) -> float:
@@ -332,6 +379,7 @@ class CircuitAlignments:
         subspace: ``‖P_R ΔC P_S‖² / ‖ΔC‖²`` (NaN for ``ΔC = 0``); R = range(L), S = range(Rtᵀ).
         core: ``Uᵀ ΔC V`` in the base circuit's singular bases (``[r, r]``).
         read_rank, write_rank: ``dim R``, ``dim S``.
+        frames: each circuit in its ``k``-dimensional frames (for :func:`tv_lens.nulls.circuit_null`).
     """
 
     delta_norm: list[float]
@@ -340,6 +388,7 @@ class CircuitAlignments:
     core: list[Tensor]
     read_rank: list[int]
     write_rank: list[int]
+    frames: list[CircuitFrame]
 
 
 def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
@@ -377,9 +426,12 @@ def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
     sub = sub_core.pow(2).sum((-1, -2))
     u, s, vh = torch.linalg.svd(Ra @ Rb.mT)
     core = u.mT @ M @ vh.mT
-    out = CircuitAlignments([], [], [], [], [], [])
+    out = CircuitAlignments([], [], [], [], [], [], [])
+    m, n = L.shape[1], Rt.shape[2]
     for h in range(L.shape[0]):
         keep = s[h] > 1e-9 * s[h, 0] if s[h, 0] > 0 else torch.zeros_like(s[h], dtype=torch.bool)
+        out.frames.append(CircuitFrame(Ra[h], Rb[h], ua[h], ub[h], read[h], write[h], u[h], vh[h],
+                                       keep, cluster_ids(s[h][keep]), m, n))
         t = float(total[h])
         out.delta_norm.append(t ** 0.5)
         out.base_S.append(s[h][keep])

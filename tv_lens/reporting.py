@@ -122,7 +122,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
                  "and how much of it writes new directions, beside the random baselines.")
     page.figure(viz.summary(analysis))
     cols = [c for c in ("layer", "part", "energy_share", "new_frac", "amplified_frac",
-                        "mean_new_share", "baseline_new_share", "baseline_new_share_weights")
+                        "aligned_frac", "mean_new_share", "baseline_new_share", "baseline_new_share_weights")
             if c in analysis.summary]
     page.table(analysis.summary[cols])
 

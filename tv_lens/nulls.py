@@ -1,0 +1,168 @@
+"""Null models: what each share looks like for a random update of the same size and structure.
+
+One null per unit kind (``shared/METHODS.md``, "Labels (calibrated against a null)"):
+
+- **neuron direction** (``d``-dimensional): a uniformly random update direction. Its
+  ``cos²`` with the neuron's direction follows ``Beta(1/2, (d − 1)/2)`` exactly.
+- **matrix**: a random matrix with Δ's singular values and Haar-random singular vectors (left
+  and right independent), so a low-rank update is compared with random updates of the same
+  spectrum. The mean and variance of a share ``‖Δ[P]‖²/‖Δ‖²`` over any set P of coordinate
+  pairs in the base's singular bases (the amplification share's diagonal cluster blocks, the
+  top-subspace share's ``a × b`` block) are in closed form from the fourth moments of Haar
+  orthogonal matrices (:func:`haar_share_moments`).
+- **head circuit**: the head's factors ``L`` (``[m, k]``: W_V, or W_Q) and ``Rt`` (``[k, n]``:
+  W_O, or W_Kᵀ) perturbed by uniformly random directions with the actual Frobenius norms of
+  their updates. No closed form: Monte Carlo, but in the head's ``k``-dimensional frames
+  (:func:`circuit_null`), so a sample costs ``O(k³)`` instead of ``O(m·k²)``: with
+  ``L = Qa Ra`` and ``Rtᵀ = Qb Rb``, a Gaussian ``dL`` splits into ``X = Qaᵀ dL`` (``k × k``)
+  and an independent complement ``e`` (``(m − k) × k``) that enters every share only through
+  ``eᵀe ~ Wishart_k(m − k)``; likewise ``dRt`` into ``Y`` and ``f fᵀ ~ Wishart_k(n − k)``.
+
+Seeds are derived from the unit's name (layer, head, circuit), so results do not depend on
+processing order or on how many units run together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tv_lens.stats import NullMoments
+
+CIRCUIT_CODES = {"OV": 0, "QK": 1}
+
+
+# --------------------------------------------------------------------------- neurons
+def neuron_moments(n_units: int, d: int) -> NullMoments:
+    """Exact null of ``cos²`` for ``d``-dimensional directions: ``Beta(1/2, (d − 1)/2)``, mean
+    ``1/d``, variance ``2(d−1)/(d²(d+2))`` (the Beta matched to these moments is that Beta, so
+    its p-values are exact)."""
+    mean = torch.full((n_units,), 1.0 / d, dtype=torch.float64)
+    var = torch.full((n_units,), 2.0 * (d - 1) / (d * d * (d + 2)), dtype=torch.float64)
+    return NullMoments(mean, var)
+
+
+# --------------------------------------------------------------------------- matrices
+def _haar_fourth(m: int) -> tuple[tuple[float, float, float, float], tuple[float, float, float, float]]:
+    """Fourth moments ``E[O_ij O_il O_i'j' O_i'l']`` of a Haar orthogonal ``O(m)`` matrix for
+    column patterns (all equal; j=l≠j'=l'; j=j'≠l=l'; j=l'≠l=j'), rows equal and rows distinct."""
+    same = (3.0 / (m * (m + 2)),) + (1.0 / (m * (m + 2)),) * 3
+    if m == 1:
+        return same, (0.0, 0.0, 0.0, 0.0)
+    q = m * (m - 1) * (m + 2)
+    diff = (1.0 / (m * (m + 2)), (m + 1) / q, -1.0 / q, -1.0 / q)
+    return same, diff
+
+
+def haar_share_moments(spectrum: Float[Tensor, "r"], m: int, n: int, size: int, n_same_row: int,
+                       n_same_col: int) -> tuple[float, float]:
+    """Mean and variance of ``‖Δ[P]‖²/‖Δ‖²`` for ``Δ = U' diag(spectrum) V'ᵀ`` with Haar-random
+    ``U'`` (``m × r``) and ``V'`` (``n × r``), P a fixed set of ``size`` coordinate pairs
+    ``(i, k)`` of which ``n_same_row`` ordered pairs of pairs share the row and not the column
+    (``n_same_col`` likewise). ``E‖Δ[P]‖² = size·‖Δ‖²/(mn)``; the variance follows from the
+    Haar fourth moments (:func:`_haar_fourth`), with ``T1 = Σσ²`` and ``T2 = Σσ⁴``."""
+    s2 = spectrum.double().pow(2)
+    T1, T2 = float(s2.sum()), float(s2.pow(2).sum())
+    if T1 <= 0:
+        return float("nan"), float("nan")
+    (ua, *up), (da, *dp) = _haar_fourth(m)
+    (va, *vp), (ea, *ep) = _haar_fourth(n)
+    rows = {"s": (ua, up), "d": (da, dp)}
+    cols = {"s": (va, vp), "d": (ea, ep)}
+
+    def E(x: str, y: str) -> float:  # E[Δ_ik² Δ_i'k'²], x/y: rows/columns same or distinct
+        (a_x, p_x), (a_y, p_y) = rows[x], cols[y]
+        return T2 * a_x * a_y + (T1 * T1 - T2) * sum(px * py for px, py in zip(p_x, p_y))
+
+    n_dd = size * size - size - n_same_row - n_same_col
+    second = size * E("s", "s") + n_same_row * E("s", "d") + n_same_col * E("d", "s") + n_dd * E("d", "d")
+    first = size * T1 / (m * n)
+    return first / T1, max(second - first * first, 0.0) / (T1 * T1)
+
+
+def cluster_counts(sizes: list[int] | np.ndarray) -> tuple[int, int, int]:
+    """``(size, n_same_row, n_same_col)`` of the block-diagonal set ``∪_C C × C``."""
+    c = np.asarray(sizes, dtype=np.int64)
+    same = int((c * c * (c - 1)).sum())
+    return int((c * c).sum()), same, same
+
+
+def block_counts(a: int, b: int) -> tuple[int, int, int]:
+    """``(size, n_same_row, n_same_col)`` of the ``a × b`` block."""
+    return a * b, a * b * (b - 1), a * (a - 1) * b
+
+
+# --------------------------------------------------------------------------- head circuits
+@dataclass(frozen=True)
+class CircuitFrame:
+    """One head circuit in its ``k``-dimensional frames (from
+    :func:`tv_lens.linalg.align_circuits`): ``L = Qa Ra``, ``Rtᵀ = Qb Rb``; ``ua``/``ub`` the
+    read/write bases (``read``/``write`` masks drop null directions); ``u``, ``vh`` the base
+    circuit's singular vectors, ``keep`` its non-null ones and ``ids`` their clusters."""
+
+    Ra: Float[Tensor, "k k"]
+    Rb: Float[Tensor, "k k"]
+    ua: Float[Tensor, "k k"]
+    ub: Float[Tensor, "k k"]
+    read: Tensor
+    write: Tensor
+    u: Float[Tensor, "k k"]
+    vh: Float[Tensor, "k k"]
+    keep: Tensor
+    ids: Tensor
+    m: int
+    n: int
+
+
+def _wishart(rng: np.random.Generator, dof: int, k: int, samples: int) -> np.ndarray:
+    """``samples`` draws of ``eᵀe`` for ``e`` an iid standard Gaussian ``dof × k`` matrix
+    (Bartlett's decomposition when ``dof ≥ k``)."""
+    if dof <= 0:
+        return np.zeros((samples, k, k))
+    if dof < k:
+        e = rng.standard_normal((samples, dof, k))
+        return np.einsum("sik,sil->skl", e, e)
+    A = np.tril(rng.standard_normal((samples, k, k)), -1)
+    A[:, np.arange(k), np.arange(k)] = np.sqrt(rng.chisquare(dof - np.arange(k), (samples, k)))
+    return A @ A.transpose(0, 2, 1)
+
+
+def circuit_null(frame: CircuitFrame, norm_L: float, norm_R: float, samples: int,
+                 seed: list[int]) -> tuple[NullMoments, NullMoments]:
+    """Monte Carlo null of one circuit's ``(subspace_share, amplification_share)`` when ``L``
+    and ``Rt`` move by uniformly random directions of norms ``norm_L`` and ``norm_R``: the
+    sample mean and variance of each share (``samples`` draws, seeded by ``seed``)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    k = frame.Ra.shape[0]
+    X0 = rng.standard_normal((samples, k, k))
+    Y0 = rng.standard_normal((samples, k, k))
+    We = _wishart(rng, frame.m - k, k, samples)
+    Wf = _wishart(rng, frame.n - k, k, samples)
+    # uniform directions with the given norms: scale X and the complement together
+    alpha = norm_L / np.sqrt((X0**2).sum((1, 2)) + np.trace(We, axis1=1, axis2=2))
+    beta = norm_R / np.sqrt((Y0**2).sum((1, 2)) + np.trace(Wf, axis1=1, axis2=2))
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+    X, Y = t(X0 * alpha[:, None, None]), t(Y0 * beta[:, None, None])
+    We, Wf = t(We * (alpha**2)[:, None, None]), t(Wf * (beta**2)[:, None, None])
+    Ra, Rb = frame.Ra.double().cpu(), frame.Rb.double().cpu()
+    M = X @ Rb.mT + Ra @ Y + X @ Y
+    A, B = Ra + X, Rb.mT + Y  # [a, ⊥] = A f, [⊥, b] = e B, [⊥, ⊥] = e f
+    total = (M.pow(2).sum((1, 2)) + ((A @ Wf) * A).sum((1, 2))
+             + ((We @ B) * B).sum((1, 2)) + (We * Wf.mT).sum((1, 2)))
+    ua, ub = frame.ua.double().cpu(), frame.ub.double().cpu()
+    mask = (frame.read[:, None] & frame.write[None, :]).cpu()
+    sub = ((ua.mT @ M @ ub) * mask).pow(2).sum((1, 2)) / total
+    keep = frame.keep.cpu()
+    core = (frame.u.double().cpu().mT @ M @ frame.vh.double().cpu().mT)[:, keep][:, :, keep]
+    same = frame.ids.cpu()[:, None] == frame.ids.cpu()[None, :]
+    amp = (core.pow(2) * same).sum((1, 2)) / total
+
+    def moments(x: Tensor) -> NullMoments:
+        x = x[torch.isfinite(x)]
+        return NullMoments(x.mean().reshape(1), x.var().reshape(1))
+
+    return moments(sub), moments(amp)
