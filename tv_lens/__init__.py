@@ -12,7 +12,7 @@ from tv_lens.activation_patching import activation_patch
 from tv_lens.alignment import Analysis, Thresholds, analyze, matrix_spectrum
 from tv_lens.circuits import composition
 from tv_lens.components import Component, ComponentIndex
-from tv_lens.compose import compose
+from tv_lens.compose import compose, to_mergekit_config
 from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, MissingBaseError,
                             NonFiniteWeightsError, ProcessedWeightsError, ShapeMismatchError,
                             TvLensError, TvLensWarning, UnsupportedArchitectureError,
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     # pairing and tuning vectors
     "ArchSpec", "HeadDelta", "ModelPair", "NeuronDelta", "TuningVector", "compose",
+    "to_mergekit_config",
     # components
     "Component", "ComponentIndex",
     # analysis

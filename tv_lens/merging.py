@@ -44,10 +44,12 @@ def composition_grid(pair_or_base: Any, vectors: Mapping[str, TuningVector] | Se
         metrics: ``name -> metric`` (a list of metrics uses their ``name``).
         weights: weight tuples, one weight per vector (default ``(1, …, 1)``); a one-hot tuple
             applies a single vector.
-        methods: merge methods of :func:`tv_lens.compose` (``"sum"``, ``"ties"``, ``"dare"``).
+        methods: merge methods of :func:`tv_lens.compose` (``"task_arithmetic"``/``"sum"``,
+            ``"ties"``, ``"dare_linear"``/``"dare"``, ``"dare_ties"``).
         alphas: overall scales λ.
         include_base: add the rows of the base model itself (``method="base"``, ``alpha=0``).
-        compose_kwargs: passed to :func:`tv_lens.compose` (``top_k``, ``drop_rate``, ``seed``).
+        compose_kwargs: passed to :func:`tv_lens.compose` (``density``, ``normalize``,
+            ``rescale``, ``seed``); ``alphas`` play the role of its ``lambda_``.
 
     Returns:
         One row per (method, weighting, α, metric): ``method``, one ``w_<name>`` column per

@@ -22,7 +22,8 @@ from tv_lens.merging import composition_grid
 ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
 WEIGHTS = (0.4, 0.7, 1.0, 1.3)
 DOMAINS = ("medical", "math")
-MERGE = dict(top_k=0.2, drop_rate=0.5, seed=0)  # TIES keeps 20%, DARE drops half (seeded)
+#: per method, compose's settings (mergekit's names): TIES keeps 20%, DARE keeps half (seeded)
+MERGES = {"sum": {}, "ties": dict(density=0.2), "dare": dict(density=0.5, seed=0)}
 
 
 def _metrics(tokenizer, half: str, domains, kinds) -> dict:
@@ -44,8 +45,9 @@ def compose_domains(alphas=ALPHAS, progress: bool = False) -> dict:
     base, tok = med.base, med.base.tokenizer
     vectors = {"medical": med.tuning_vector(), "math": mth.tuning_vector()}
     validation = _metrics(tok, "validation", DOMAINS, ("answer_acc",))
-    grid = composition_grid(base, vectors, validation, methods=("sum", "ties", "dare"),
-                            alphas=alphas, include_base=False, progress=progress, **MERGE)
+    grid = pd.concat([composition_grid(base, vectors, validation, methods=(m,), alphas=alphas,
+                                       include_base=False, progress=progress, **kw)
+                      for m, kw in MERGES.items()], ignore_index=True)
     chosen, validation_acc = {}, {}
     for method, g in grid.groupby("method", sort=False):
         chosen[method], validation_acc[method] = _best(g, ["alpha"])
@@ -56,7 +58,7 @@ def compose_domains(alphas=ALPHAS, progress: bool = False) -> dict:
     test = _metrics(tok, "test", ("general", *DOMAINS), ("loss", "answer_acc"))
     runs = [composition_grid(base, vectors, test, weights=[(1, 0), (0, 1)], progress=progress)]
     runs += [composition_grid(base, vectors, test, methods=(m,), alphas=(a,), include_base=False,
-                              progress=progress, **MERGE) for m, a in chosen.items()]
+                              progress=progress, **MERGES[m]) for m, a in chosen.items()]
     runs.append(composition_grid(base, vectors, test, weights=[best_w], include_base=False,
                                  progress=progress))
     table = pd.concat(runs, ignore_index=True)
