@@ -1,7 +1,11 @@
 """Check the three claims of Tanwar et al. 2025 (arXiv 2510.09359) on a model pair.
 
     python examples/research_claims.py                      # the shipped medical pair
+    python examples/research_claims.py math                 # another shipped pair
     python examples/research_claims.py BASE TUNED [PROMPTS]  # any pair (HF names or folders)
+
+0. Labels per part under calibrated labels (each share tested against its unit's null, level
+   0.01) beside the fixed 0.5 thresholds: what the label column says about each claim.
 
 1. MLP updates write *new* directions: neuron-direction new_share vs its random baseline.
 2. Attention updates *amplify existing* directions: head-circuit subspace/amplification shares
@@ -26,8 +30,27 @@ def energy_weighted(df: pd.DataFrame, column: str) -> float:
     return float((changed[column] * w).sum() / w.sum())
 
 
+def label_counts(calibrated: tv_lens.Analysis, fixed: tv_lens.Analysis) -> pd.DataFrame:
+    """Units per label, per part and kind, under both labelings (one row per part/kind/mode)."""
+    rows = []
+    for mode, result in (("calibrated", calibrated), ("fixed", fixed)):
+        for part, table, kind in (("attn", result.heads, "circuit"), ("mlp", result.neurons, "side"),
+                                  ("matrix", result.matrices, "matrix")):
+            for k, labels in table.groupby(kind, sort=False).label:
+                rows.append({"part": part, "kind": k, "mode": mode, **labels.value_counts().to_dict()})
+    cols = ["part", "kind", "mode", *[c for c in tv_lens.alignment.LABELS if any(c in r for r in rows)]]
+    return pd.DataFrame(rows).reindex(columns=cols).fillna(0).astype({c: int for c in cols[3:]})
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) >= 2:
+    if len(argv) == 1:
+        from tv_lens.demo import load_pair
+        from tv_lens.demo.corpus import build_corpora
+
+        pair = load_pair(argv[0])
+        domain = "medical" if argv[0].startswith("medical") else argv[0]
+        prompts = [ex.text for ex in build_corpora(0)[domain].eval[:64]]
+    elif len(argv) >= 2:
         pair = tv_lens.ModelPair.from_pretrained(argv[0], argv[1])
         prompts = open(argv[2]).read().splitlines() if len(argv) > 2 else ["Hello world."] * 8
     else:
@@ -37,8 +60,20 @@ def main(argv: list[str]) -> None:
         pair = load_pair("medical")
         prompts = [ex.text for ex in build_corpora(0)["medical"].eval[:64]]
     analysis = tv_lens.analyze(pair, progress=False)
+    fixed = tv_lens.analyze(pair, progress=False, labels="fixed", null_samples=0)
     heads, neurons, summary = analysis.heads, analysis.neurons, analysis.summary
     print(pair)
+    counts = label_counts(analysis, fixed)
+    print("0. labels per part (calibrated: level 0.01 against each unit's null; fixed: 0.5 "
+          "thresholds)")
+    print(counts.to_string(index=False))
+    for part, table, kind in (("attention", heads, "circuit"), ("MLP", neurons, "side")):
+        changed = table[table.label != "unchanged"]
+        w = changed.delta_norm ** 2
+        share = {lab: float(w[changed.label == lab].sum() / w.sum()) for lab in ("new", "aligned", "amplified", "dampened")}
+        print(f"   {part}: update energy labelled new {share['new']:.3f}, aligned "
+              f"{share['aligned']:.3f}, amplified {share['amplified']:.3f}, dampened "
+              f"{share['dampened']:.3f} (calibrated)")
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
         print(summary.to_string(index=False))

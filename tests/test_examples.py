@@ -11,6 +11,7 @@ def test_research_claims_example(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["research_claims.py"])
     runpy.run_path(str(EXAMPLES / "research_claims.py"), run_name="__main__")
     out = capsys.readouterr().out
-    for marker in ("1. MLP: update energy share", "2. attention OV", "2. attention QK",
+    for marker in ("0. labels per part", "calibrated", "update energy labelled new",
+                   "1. MLP: update energy share", "2. attention OV", "2. attention QK",
                    "3. representations on 64 prompts", "outside_share"):
         assert marker in out
