@@ -44,7 +44,7 @@ from tv_lens.lazy import LowRank
 from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, frob2,
                             gram_svd, intruder_count, matrix_overlap, random_match_baseline,
                             randomized_svd, spectrum_stats)
-from tv_lens.nulls import (CIRCUIT_CODES, block_counts, circuit_null, cluster_counts,
+from tv_lens.nulls import (CIRCUIT_CODES, block_counts, circuit_nulls, cluster_counts,
                            haar_share_moments, neuron_moments)
 from tv_lens.stats import NullMoments, bh_adjust
 from tv_lens.sources import layer_of
@@ -179,7 +179,7 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
     by_circuit = {c: align_circuits(*factors) for c, factors in circuits.items()}
     factor_norms = {c: (f[2].double().pow(2).sum((1, 2)).sqrt().cpu(),
                         f[3].double().pow(2).sum((1, 2)).sqrt().cpu()) for c, f in circuits.items()}
-    rows = []
+    rows, pending = [], []  # pending: (row index, circuit, head) of changed circuits to test
     for head in range(spec.n_heads):
         for circuit, al in by_circuit.items():
             S, core, delta_norm = al.base_S[head], al.core[head], al.delta_norm[head]
@@ -190,16 +190,10 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
             base_amp = float(torch.bincount(ids).pow(2).sum()) / (m * n) if len(ids) else 0.0
             nan = float("nan")
             sub, amp, scale = nan, nan, 0.0
-            tests = dict(null_subspace_share=nan, z=nan, p_value=nan, null_amplification_share=nan,
-                         amplification_z=nan, amplification_p_value=nan)
             if rel >= t.tol and delta_norm > 0:
                 sub = al.subspace[head]
                 amp, scale = core_shares(core, S, delta_norm**2, ids)
-                if null_samples:
-                    norms = factor_norms[circuit]
-                    nulls = circuit_null(al.frames[head], float(norms[0][head]), float(norms[1][head]),
-                                         null_samples, [seed, layer, head, CIRCUIT_CODES[circuit]])
-                    tests = _tests(nulls, (sub, amp))
+                pending.append((len(rows), circuit, head))
             new_share = 1.0 - sub
             rows.append(dict(
                 layer=layer, head=head, circuit=circuit,
@@ -207,7 +201,17 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
                 delta_norm=delta_norm, relative_norm=rel, subspace_share=sub,
                 new_share=new_share, amplification_share=amp, signed_scale=scale,
                 baseline_subspace_share=base_sub, baseline_amplification_share=base_amp,
-                baseline_subspace_share_weights=al.read_rank[head] / spec.d_model, **tests))
+                baseline_subspace_share_weights=al.read_rank[head] / spec.d_model,
+                null_subspace_share=nan, z=nan, p_value=nan, null_amplification_share=nan,
+                amplification_z=nan, amplification_p_value=nan))
+    if null_samples and pending:
+        nulls = circuit_nulls([by_circuit[c].frames[h] for _, c, h in pending],
+                              [float(factor_norms[c][0][h]) for _, c, h in pending],
+                              [float(factor_norms[c][1][h]) for _, c, h in pending], null_samples,
+                              [[seed, layer, h, CIRCUIT_CODES[c]] for _, c, h in pending])
+        for (i, _, _), null in zip(pending, nulls):
+            row = rows[i]
+            row.update(_tests(null, (row["subspace_share"], row["amplification_share"])))
     return rows
 
 
