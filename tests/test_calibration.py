@@ -248,7 +248,7 @@ def test_summary_and_cli_options(llama_dirs, tmp_path, capsys):
 
     out = tmp_path / "fixed"
     assert main(["analyze", *map(str, llama_dirs), "--out", str(out), "--labels", "fixed",
-                 "--null-samples", "50"]) == 0
+                 "--null-samples", "0"]) == 0
     summary = pd.read_csv(out / "summary.csv")
     assert {"aligned_frac", "mixed_frac"} <= set(summary.columns)
     assert (summary.aligned_frac.fillna(0) == 0).all()
@@ -256,7 +256,8 @@ def test_summary_and_cli_options(llama_dirs, tmp_path, capsys):
     assert (calibrated.summary.mixed_frac.fillna(0) == 0).all()
     assert set(calibrated.heads.label) <= {"amplified", "dampened", "aligned", "new", "unchanged"}
     for bad, message in ((["--level", "2"], "--level must be between 0 and 1"),
-                         (["--null-samples", "1"], "--null-samples must be at least 2")):
+                         (["--null-samples", "1"], "--null-samples must be at least 2"),
+                         (["--null-samples", "0"], "0 skips the head tests with --labels fixed")):
         assert main(["analyze", *map(str, llama_dirs), "--out", str(tmp_path / "x"), *bad]) == 2
         assert message in capsys.readouterr().err
     for kwargs, message in ((dict(labels="nope"), "labels must be one of"),

@@ -87,3 +87,28 @@ def test_count_against_dense_svd():
             count, best = intruder_count(base, matrix_overlap(base, update, 10), 10, 0.5)
             torch.testing.assert_close(best, cos, atol=1e-8, rtol=1e-8)
             assert count == int((cos < 0.5).sum())
+
+
+def test_top_eigenpairs_krylov_equals_eigh(monkeypatch):
+    """The Krylov path (used above n = 1024) against a full eigh, on Grams like the ones it
+    meets: a random tall matrix's (flat Marchenko–Pastur top) plus a low-rank update."""
+    from tv_lens.linalg import top_eigenpairs
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(600, 300, generator=g, dtype=torch.float64)
+    D = torch.randn(600, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 300, generator=g,
+                                                                             dtype=torch.float64)
+    for T in (W, W + 0.2 * D, W + 3.0 * D):
+        G = T.T @ T
+        evals, vecs = torch.linalg.eigh(G)
+        ref_vals, ref_vecs = evals.flip(0)[:10], vecs.flip(1)[:, :10]
+        start = torch.linalg.eigh(W.T @ W)[1].flip(1)
+        sizes, eigh = [], torch.linalg.eigh
+        monkeypatch.setattr(torch.linalg, "eigh", lambda x: sizes.append(x.shape[0]) or eigh(x))
+        vals, got = top_eigenpairs(G, 10, start=start, krylov_above=100, max_dim=200)
+        monkeypatch.undo()
+        assert max(sizes) < 300  # converged in the Krylov space: no full eigh fallback
+        torch.testing.assert_close(vals, ref_vals, rtol=1e-7, atol=0)
+        np.testing.assert_allclose((got * ref_vecs).sum(0).abs().numpy(), 1.0, atol=1e-6)
+    small_vals, _ = top_eigenpairs(W.T @ W, 5)  # n ≤ 1024: the full eigh
+    torch.testing.assert_close(small_vals, torch.linalg.eigvalsh(W.T @ W).flip(0)[:5])

@@ -67,7 +67,8 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", type=float, default=0.01,
                         help="q-value at or below which a share is significant (default 0.01)")
     parser.add_argument("--null-samples", type=int, default=200,
-                        help="Monte Carlo draws per head circuit for its null (default 200)")
+                        help="Monte Carlo draws per head circuit for its null (default 200; 0 "
+                             "skips the head tests, only with --labels fixed)")
     parser.add_argument("--prompt", default=None,
                         help="text for the report's attention patterns and per-token effects")
 
@@ -152,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tv-lens: error: --level must be between 0 and 1 (e.g. 0.01), got {args.level}.",
               file=sys.stderr)
         return 2
-    if hasattr(args, "null_samples") and args.null_samples < 2:
-        print(f"tv-lens: error: --null-samples must be at least 2 (default 200), got "
-              f"{args.null_samples}.", file=sys.stderr)
+    if hasattr(args, "null_samples") and (args.null_samples == 1 or args.null_samples < (
+            2 if args.labels == "calibrated" else 0)):
+        print(f"tv-lens: error: --null-samples must be at least 2 (default 200; 0 skips the "
+              f"head tests with --labels fixed), got {args.null_samples}.", file=sys.stderr)
         return 2
     if getattr(args, "fast", False) and args.fast_rank < args.top_k:
         print(f"tv-lens: error: --fast-rank ({args.fast_rank}) must be at least --top-k "

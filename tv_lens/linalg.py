@@ -276,8 +276,61 @@ def cluster_ids(S: Float[Tensor, "r"], rtol: float = 1e-4) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long, device=S.device), torch.cumsum(gaps, 0)])
 
 
+def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = None,
+                   tol: float = 1e-7, max_dim: int | None = None,
+                   krylov_above: int = FLOAT64_UP_TO) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest eigenvalues (descending) and eigenvectors ``[n, k]`` of a symmetric
+    positive semi-definite ``G``, in float64.
+
+    Up to ``krylov_above`` a full ``eigh``. Above it, a block Krylov space grown from ``start``
+    (e.g. the base's top singular vectors, which an update moves only a little; random
+    otherwise) with Rayleigh–Ritz after every block; accepted once every residual
+    ``‖G v − θ v‖ ≤ tol · θ₁`` (an eigenvector's error is at most that over its eigenvalue
+    gap), else — past ``max_dim`` directions (default ``n/4``) — a full ``eigh``. Measured on two
+    CPU cores for a 2048-wide Gram: as fast as the float32 ``eigh`` (0.65 s) when the top of
+    the spectrum is as flat as a random matrix's (it converges at ~460 directions), much faster
+    for weights whose top singular values stand apart."""
+    n = G.shape[0]
+    k = min(k, n)
+    G = G.double()
+    if n <= krylov_above:
+        evals, vecs = torch.linalg.eigh(G)
+        return evals.flip(0)[:k], vecs.flip(1)[:, :k]
+    p = min(n, k + 10)
+    max_dim = max_dim or n // 4
+    g = torch.Generator(device="cpu").manual_seed(0)
+    block = torch.randn(n, p, generator=g, dtype=torch.float64).to(G.device)
+    if start is not None:
+        block[:, :min(p, start.shape[1])] = start[:, :p].to(block)
+    K = torch.linalg.qr(block).Q
+    GK = G @ K
+    last = K.shape[1]  # width of the newest block
+    while True:
+        theta, w = torch.linalg.eigh(K.T @ GK)
+        theta, w = theta.flip(0)[:k], w.flip(1)[:, :k]
+        V = K @ w
+        residual = (GK @ w - V * theta).norm(dim=0)
+        if bool((residual <= tol * theta[0].clamp(min=1e-300)).all()):
+            return theta, V
+        if K.shape[1] + p > min(max_dim, n):
+            break
+        new = GK[:, -last:]
+        for _ in range(2):  # block Gram–Schmidt, twice for stability
+            new = new - K @ (K.T @ new)
+        q, r = torch.linalg.qr(new)
+        keep = r.diagonal().abs() > 1e-12 * r.diagonal().abs().max().clamp(min=1e-300)
+        if not bool(keep.any()):
+            break  # the space is invariant: Rayleigh–Ritz above was exact up to rounding
+        last = int(keep.sum())
+        K = torch.cat([K, q[:, keep]], dim=1)
+        GK = torch.cat([GK, G @ q[:, keep]], dim=1)
+    evals, vecs = torch.linalg.eigh(G.to(work_dtype(n)))
+    return evals.double().flip(0)[:k], vecs.double().flip(1)[:, :k]
+
+
 def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
-                   epsilon: float = 0.5, out_side: str = "right") -> tuple[int, Tensor]:
+                   epsilon: float = 0.5, out_side: str = "right", *,
+                   krylov_above: int = FLOAT64_UP_TO) -> tuple[int, Tensor]:
     """Intruder dimensions (Shuttleworth et al. 2024, as PEFT's ``reduce_intruder_dimension``
     counts them): among the tuned matrix's top-``top_k`` singular vectors on its output side,
     those whose largest ``|cos|`` with any of the base's singular vectors on that side is below
@@ -286,15 +339,14 @@ def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
     ``out_side`` says which side of the (un-transposed) matrix is the output: ``"right"`` for a
     TransformerLens weight ``x @ W`` (PEFT's ``[out, in]`` left side is its right side). Works
     from the Grams :func:`matrix_overlap` keeps (exact mode): the tuned matrix's short-side
-    vectors from an ``eigh`` of ``(Wt + Δt)ᵀ(Wt + Δt)``; long-side vectors only through
+    vectors as the top eigenvectors of ``(Wt + Δt)ᵀ(Wt + Δt)`` (:func:`top_eigenpairs`,
+    started from the base's); long-side vectors only through
     ``u'ᵀ u_i = v'ᵀ (Wt + Δt)ᵀ Wt v_i / (s' σ_i)``, never formed.
     """
     if overlap.tuned_gram is None:
         raise ValueError("intruder_count needs the exact-mode Grams (not available with --fast).")
-    G = overlap.tuned_gram
-    evals, vecs = torch.linalg.eigh(G.to(work_dtype(G.shape[0])))
-    evals, vecs = evals.double().flip(0), vecs.double().flip(1)
-    k = min(top_k, int((evals > 1e-12 * evals[0].clamp(min=0)).sum()))
+    evals, vecs = top_eigenpairs(overlap.tuned_gram, top_k, start=base.V, krylov_above=krylov_above)
+    k = int((evals > 1e-12 * evals[0].clamp(min=0)).sum())
     v_t, s_t = vecs[:, :k], evals[:k].clamp(min=0).sqrt()
     # the output side is Wt's short side (V) unless W was transposed to make it tall
     short_side = (out_side == "right") != base.transposed
