@@ -37,10 +37,10 @@ def test_report_is_one_offline_file_with_every_section(full_report):
     text = full_report.read_text()
     assert not _external_sources(text)
     assert text.count("plotly.js v") <= 2 and text.count("var CircuitsVis") <= 1  # embedded once
-    assert text.count('class="plotly-graph-div"') == 7  # summary, 2 heads, neurons, spectrum,
-    #                                                     circuit, patching
+    assert text.count('class="plotly-graph-div"') == 8  # summary, 2 heads, head labels,
+    #                                                     neurons, spectrum, circuit, patching
     assert text.count("CircuitsVis.render(") == 3 + 3  # head tokens ×3, attention, 2 token views
-    for heading in ("Summary: attention vs MLP", "Circuit view", "On the prompt",
+    for heading in ("Summary: attention vs MLP", "Head labels", "Circuit view", "On the prompt",
                     "Most-changed heads"):
         assert heading in text
     assert "Left out of this report" not in text
@@ -81,7 +81,7 @@ def test_report_renders_in_chromium_with_the_network_blocked(full_report):
     dom, log = run.stdout, run.stderr
     console = [line for line in log.splitlines() if ":CONSOLE" in line]
     assert not console, console[:3]
-    assert dom.count('class="plot-container plotly"') == 7  # every plotly figure drew
+    assert dom.count('class="plot-container plotly"') == 8  # every plotly figure drew
     views = re.findall(r'<div id="circuits-vis-[^"]+"[^>]*>(.{0,40})', dom)
     assert len(views) == 6 and all(v.startswith("<div") for v in views), views  # all rendered
     assert "<script>alert(1)" not in dom.split("</head>", 1)[1].replace("&lt;script&gt;", "")

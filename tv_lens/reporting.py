@@ -130,6 +130,13 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
                  "write subspaces; colour centred on the weight-perturbation baseline.")
     page.figure(viz.heads(analysis, "OV", "subspace_share"))
     page.figure(viz.heads(analysis, "QK", "subspace_share"))
+    mode = analysis.info.get("labels", "fixed")
+    page.heading("Head labels", ("Calibrated" if mode == "calibrated" else "Fixed-threshold")
+                 + " labels of each head's OV circuit"
+                 + (": aligned = more inside its subspaces than a random perturbation of its "
+                    "weights of the same size (q ≤ level); hover for z, p and q."
+                    if mode == "calibrated" else "."))
+    page.figure(viz.heads(analysis, "OV", "label"))
     page.heading("Neurons", "Cosine between each neuron's output-direction update and the "
                  "direction itself; the dashed band is a random update's.")
     page.figure(viz.neurons(analysis, "out"))
