@@ -156,7 +156,7 @@ def _draws(frame: CircuitFrame, samples: int, seed: list[int]) -> tuple[Tensor, 
 
 
 def circuit_nulls(frames: list[CircuitFrame], norms_L: list[float], norms_R: list[float],
-                  samples: int, seeds: list[list[int]], batch: int = 8
+                  samples: int, seeds: list[list[int]], batch: int = 2
                   ) -> list[tuple[NullMoments, NullMoments]]:
     """Monte Carlo null of each circuit's ``(subspace_share, amplification_share)`` when its
     ``L`` and ``Rt`` move by uniformly random directions of norms ``norms_L[i]``,
