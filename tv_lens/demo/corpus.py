@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 DOMAINS = ("general", "medical", "math")
 
@@ -279,3 +280,16 @@ def build_corpora(seed: int = 0) -> dict[str, Corpus]:
     """All three domains, keyed by name (``general``, ``medical``, ``math``)."""
     return {"general": general_corpus(seed), "medical": medical_corpus(seed),
             "math": math_corpus(seed)}
+
+
+def domain_token_ids(tokenizer: Any, domain: str) -> list[int]:
+    """A domain's word list as token ids, for :func:`tv_lens.readouts.domain_score`:
+    ``"math"``: every token that is one or more digits; ``"medical"``: the tokens of the
+    medical words (conditions, drugs, symptoms; the general corpus mentions them too, in
+    sentences that teach no medical facts)."""
+    if domain == "math":
+        return sorted(i for t, i in tokenizer.get_vocab().items() if t.lstrip("▁Ġ").isdigit())
+    if domain != "medical":
+        raise ValueError(f"domain must be 'medical' or 'math', got {domain!r}.")
+    words = {w for phrase in _CONDITIONS + _DRUGS + _SYMPTOMS for w in phrase.split()}
+    return sorted({i for w in words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]})
