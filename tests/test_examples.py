@@ -15,3 +15,12 @@ def test_research_claims_example(capsys, monkeypatch):
                    "1. MLP: update energy share", "2. attention OV", "2. attention QK",
                    "3. representations on 64 prompts", "outside_share"):
         assert marker in out
+
+
+def test_token_readouts_example(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["token_readouts.py"])
+    runpy.run_path(str(EXAMPLES / "token_readouts.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for marker in ("== medical", "== math", "weight lens, best update direction",
+                   "weight lens, best base direction", "activation-difference lens, layer 3"):
+        assert marker in out

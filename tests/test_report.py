@@ -40,7 +40,8 @@ def test_report_is_one_offline_file_with_every_section(full_report):
     assert text.count('class="plotly-graph-div"') == 8  # summary, 2 heads, head labels,
     #                                                     neurons, spectrum, circuit, patching
     assert text.count("CircuitsVis.render(") == 3 + 3  # head tokens ×3, attention, 2 token views
-    for heading in ("Summary: attention vs MLP", "Head labels", "Circuit view", "On the prompt",
+    for heading in ("Summary: attention vs MLP", "Head labels", "What did the update write?",
+                    "Circuit view", "On the prompt",
                     "Most-changed heads"):
         assert heading in text
     assert "Left out of this report" not in text

@@ -161,3 +161,22 @@ def test_reprs_are_short(pair, analysis):
     for obj in (tv.neuron(0, 3), tv.head(1, 2), analysis, tv, tv.components, pair):
         text = repr(obj)
         assert len(text) < 200 and "\n" not in text, text
+
+
+def test_token_readouts_in_figure_hovers(pair, analysis):
+    from tv_lens.readouts import read_tokens, top_token_text
+
+    tokens = read_tokens(pair, k=5, directions=1, neurons=[(0, 1)], progress=False)
+    text = top_token_text(tokens, "L1H2.OV")
+    rows = tokens[(tokens.unit == "L1H2.OV") & (tokens.source == "update") & (tokens.side == "write")
+                  & (tokens.sign == 1) & (tokens["rank"] < 5)].sort_values("rank")
+    assert text.startswith("write: + " + " ".join(rows.token))
+    heat = viz.heads(analysis, "OV", "subspace_share", tokens=tokens)
+    hover = heat.data[0].text[1][2]  # layer 1, head 2
+    assert "tokens: " + text.split(" / ")[0].replace("<", "&lt;") in hover.replace("&gt;", ">")
+    fig = viz.circuit(analysis, tokens=tokens)
+    mlp = next(t for t in fig.data if t.name == "MLPs")
+    assert all("tokens: write:" in h for h in mlp.hovertext)
+    cloud = viz.neurons(analysis, "out", tokens=tokens)
+    assert any("tokens: write:" in h for t in cloud.data for h in t.text)
+    assert top_token_text(tokens, "L9H9.OV") == ""

@@ -8,6 +8,7 @@ Importing this package is cheap: it imports neither plotly nor circuitsvis (``tv
 """
 
 from tv_lens import metrics
+from tv_lens.activation_lens import activation_difference_lens
 from tv_lens.activation_patching import activation_patch
 from tv_lens.alignment import Analysis, Thresholds, analyze, matrix_spectrum
 from tv_lens.circuits import composition
@@ -20,6 +21,7 @@ from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, Miss
 from tv_lens.merging import composition_grid
 from tv_lens.pair import ModelPair
 from tv_lens.patching import AttributionComparison, attribute, compare_attribution, patch
+from tv_lens.readouts import domain_score, read_tokens
 from tv_lens.representations import compare_representations
 from tv_lens.spec import ArchSpec
 from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
@@ -35,6 +37,8 @@ __all__ = [
     # analysis
     "Analysis", "Thresholds", "analyze", "compare_representations", "composition",
     "matrix_spectrum",
+    # reading updates as tokens
+    "activation_difference_lens", "domain_score", "read_tokens",
     # patching and experiments
     "AttributionComparison", "activation_patch", "attribute", "compare_attribution",
     "composition_grid", "metrics", "patch",

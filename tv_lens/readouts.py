@@ -79,7 +79,7 @@ def ov_tokens(pair_or_vector: Any, layer: int, head: int, k: int = 10,
 
 # --------------------------------------------------------------------------- weight lens
 TOKEN_COLUMNS = ["unit", "source", "direction", "sign", "side", "rank", "token", "token_id",
-                 "score", "sigma"]
+                 "score", "z", "sigma"]
 _MLP_SIDES = {"W_out": ("write",), "W_in": ("read",), "W_gate": ("read",)}
 _NEURON_MATRIX = {"out": "W_out", "in": "W_in", "gate": "W_gate"}
 
@@ -202,8 +202,9 @@ def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int 
     Returns:
         One row per token: ``unit, source ("update" | "base"), direction (0 = top), sign
         (+1 | −1), side ("write" | "read" | "query" | "key"), rank (0 = top), token, token_id,
-        score`` (the signed readout, larger = more), ``sigma`` (the direction's singular value,
-        or the neuron slice's norm). ``df.attrs["d_vocab"]`` holds the vocabulary size.
+        score`` (the signed readout, larger = more), ``z`` (the score in standard deviations
+        of that direction's readout over the whole vocabulary: how much the token stands out),
+        ``sigma`` (the direction's singular value, or the neuron slice's norm). ``df.attrs["d_vocab"]`` holds the vocabulary size.
     """
     from tqdm.auto import tqdm
 
@@ -243,13 +244,15 @@ def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int 
 def _top_rows(unit: str, batch: list, scores: Tensor, k: int) -> list[dict]:
     """Columns of the top-``k`` tokens of every direction in ``batch``, both signs."""
     k = min(k, scores.shape[0])
+    mean, std = scores.mean(0), scores.std(0).clamp(min=1e-30)
     rows = []
     for sign in (1, -1):
         top = torch.topk(sign * scores, k, dim=0)  # [k, n]
+        z = (top.values - sign * mean) / std
         for j, (source, side, direction, _, sigma) in enumerate(batch):
             rows.append(dict(unit=unit, source=source, direction=direction, sign=sign, side=side,
                              rank=np.arange(k), token_id=top.indices[:, j].numpy(),
-                             score=top.values[:, j].numpy(), sigma=sigma))
+                             score=top.values[:, j].numpy(), z=z[:, j].numpy(), sigma=sigma))
     return rows
 
 
@@ -293,3 +296,25 @@ def _hypergeom_sf(hits: int, N: int, K: int, n: int) -> float:
     total = math.comb(N, n)
     return float(sum(math.comb(K, i) * math.comb(N - K, n - i) for i in range(hits, min(K, n) + 1))
                  / total)
+
+
+def top_token_text(tokens: pd.DataFrame, unit: str, n: int = 5, side: str | None = None) -> str:
+    """``"+ a b c / − d e f"``: a unit's top update direction's ``n`` tokens of each sign (its
+    ``write`` side by default, else its first side), for hover texts; ``""`` without rows."""
+    rows = tokens[(tokens.unit == unit) & (tokens.source == "update") & (tokens.direction == 0)]
+    if rows.empty:
+        return ""
+    side = side or ("write" if (rows.side == "write").any() else rows.side.iloc[0])
+    rows = rows[(rows.side == side) & (rows["rank"] < n)]
+    parts = [("+" if sign > 0 else "−") + " " + " ".join(g.sort_values("rank").token.astype(str))
+             for sign, g in rows.groupby("sign", sort=False)]
+    return f"{side}: " + " / ".join(parts)
+
+
+def concentrated_units(tokens: pd.DataFrame, n: int = 8, top: int = 5) -> pd.DataFrame:
+    """The update directions whose top tokens stand out most from the vocabulary: mean ``z`` of
+    each (unit, direction, sign, side)'s ``top`` tokens, highest ``n`` first."""
+    upd = tokens[(tokens.source == "update") & (tokens["rank"] < top)]
+    keys = ["unit", "direction", "sign", "side"]
+    out = upd.groupby(keys, sort=False).agg(mean_z=("z", "mean")).reset_index()
+    return out.nlargest(n, "mean_z").reset_index(drop=True)

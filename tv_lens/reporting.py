@@ -25,6 +25,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2e
 table { border-collapse: collapse; font-size: .85em; } td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; }
 .note { color: #555; font-size: .9em; } .left-out { background: #fff8e1; padding: .5em 1em; }
 code { background: #f4f4f4; padding: 0 .3em; }
+.toks { margin: .3em 0; font-size: .9em; } .tok { padding: 1px 4px; margin: 0 2px; border-radius: 3px; font-family: monospace; }
 """
 
 
@@ -85,6 +86,45 @@ def _tuning_vector(pair: Any):
     return tv if tv.base is not None else None
 
 
+#: units the report reads as tokens: the most-changed head circuits and MLP matrices
+READ_HEADS, READ_MATRICES = 16, 6
+
+
+def _readouts(analysis, tv, pair: Any) -> pd.DataFrame | None:
+    """:func:`~tv_lens.readouts.read_tokens` of the most-changed units (None without a
+    tokenizer: token ids alone say little)."""
+    from tv_lens.readouts import read_tokens
+
+    tokenizer = getattr(pair, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    heads = analysis.heads.nlargest(READ_HEADS, "delta_norm")
+    mlp = analysis.matrices[analysis.matrices.matrix.isin(["W_in", "W_gate", "W_out"])]
+    mlp = mlp.nlargest(READ_MATRICES, "delta_norm")
+    units = [f"L{l}H{h}.{c}" for l, h, c in zip(heads.layer, heads["head"], heads.circuit)]
+    units += [f"L{int(l)}.mlp.{m}" for l, m in zip(mlp.layer, mlp.matrix)]
+    return read_tokens(tv, units, k=10, directions=2, tokenizer=tokenizer, progress=False)
+
+
+def _token_lists(tokens: pd.DataFrame, n: int = 8) -> str:
+    """The most concentrated update directions as rows of tokens shaded by their z."""
+    from tv_lens.readouts import concentrated_units
+
+    rows = []
+    for r in concentrated_units(tokens, n).itertuples():
+        sel = tokens[(tokens.unit == r.unit) & (tokens.source == "update")
+                     & (tokens.direction == r.direction) & (tokens.sign == r.sign)
+                     & (tokens.side == r.side)].sort_values("rank")
+        top = max(float(sel.z.max()), 1e-9)
+        spans = "".join(
+            f'<span class="tok" style="background: rgba(214, 39, 40, {max(0.0, z) / top:.2f})" '
+            f'title="z = {z:.1f}">{html.escape(str(t))}</span>' for t, z in zip(sel.token, sel.z))
+        sign = "+" if r.sign > 0 else "−"
+        rows.append(f"<div class=\"toks\"><b>{html.escape(r.unit)}</b> direction {r.direction} "
+                    f"({sign}, {html.escape(r.side)}; mean z {r.mean_z:.1f}): {spans}</div>")
+    return "".join(rows)
+
+
 def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None = None,
            composition: pd.DataFrame | None = None, patching: pd.DataFrame | None = None,
            title: str | None = None, top_heads: int = 3) -> Path:
@@ -118,6 +158,9 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
                       + html.escape(json.dumps(provenance, indent=2, default=str))
                       + "</pre></details>")
 
+    tv = _tuning_vector(pair)
+    tokens = _readouts(analysis, tv, pair) if tv is not None else None
+
     page.heading("Summary: attention vs MLP", "Energy share of the update per layer and part, "
                  "and how much of it writes new directions, beside the random baselines.")
     page.figure(viz.summary(analysis))
@@ -128,8 +171,8 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
 
     page.heading("Heads", "Share of each head's ΔOV / ΔQK inside the head's existing read and "
                  "write subspaces; colour centred on the weight-perturbation baseline.")
-    page.figure(viz.heads(analysis, "OV", "subspace_share"))
-    page.figure(viz.heads(analysis, "QK", "subspace_share"))
+    page.figure(viz.heads(analysis, "OV", "subspace_share", tokens=tokens))
+    page.figure(viz.heads(analysis, "QK", "subspace_share", tokens=tokens))
     mode = analysis.info.get("labels", "fixed")
     page.heading("Head labels", ("Calibrated" if mode == "calibrated" else "Fixed-threshold")
                  + " labels of each head's OV circuit"
@@ -141,7 +184,12 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
                  "direction itself; the dashed band is a random update's.")
     page.figure(viz.neurons(analysis, "out"))
 
-    tv = _tuning_vector(pair)
+    if tokens is not None:
+        page.heading("What did the update write?", "The update directions whose top tokens stand "
+                     "out most from the vocabulary (mean z of their top 5) among the most-changed "
+                     f"units ({tokens.unit.nunique()} read); colour = z. tv_lens.read_tokens(pair) "
+                     "reads every unit.")
+        page.parts.append(_token_lists(tokens))
     ov = analysis.heads[analysis.heads.circuit == "OV"]
     top = ov.nlargest(top_heads, "delta_norm")[["layer", "head"]].itertuples(index=False)
     top = [(int(l), int(h)) for l, h in top]
@@ -162,7 +210,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
                      "pass composition=tv_lens.composition(pair) to draw them.")
         page.heading("Circuit view", "Heads and MLPs by layer; colour = new_share, size = update "
                      "norm (or patching effect); " + edges)
-        page.figure(viz.circuit(analysis, scores, patching))
+        page.figure(viz.circuit(analysis, scores, patching, tokens=tokens))
         if hasattr(pair, "tuning_vector") and getattr(pair, "tokenizer", None) is not None:
             page.heading("Most-changed heads: what their ΔOV writes")
             for layer, head in top:

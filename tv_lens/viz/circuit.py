@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from tv_lens.viz.figures import _hover, _require
+from tv_lens.viz.figures import _hover, _require, _with_tokens
 
 _KIND_COLORS = {"Q": "#2ca02c", "K": "#9467bd", "V": "#ff7f0e"}
 
@@ -28,7 +28,7 @@ def _sizes(values: pd.Series, lo: float = 8.0, hi: float = 36.0) -> np.ndarray:
 def circuit(analysis, composition: pd.DataFrame | None = None,
             effects: pd.DataFrame | None = None, *, effect_column: str | None = None,
             top_heads: int = 48, n_edges: int = 30, min_change: float = 0.0,
-            circuit_kind: str = "OV") -> go.Figure:
+            circuit_kind: str = "OV", tokens: pd.DataFrame | None = None) -> go.Figure:
     """Draw the model as a graph of heads and MLPs.
 
     Args:
@@ -43,6 +43,8 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
         n_edges: draw the ``n_edges`` largest ``|change|`` edges among shown heads …
         min_change: … that also exceed this threshold.
         circuit_kind: which head circuit colours the nodes (``OV`` or ``QK``).
+        tokens: a :func:`tv_lens.readouts.read_tokens` table: each node's hover then lists the
+            tokens its update writes (heads: the circuit's top direction; MLPs: W_out's).
     """
     heads = analysis.heads[analysis.heads.circuit == circuit_kind].copy()
     _require(heads, ["layer", "head", "new_share", "delta_norm"], "viz.circuit")
@@ -54,6 +56,8 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     mlp["layer"] = mlp.layer.astype(int)
     mlp["component"] = [f"L{l}.mlp" for l in mlp.layer]
     mlp["new_share"], mlp["delta_norm"] = mlp.mean_new_share, np.sqrt(mlp.update_energy)
+    heads = _with_tokens(heads, tokens, [f"{c}.{circuit_kind}" for c in heads.component])
+    mlp = _with_tokens(mlp, tokens, [f"L{l}.mlp.W_out" for l in mlp.layer])
     n_heads = int(analysis.heads["head"].max()) + 1
 
     size_h, size_m = _sizes(heads.delta_norm), _sizes(mlp.delta_norm)
@@ -106,7 +110,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
                              name="MLPs", marker=dict(size=size_m, symbol="square",
                                                       color=mlp.new_share, **color),
                              hovertext=_hover(mlp, ["component", "new_share", "delta_norm",
-                                                    "energy_share", "effect"]),
+                                                    "energy_share", "effect", "tokens"]),
                              hoverinfo="text"))
     shown_note = (f"{len(heads)} of {n_heads_total} heads (largest updates)"
                   if len(heads) < n_heads_total else f"all {n_heads_total} heads")

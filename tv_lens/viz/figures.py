@@ -52,18 +52,30 @@ def _grid(df: pd.DataFrame, value: str, n_heads: int | None = None):
     return layers, z, text
 
 
-def heads(analysis, circuit: str = "OV", value: str = "subspace_share") -> go.Figure:
+def _with_tokens(df: pd.DataFrame, tokens: pd.DataFrame | None, units: list[str]) -> pd.DataFrame:
+    """``df`` plus a ``tokens`` hover column: each unit's top update tokens (read_tokens)."""
+    if tokens is None:
+        return df
+    from tv_lens.readouts import top_token_text
+
+    return df.assign(tokens=[top_token_text(tokens, u) for u in units])
+
+
+def heads(analysis, circuit: str = "OV", value: str = "subspace_share",
+          tokens: pd.DataFrame | None = None) -> go.Figure:
     """Layer × head heatmap of one head-table column for one circuit (``OV`` or ``QK``):
     ``relative_norm``, ``subspace_share``, ``amplification_share``, ``new_share``, … or
     ``label`` (one colour per label).
 
     Shares are coloured on a diverging scale centred on their random baseline (for
     ``subspace_share`` the weight-perturbation baseline ``d_head/d_model``); hover shows every
-    number of the head and its baselines.
+    number of the head and its baselines, and with ``tokens`` (a
+    :func:`tv_lens.readouts.read_tokens` table) the tokens its update writes (reads, for QK).
     """
     table = analysis.heads
     _require(table, ["layer", "head", "circuit", value], "viz.heads")
     df = table[table.circuit == circuit]
+    df = _with_tokens(df, tokens, [f"L{l}H{h}.{circuit}" for l, h in zip(df.layer, df["head"])])
     if df.empty:
         raise TvLensError(f"No rows for circuit {circuit!r}; circuits are "
                           f"{sorted(table.circuit.unique())}.")
@@ -94,11 +106,12 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share") -> go.Fi
 
 
 def neurons(analysis, side: str = "out", layer: int | None = None,
-            max_points: int = 20000) -> go.Figure:
+            max_points: int = 20000, tokens: pd.DataFrame | None = None) -> go.Figure:
     """Each neuron's direction cosine (update vs existing direction) against its relative
     norm, coloured by label; the dashed band is ``±√E[cos²]`` of a random update. Past
     ``max_points`` neurons (a 7B model has 350k per side) only the ones with the largest
-    updates are drawn, and the title says so."""
+    updates are drawn, and the title says so. ``tokens`` (a :func:`~tv_lens.readouts.read_tokens`
+    table with neurons, ``neurons=[...]``) adds each neuron's top tokens to its hover."""
     table = analysis.neurons
     _require(table, ["layer", "neuron", "side", "cos", "relative_norm", "label"], "viz.neurons")
     df = table[(table.side == side) & ((table.layer == layer) if layer is not None else True)]
@@ -108,6 +121,7 @@ def neurons(analysis, side: str = "out", layer: int | None = None,
     total = len(df)
     if total > max_points:
         df = df.nlargest(max_points, "delta_norm")
+    df = _with_tokens(df, tokens, [f"L{l}N{n}.{side}" for l, n in zip(df.layer, df.neuron)])
     fig = go.Figure()
     trace = go.Scatter if len(df) <= 20000 else go.Scattergl  # WebGL only where SVG is too slow
     for label, rows in df.groupby("label"):
