@@ -212,7 +212,7 @@ def test_load_refuses_a_model_of_other_shape(pair, tmp_path, save):
     other = ModelPair.from_pretrained(*([save(llama_model(vocab=80), "other_vocab")] * 2))
     loaded = TuningVector.load(path)
     if pair.spec.family != "llama":
-        with pytest.raises(TvLensError, match="do not share an architecture"):
+        with pytest.raises(TvLensError, match="does not fit the model it is applied to"):
             loaded.applied(other.base).__enter__()
         return
     with pytest.raises(ShapeMismatchError, match=r"embed.W_E: vector \(96, 32\), model \(80, 32\)"):

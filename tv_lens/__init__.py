@@ -14,10 +14,10 @@ from tv_lens.alignment import Analysis, Thresholds, analyze, matrix_spectrum
 from tv_lens.circuits import composition
 from tv_lens.components import Component, ComponentIndex
 from tv_lens.compose import compose, to_mergekit_config
-from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, MissingBaseError,
-                            NonFiniteWeightsError, ProcessedWeightsError, ShapeMismatchError,
-                            TvLensError, TvLensWarning, UnsupportedArchitectureError,
-                            VocabMismatchError)
+from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, InvalidArgumentError,
+                            MissingBaseError, NonFiniteWeightsError, ProcessedWeightsError,
+                            ShapeMismatchError, TvLensError, TvLensWarning,
+                            UnsupportedArchitectureError, VocabMismatchError)
 from tv_lens.merging import composition_grid
 from tv_lens.pair import ModelPair
 from tv_lens.patching import AttributionComparison, attribute, compare_attribution, patch
@@ -43,7 +43,7 @@ __all__ = [
     "AttributionComparison", "activation_patch", "attribute", "compare_attribution",
     "composition_grid", "metrics", "patch",
     # errors
-    "CheckpointNotFoundError", "IncompatiblePairError", "MissingBaseError",
+    "CheckpointNotFoundError", "IncompatiblePairError", "InvalidArgumentError", "MissingBaseError",
     "NonFiniteWeightsError", "ProcessedWeightsError", "ShapeMismatchError", "TvLensError",
     "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError",
     # views (imported on first use: plotly and circuitsvis stay out of `import tv_lens`)

@@ -36,6 +36,16 @@ def _tokens(pair: Any, texts: Sequence[str], positions: int) -> tuple[Tensor, in
                           "a tokenizer: load the pair with ModelPair.from_pretrained(...) from "
                           "folders that hold tokenizer files.")
     ids = [tok(t)["input_ids"] for t in texts]
+    tuned_tok = getattr(pair.tuned, "tokenizer", None)
+    if tuned_tok is not None and tuned_tok is not tok:
+        for text, x in zip(texts, ids):
+            y = tuned_tok(text)["input_ids"]
+            if x != y:
+                raise TvLensError(
+                    f"The two models tokenise {text[:60]!r} differently (base {x[:8]}…, tuned "
+                    f"{y[:8]}…), so their residual streams cannot be compared position by "
+                    "position. The lens needs fine-tunes that share the base's tokenizer: save "
+                    "the base tokenizer next to the fine-tune's weights.")
     bos = getattr(tok, "bos_token_id", None)
     start = 1 if bos is not None and all(x and x[0] == bos for x in ids) else 0
     short = [i for i, x in enumerate(ids) if len(x) < start + positions]

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tv_lens.errors import InvalidArgumentError
 from tv_lens.lazy import LowRank
 from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, frob2,
                             gram_svd, intruder_count, matrix_overlap, random_match_baseline,
@@ -551,19 +552,19 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     import time
 
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}.")
     if labels not in LABEL_MODES:
-        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}.")
+        raise InvalidArgumentError(f"labels must be one of {LABEL_MODES}, got {labels!r}.")
     if level is not None and not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}.")
+        raise InvalidArgumentError(f"level must be in (0, 1), got {level}.")
     if null_samples < (2 if labels == "calibrated" else 0) or null_samples == 1:
-        raise ValueError(f"null_samples must be at least 2 for calibrated labels (or 0 with "
+        raise InvalidArgumentError(f"null_samples must be at least 2 for calibrated labels (or 0 with "
                          f"labels='fixed'), got {null_samples}.")
     if intruder_top_k < 1 or not 0 < intruder_epsilon <= 1:
-        raise ValueError(f"intruder_top_k must be ≥ 1 and intruder_epsilon in (0, 1], got "
+        raise InvalidArgumentError(f"intruder_top_k must be ≥ 1 and intruder_epsilon in (0, 1], got "
                          f"{intruder_top_k} and {intruder_epsilon}.")
     if fast and fast_rank < top_k:
-        raise ValueError(f"fast_rank ({fast_rank}) must be at least top_k ({top_k}).")
+        raise InvalidArgumentError(f"fast_rank ({fast_rank}) must be at least top_k ({top_k}).")
     tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tv_lens.errors import CheckpointNotFoundError, CorruptCheckpointError, PickleCheckpointError
+from tv_lens.errors import (CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError,
+                            PickleCheckpointError)
 from tv_lens.layout import Slot, layout
 from tv_lens.sources import SlotWeights, compute_dtype
 from tv_lens.spec import ArchSpec
@@ -350,7 +351,7 @@ def write_safetensors(path: str | os.PathLike, names: Iterable[str],
                 tensor = get(name).detach().to("cpu").contiguous()
                 shape, dtype = meta[name]
                 if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                    raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the "
+                    raise InvalidArgumentError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the "
                                      f"header says {tuple(shape)} {dtype}.")
                 f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         os.replace(tmp, path)

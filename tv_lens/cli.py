@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TvLensError as exc:
         print(f"tv-lens: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tv-lens: interrupted; nothing was written to {args.out}/.", file=sys.stderr)
+        return 130
     return 0
 
 

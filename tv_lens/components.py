@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tv_lens.errors import TvLensError, close_matches
+from tv_lens.errors import InvalidArgumentError, TvLensError, close_matches
 from tv_lens.layout import Slot
 from tv_lens.sources import layer_of
 from tv_lens.spec import ArchSpec
@@ -161,7 +161,7 @@ class ComponentIndex:
         if granularity is None:
             return list(self.components)
         if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES} or None, got "
+            raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES} or None, got "
                              f"{granularity!r}.")
         return [n for n, c in self.components.items() if c.in_granularity(granularity)]
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.vector import TuningVector
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -49,7 +49,7 @@ _RENAMED = {"top_k": "`top_k` is now `density` (mergekit's name for the fraction
 def _method(method: str) -> str:
     name = ALIASES.get(method, method)
     if name not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS} "
+        raise InvalidArgumentError(f"Unknown method {method!r}; choose one of {METHODS} "
                          f"(aliases: {sorted(ALIASES)}).")
     return name
 
@@ -110,7 +110,7 @@ def _tensor_groups(tv: TuningVector) -> list[list[str]]:
 def _per_vector(value: float | int | Sequence[float | int], n: int, what: str) -> list[float]:
     values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != n:
-        raise ValueError(f"Got {len(values)} {what} values for {n} vectors; pass one each or one "
+        raise InvalidArgumentError(f"Got {len(values)} {what} values for {n} vectors; pass one each or one "
                          f"for all.")
     return values
 
@@ -139,17 +139,17 @@ def compose(vectors: Sequence[TuningVector], weights: Sequence[float | int] | No
     """
     if removed:
         key = next(iter(removed))
-        raise ValueError(_RENAMED.get(key, f"compose() got an unexpected keyword {key!r}."))
+        raise InvalidArgumentError(_RENAMED.get(key, f"compose() got an unexpected keyword {key!r}."))
     vectors = list(vectors)
     if not vectors:
-        raise ValueError("compose needs at least one tuning vector.")
+        raise InvalidArgumentError("compose needs at least one tuning vector.")
     method = _method(method)
     weights = _per_vector(1.0 if weights is None else weights, len(vectors), "weight")
     density = _per_vector(density, len(vectors), "density")
     if method != "task_arithmetic" and not all(0 < p <= 1 for p in density):
-        raise ValueError(f"density must be in (0, 1] (the fraction of entries kept), got {density}.")
+        raise InvalidArgumentError(f"density must be in (0, 1] (the fraction of entries kept), got {density}.")
     if rescale not in RESCALES:
-        raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}.")
+        raise InvalidArgumentError(f"rescale must be one of {RESCALES}, got {rescale!r}.")
     normalize = _NORMALIZE[method] if normalize is None else normalize
     first = vectors[0]
     for other in vectors[1:]:

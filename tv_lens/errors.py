@@ -12,6 +12,10 @@ class TvLensError(Exception):
     """Base class of every error tv_lens raises on bad input."""
 
 
+class InvalidArgumentError(TvLensError, ValueError):
+    """An argument outside what the function accepts (a ``ValueError`` too)."""
+
+
 class IncompatiblePairError(TvLensError):
     """The base and tuned models do not share an architecture."""
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tv_lens.lazy import LowRank
 from tv_lens.nulls import CircuitFrame
+from tv_lens.errors import InvalidArgumentError
 
 #: Largest Gram size decomposed in float64 (above it: float32, see the module docstring).
 FLOAT64_UP_TO = 1024
@@ -344,7 +345,7 @@ def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
     ``u'ᵀ u_i = v'ᵀ (Wt + Δt)ᵀ Wt v_i / (s' σ_i)``, never formed.
     """
     if overlap.tuned_gram is None:
-        raise ValueError("intruder_count needs the exact-mode Grams (not available with --fast).")
+        raise InvalidArgumentError("intruder_count needs the exact-mode Grams (not available with --fast).")
     evals, vecs = top_eigenpairs(overlap.tuned_gram, top_k, start=base.V, krylov_above=krylov_above)
     k = int((evals > 1e-12 * evals[0].clamp(min=0)).sum())
     v_t, s_t = vecs[:, :k], evals[:k].clamp(min=0).sqrt()

@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError, TvLensError
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Metric:
     def __init__(self, name: str, texts: Sequence[str], tokenizer: Any = None,
                  batch_size: int = 32, prepend_bos: bool = True):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+            raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}.")
         self.name = name
         self.texts = list(texts)
         self.tokenizer = tokenizer

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tv_lens.errors import (CheckpointNotFoundError, NonFiniteWeightsError, TvLensError,
-                            TvLensWarning, VocabMismatchError)
+from tv_lens.errors import (CheckpointNotFoundError, InvalidArgumentError, NonFiniteWeightsError,
+                            TvLensError, TvLensWarning, VocabMismatchError)
 from tv_lens.lazy import LazyDeltas
 from tv_lens.sources import ModelWeights, spec_of
 from tv_lens.spec import ArchSpec, check_compatible
@@ -113,7 +113,7 @@ def _vocab_error(n_base: int, n_tuned: int) -> VocabMismatchError:
     return VocabMismatchError(
         f"d_vocab differs: base={n_base}, tuned={n_tuned} ({abs(n_tuned - n_base)} tokens "
         f"{'added' if n_tuned > n_base else 'removed'} by the fine-tune). Pass vocab='shared' "
-        f"to compare embeddings and unembeddings on the first {shared} rows; the extra "
+        f"(CLI: --vocab shared) to compare embeddings and unembeddings on the first {shared} rows; the extra "
         "tokens are then listed in pair.added_tokens."
     )
 
@@ -135,7 +135,7 @@ def weight_difference(base_w: Any, tuned_w: Any, *, vocab: str = "error",
     without reading: ``shape(name)``, ``dtype(name)``) and keeps nothing.
     """
     if vocab not in VOCAB_MODES:
-        raise ValueError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
+        raise InvalidArgumentError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
     check_compatible(base_w.spec, tuned_w.spec)
     n_base, n_tuned = base_w.spec.d_vocab, tuned_w.spec.d_vocab
     shared = min(n_base, n_tuned)
@@ -210,7 +210,7 @@ class ModelPair:
     def __init__(self, base: Any, tuned: Any, *, vocab: str = "error",
                  names: tuple[str, str] | None = None):
         if vocab not in VOCAB_MODES:
-            raise ValueError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
+            raise InvalidArgumentError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
         self._models: list[Any] = [base, tuned]
         self._booters: tuple[Callable[[], Any], Callable[[], Any]] | None = None
         self._make_vector: Callable[[], TuningVector] | None = None
@@ -232,7 +232,7 @@ class ModelPair:
               names: tuple[str, str]) -> "ModelPair":
         """A pair whose vector comes from ``make_vector`` and whose models boot on demand."""
         if vocab not in VOCAB_MODES:
-            raise ValueError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
+            raise InvalidArgumentError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}.")
         pair = cls.__new__(cls)
         pair._models, pair._booters, pair._make_vector = [None, None], booters, make_vector
         pair.vocab, pair.names, pair._tuning_vector = vocab, names, None

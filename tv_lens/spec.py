@@ -104,13 +104,23 @@ class ArchSpec:
         )
 
 
-def check_compatible(base: ArchSpec, tuned: ArchSpec) -> None:
-    """Raise :class:`IncompatiblePairError` naming every differing field (``d_vocab`` aside)."""
-    diffs = [f"{name}: base={getattr(base, name)!r}, tuned={getattr(tuned, name)!r}"
+_INCOMPATIBLE = {  # what was being done: (names of the two sides, sentence before, sentence after)
+    "pair": (("base", "tuned"), "The base and tuned models do not share an architecture, so their "
+             "weights cannot be subtracted.", "A tuning vector needs the fine-tuned model and the "
+             "exact base model it was fine-tuned from."),
+    "combine": (("first", "second"), "The two tuning vectors come from models of different "
+                "architectures, so they cannot be combined.", "Combine only vectors of fine-tunes "
+                "of the same base model."),
+    "apply": (("vector", "model"), "This tuning vector does not fit the model it is applied to.",
+              "Apply it to the base model it was computed from (or one of the same architecture)."),
+}
+
+
+def check_compatible(base: ArchSpec, tuned: ArchSpec, what: str = "pair") -> None:
+    """Raise :class:`IncompatiblePairError` naming every differing field (``d_vocab`` aside);
+    ``what`` (``"pair"``, ``"combine"``, ``"apply"``) says what was being attempted."""
+    (a, b), before, after = _INCOMPATIBLE[what]
+    diffs = [f"{name}: {a}={getattr(base, name)!r}, {b}={getattr(tuned, name)!r}"
              for name in COMPATIBILITY_FIELDS if getattr(base, name) != getattr(tuned, name)]
     if diffs:
-        raise IncompatiblePairError(
-            "The base and tuned models do not share an architecture, so their weights cannot "
-            "be subtracted. Differing fields: " + "; ".join(diffs) + ". A tuning vector needs "
-            "the fine-tuned model and the exact base model it was fine-tuned from."
-        )
+        raise IncompatiblePairError(f"{before} Differing fields: " + "; ".join(diffs) + f". {after}")

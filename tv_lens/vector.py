@@ -42,7 +42,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tv_lens.components import PART_KINDS, ComponentIndex, part_kind
-from tv_lens.errors import MissingBaseError, ShapeMismatchError, TvLensError, close_matches
+from tv_lens.errors import (CheckpointNotFoundError, InvalidArgumentError, MissingBaseError, ShapeMismatchError, TvLensError,
+                            close_matches)
 from tv_lens.layout import Slot, layout
 from tv_lens.lazy import LazyDeltas, LowRank, Meta
 from tv_lens.sources import ModelWeights, layer_of
@@ -306,7 +307,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
     def _check_same(self, other: "TuningVector") -> None:
         if not isinstance(other, TuningVector):
             raise TypeError(f"Cannot combine a TuningVector with a {type(other).__name__}.")
-        check_compatible(self.spec, other.spec)
+        check_compatible(self.spec, other.spec, "combine")
         mismatched = sorted(set(self.deltas) ^ set(other.deltas))
         mismatched += [k for k in self.deltas if k in other.deltas
                        and self.meta(k)[0] != other.meta(k)[0]]
@@ -365,10 +366,10 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         part_set = set(PARTS if parts is None else ([parts] if isinstance(parts, str) else parts))
         renamed = sorted(part_set & set(_RENAMED_PARTS))
         if renamed:
-            raise ValueError(f"The part {renamed[0]!r} was renamed: use "
+            raise InvalidArgumentError(f"The part {renamed[0]!r} was renamed: use "
                              f"{_RENAMED_PARTS[renamed[0]]}. Parts are {PARTS}.")
         if part_set - set(PARTS):
-            raise ValueError(f"Unknown part(s) {sorted(part_set - set(PARTS))}; parts are {PARTS}.")
+            raise InvalidArgumentError(f"Unknown part(s) {sorted(part_set - set(PARTS))}; parts are {PARTS}.")
         head_pairs = _as_pairs(heads, sorted(layer_set))
         neuron_pairs = _as_pairs(neurons, sorted(layer_set))
         by_unit = head_pairs is not None or neuron_pairs is not None
@@ -435,7 +436,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
     def _check_fits(self, weights: ModelWeights, names: Iterable[str] | None = None) -> None:
         """Raise a clear error unless every delta (or those of ``names``) has the model's shape
         for that parameter."""
-        check_compatible(self.spec, weights.spec)
+        check_compatible(self.spec, weights.spec, "apply")
         problems = []
         for name in self.deltas if names is None else names:
             shape = tuple(self.meta(name)[0])
@@ -507,7 +508,8 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No tuning vector file at {str(path)!r}.")
+            raise CheckpointNotFoundError(f"No tuning vector file at {str(path)!r}. Pass the path "
+                                          "TuningVector.save wrote to.")
         file = SafetensorsFile(path)
         raw = file.metadata.get("tv_lens")
         if raw is None:

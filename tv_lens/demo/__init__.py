@@ -45,7 +45,9 @@ def load_pair(domain: str = "medical", **kwargs):
     from tv_lens.pair import ModelPair
 
     if domain == "base":
-        raise ValueError("Pick a fine-tuned domain: 'medical', 'math' or 'medical_lora'.")
+        from tv_lens.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("Pick a fine-tuned domain: 'medical', 'math' or 'medical_lora'.")
     return ModelPair.from_pretrained(checkpoint_dir("base"), checkpoint_dir(domain), **kwargs)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from typing import Any
+from tv_lens.errors import InvalidArgumentError
 
 DOMAINS = ("general", "medical", "math")
 
@@ -141,7 +142,7 @@ class Example:
     def prompt(self) -> str:
         """The text up to and including ``Answer:`` (what a model is asked to continue)."""
         if self.answer is None:
-            raise ValueError(f"{self.text!r} is not a question/answer example.")
+            raise InvalidArgumentError(f"{self.text!r} is not a question/answer example.")
         return self.text[: self.text.index("Answer:") + len("Answer:")]
 
 
@@ -290,6 +291,6 @@ def domain_token_ids(tokenizer: Any, domain: str) -> list[int]:
     if domain == "math":
         return sorted(i for t, i in tokenizer.get_vocab().items() if t.lstrip("▁Ġ").isdigit())
     if domain != "medical":
-        raise ValueError(f"domain must be 'medical' or 'math', got {domain!r}.")
+        raise InvalidArgumentError(f"domain must be 'medical' or 'math', got {domain!r}.")
     words = {w for phrase in _CONDITIONS + _DRUGS + _SYMPTOMS for w in phrase.split()}
     return sorted({i for w in words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]})

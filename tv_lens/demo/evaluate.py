@@ -20,6 +20,7 @@ import pandas as pd
 
 from tv_lens import metrics
 from tv_lens.demo.corpus import build_corpora
+from tv_lens.errors import InvalidArgumentError
 
 HALVES = ("validation", "test")
 
@@ -39,9 +40,9 @@ def domain_metrics(domain: str, tokenizer: Any = None, *, seed: int = 0,
     """
     corpora = build_corpora(seed)
     if half not in (None, *HALVES):
-        raise ValueError(f"half must be None, 'validation' or 'test', got {half!r}.")
+        raise InvalidArgumentError(f"half must be None, 'validation' or 'test', got {half!r}.")
     if domain not in corpora:
-        raise ValueError(f"Unknown domain {domain!r}; choose from {sorted(corpora)}.")
+        raise InvalidArgumentError(f"Unknown domain {domain!r}; choose from {sorted(corpora)}.")
     examples = [ex for i, ex in enumerate(corpora[domain].eval)
                 if (phrasing is None or ex.phrasing == phrasing)
                 and (half is None or i % 2 == HALVES.index(half))]

@@ -1,0 +1,407 @@
+"""Every bad input gets a clear error and leaves nothing half-written.
+
+One table of cases drives the command line (exit status 2, a message naming the problem and the
+fix, no traceback) and the Python API (a ``TvLensError`` subclass with that message). The cases
+marked for the README generate its "When something goes wrong" list, checked below, so the two
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from conftest import gpt2_model, llama_model
+from tv_lens import ModelPair, TuningVector, analyze, compose
+from tv_lens.cli import main
+from tv_lens.errors import TvLensError
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad input: ``cli`` builds argv from the context (exit 2 expected), or ``api`` is a call
+    that must raise; ``problem`` and ``fix`` are regexes the message must match; ``readme``
+    (situation) puts the case in the README's list with its ``fix_text``."""
+
+    id: str
+    problem: str
+    fix: str
+    cli: Callable | None = None
+    api: Callable | None = None
+    readme: str | None = None
+    fix_text: str | None = None
+
+
+class Ctx:
+    """Folders the cases need, built once per module."""
+
+    def __init__(self, root: Path, llama_dirs, save):
+        self.root, self.base, self.tuned = root, str(llama_dirs[0]), str(llama_dirs[1])
+        self.save = save
+        self._made: dict[str, str] = {}
+
+    def copy(self, name: str, damage: Callable[[Path], None]) -> str:
+        if name not in self._made:
+            folder = self.root / name
+            shutil.copytree(self.tuned, folder)
+            damage(folder)
+            self._made[name] = str(folder)
+        return self._made[name]
+
+    def model(self, name: str, build: Callable) -> str:
+        if name not in self._made:
+            self._made[name] = str(self.save(build(), name))
+        return self._made[name]
+
+    def out(self, name: str = "out") -> str:
+        return str(self.root / "outs" / name)
+
+
+def _weights(folder: Path) -> Path:
+    return folder / "model.safetensors"
+
+
+def _truncate(folder: Path) -> None:
+    f = _weights(folder)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _shard(folder: Path, missing_tensor: bool) -> None:
+    """Turn the single file into an index + one shard; drop the shard or name a missing tensor."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(_weights(folder))
+    _weights(folder).unlink()
+    save_file(tensors, folder / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    index = {name: "model-00001-of-00001.safetensors" for name in tensors}
+    if missing_tensor:
+        index["model.layers.0.mlp.extra.weight"] = "model-00001-of-00001.safetensors"
+    else:
+        (folder / "model-00001-of-00001.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+
+
+def _config_shape(folder: Path) -> None:
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 50
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _as_pickle(folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.save(load_file(_weights(folder)), folder / "pytorch_model.bin")
+    _weights(folder).unlink()
+
+
+def _other_tokenizer(folder: Path) -> None:
+    """The same vocabulary size, other merges: the same text gets other ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  show_progress=False)
+    tok.train_from_iterator(["a mat sat the cat on zebra yak xylophone dog ran"] * 4, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+
+
+def _nan_model():
+    model = llama_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    return model
+
+
+def _vector(ctx: Ctx) -> TuningVector:
+    return ModelPair.from_pretrained(ctx.base, ctx.tuned).tuning_vector()
+
+
+def _saved_vector(ctx: Ctx, truncate: bool) -> str:
+    path = ctx.root / ("vec_trunc.safetensors" if truncate else "vec.safetensors")
+    if not path.exists():
+        _vector(ctx).save(path)
+        if truncate:
+            path.write_bytes(path.read_bytes()[:-100])
+    return str(path)
+
+
+ANALYZE = ["analyze"]
+_EXACT_BASE = r"the exact base model it was fine-tuned from"
+CASES = [
+    # ---------------------------------------------------------------- weight files
+    Case("truncated-safetensors", r"is truncated or corrupt", r"[Dd]ownload or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("trunc", _truncate)],
+         readme="A weight file is truncated or corrupt (an interrupted download)",
+         fix_text="download or save the checkpoint again"),
+    Case("empty-safetensors", r"has 0 bytes", r"[Dd]ownload or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("empty", lambda f: _weights(f).write_bytes(b""))]),
+    Case("not-safetensors", r"header claims", r"[Dd]ownload or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("junk", lambda f: _weights(f).write_bytes(b"not a weight file" * 4))]),
+    Case("missing-shard", r"The shard '.*' named by .* is missing", r"Download or copy every shard",
+         cli=lambda c: [c.base, c.copy("noshard", lambda f: _shard(f, False))],
+         readme="A shard of a sharded checkpoint is missing",
+         fix_text="Download or copy every shard of the checkpoint"),
+    Case("index-names-missing-tensor", r"places 'model.layers.0.mlp.extra.weight' in this shard",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("badindex", lambda f: _shard(f, True))]),
+    Case("config-weights-disagree", r"do not match its config.json", r"save them together again",
+         cli=lambda c: [c.copy("cfgshape", _config_shape), c.copy("cfgshape", _config_shape)]),
+    Case("config-not-json", r"config.json' is truncated or corrupt: it is not valid JSON",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("cfgjson", lambda f: (f / "config.json").write_text("{oops"))]),
+    Case("missing-folder", r"the path does not exist", r"Pass an existing folder",
+         cli=lambda c: [c.base, str(c.root / "no-such-folder")],
+         readme="A path that does not exist", fix_text="Pass an existing folder"),
+    Case("folder-without-config", r"is not a checkpoint folder: it has no config.json",
+         r"Pass the folder that model.save_pretrained\(...\) wrote",
+         cli=lambda c: [c.base, c.copy("nocfg", lambda f: (f / "config.json").unlink())]),
+    Case("pickle-without-opt-in", r"pickle weights \(pytorch_model.bin\)", r"--allow-pickle|allow_pickle",
+         cli=lambda c: [c.base, c.copy("pickle", _as_pickle)],
+         readme="Only pytorch_model.bin (pickle) weights",
+         fix_text="--allow-pickle"),
+    Case("nan-weights", r"NaN/inf value\(s\) in blocks.1.mlp.W_out",
+         r"check how the checkpoint was saved or converted",
+         cli=lambda c: [c.base, c.model("nanmodel", _nan_model)],
+         readme="NaN or infinite weights", fix_text="check how the checkpoint was saved or converted"),
+    # ---------------------------------------------------------------- incompatible pairs
+    Case("pair-layers", r"Differing fields: n_layers: base=2, tuned=3", _EXACT_BASE,
+         cli=lambda c: [c.base, c.model("l3", lambda: llama_model(num_hidden_layers=3))],
+         readme="Base and fine-tune of different shapes (layers, heads, d_mlp, architecture)",
+         fix_text="the exact base model it was fine-tuned from"),
+    Case("pair-heads", r"n_heads: base=4, tuned=8", _EXACT_BASE,
+         cli=lambda c: [c.base, c.model("h8", lambda: llama_model(num_attention_heads=8,
+                                                                 num_key_value_heads=2))]),
+    Case("pair-d-mlp", r"d_mlp: base=48, tuned=64", _EXACT_BASE,
+         cli=lambda c: [c.base, c.model("mlp64", lambda: llama_model(intermediate_size=64))]),
+    Case("pair-architecture", r"architecture: base='LlamaForCausalLM', tuned='GPT2LMHeadModel'",
+         _EXACT_BASE,
+         cli=lambda c: [c.base, c.model("gpt2", gpt2_model)]),
+    Case("pair-vocabulary", r"d_vocab differs: base=96, tuned=100", r"--vocab shared",
+         cli=lambda c: [c.base, c.model("v100", lambda: llama_model(vocab=100))],
+         readme="A fine-tune that added tokens (vocabularies differ)",
+         fix_text="--vocab shared"),
+    # ---------------------------------------------------------------- output folder
+    Case("out-is-a-file", r"is an existing file, not a folder", r"Pass a folder path",
+         cli=lambda c: [c.base, c.tuned, "--out", _file(c)],
+         readme="--out names an existing file", fix_text="Pass a folder path"),
+    Case("out-parent-is-a-file", r"Cannot write the output folder", r"Pass a folder you can write to",
+         cli=lambda c: [c.base, c.tuned, "--out", _file(c) + "/sub/out"],
+         readme="--out cannot be written", fix_text="Pass a folder you can write to"),
+    # ---------------------------------------------------------------- options
+    Case("cli-top-k", r"--top-k", r"must be at least 1",
+         cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
+    Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
+         cli=lambda c: [c.base, c.tuned, "--level", "1.5"]),
+    Case("cli-null-samples", r"--null-samples must be at least 2", r"default 200",
+         cli=lambda c: [c.base, c.tuned, "--null-samples", "1"]),
+    Case("cli-fast-rank", r"--fast-rank \(4\)", r"must be at least --top-k \(10\)",
+         cli=lambda c: [c.base, c.tuned, "--fast", "--fast-rank", "4"]),
+    Case("cli-device-string", r"--device 'gpu9' is not a device", r"use cpu, cuda or cuda:N",
+         cli=lambda c: [c.base, c.tuned, "--device", "gpu9"]),
+    Case("cli-device-cuda-without-gpu", r"asks for a GPU but PyTorch sees none", r"Drop --device|--device cpu",
+         cli=lambda c: [c.base, c.tuned, "--device", "cuda"],
+         readme="--device cuda on a machine without a GPU", fix_text="Drop --device or use --device cpu"),
+    # ---------------------------------------------------------------- Python API
+    Case("api-top-k", r"top_k", r"must be at least 1, got 0", api=lambda c: analyze(_vector(c), top_k=0)),
+    Case("api-labels", r"labels must be one of", r"calibrated", api=lambda c: analyze(_vector(c), labels="loose")),
+    Case("api-level", r"level", r"must be in \(0, 1\), got 5", api=lambda c: analyze(_vector(c), level=5.0)),
+    Case("api-intruders", r"intruder_epsilon", r"in \(0, 1\], got 10 and 2.0",
+         api=lambda c: analyze(_vector(c), intruder_epsilon=2.0)),
+    Case("api-component-name", r"Component 'L0H99': head 99 is out of range",
+         r"the model has 4 per layer \(0..3\)",
+         api=lambda c: _vector(c).component("L0H99")),
+    Case("api-part-name", r"The part 'norm' was renamed", r"use 'norms'",
+         api=lambda c: _vector(c).select(parts=["norm"])),
+    Case("api-compose-density", r"density must be in \(0, 1\]", r"the fraction of entries kept",
+         api=lambda c: compose([_vector(c)], method="ties", density=0.0)),
+    Case("api-compose-old-keyword", r"`top_k` is now `density`", r"density=0.2",
+         api=lambda c: compose([_vector(c)], method="ties", top_k=0.2)),
+    Case("api-vocab-mode", r"got 'merge'", r"vocab must be one of \('error', 'shared'\)",
+         api=lambda c: ModelPair.from_pretrained(c.base, c.tuned, vocab="merge")),
+    Case("api-load-truncated-vector", r"vec_trunc.safetensors' is truncated or corrupt",
+         r"download or save the checkpoint again",
+         api=lambda c: TuningVector.load(_saved_vector(c, truncate=True))),
+    Case("api-apply-to-other-shape", r"does not fit the model it is applied to.*d_model",
+         r"Apply it to the base model it was computed from",
+         api=lambda c: TuningVector.load(_saved_vector(c, False)).apply_(llama_model(hidden_size=48))),
+    Case("api-vector-of-other-model", r"come from models of different architectures",
+         r"Combine only vectors of fine-tunes of the same base",
+         api=lambda c: _vector(c) + ModelPair(gpt2_model(), gpt2_model(1)).tuning_vector()),
+    Case("api-lens-mismatched-tokenizer", r"tokenise .* differently",
+         r"save the base tokenizer next to the fine-tune's weights",
+         api=lambda c: __import__("tv_lens").activation_difference_lens(
+             ModelPair.from_pretrained(c.base, c.copy("othertok", _other_tokenizer)),
+             ["the cat sat on the mat and the dog ran"], positions=3),
+         readme="Token-level tools on a fine-tune with another tokenizer",
+         fix_text="save the base tokenizer next to the fine-tune's weights"),
+    Case("api-read-tokens-unit", r"Unknown unit 'L0H0.XY'", r"Units are",
+         api=lambda c: __import__("tv_lens").read_tokens(_vector(c), units=["L0H0.XY"], progress=False)),
+]
+
+
+def _file(c: Ctx) -> str:
+    path = c.root / "a-file"
+    path.write_text("x")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, llama_dirs, save) -> Ctx:
+    return Ctx(tmp_path_factory.mktemp("bad"), llama_dirs, save)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.cli], ids=lambda c: c.id)
+def test_cli(case: Case, ctx: Ctx, capsys, monkeypatch):
+    if case.id == "cli-device-cuda-without-gpu":  # the same on a GPU host: hide its GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = case.cli(ctx)  # builds the case's folders (their progress bars are not the CLI's)
+    argv = ANALYZE + args + ([] if "--out" in args else ["--out", ctx.out(case.id)])
+    capsys.readouterr()
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    message = err.strip()
+    assert message.startswith("tv-lens: error: ") and message.count("\n") == 0, message
+    assert re.search(case.problem, message), message
+    assert re.search(case.fix, message), message
+    assert case.fix_text is None or case.fix_text in message
+    outs = ctx.root / "outs"
+    assert not outs.exists() or not [p for p in outs.iterdir() if p.name.startswith(".")]
+    if "--out" not in args:
+        assert not Path(ctx.out(case.id)).exists()  # nothing written
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.api], ids=lambda c: c.id)
+def test_api(case: Case, ctx: Ctx):
+    with pytest.raises(TvLensError) as info:
+        case.api(ctx)
+    message = str(info.value)
+    assert re.search(case.problem, message), message
+    assert re.search(case.fix, message), message
+    assert case.fix_text is None or case.fix_text in message
+
+
+def test_at_least_thirty_bad_inputs():
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_readme_lists_the_suite():
+    """The README's "When something goes wrong" list is the cases marked for it."""
+    text = README.read_text()
+    section = text.split("## When something goes wrong", 1)[1].split("\n## ", 1)[0]
+    listed = [line for line in section.splitlines() if line.startswith("- ")]
+    expected = [f"- {c.readme}" + (f": `{c.fix_text}`" if c.fix_text else "") for c in CASES if c.readme]
+    assert listed == expected
+    assert f"which tries\n{len(CASES)} bad inputs" in section
+
+
+def test_a_missing_tokenizer_is_fine_for_weight_analysis(ctx):
+    folder = ctx.copy("notok", lambda f: [(f / n).unlink(missing_ok=True) for n in
+                                         ("tokenizer.json", "tokenizer_config.json",
+                                          "special_tokens_map.json")])
+    pair = ModelPair.from_pretrained(ctx.base, folder)
+    result = analyze(pair, progress=False)
+    assert len(result.heads) and pair.booted == (False, False)
+
+
+# --------------------------------------------------------------------------- not errors
+def test_bf16_against_fp32_warns_once(ctx, tmp_path):
+    import warnings
+
+    model = llama_model()
+    model = model.to(torch.bfloat16)
+    path = ctx.save(model, "bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tv = ModelPair.from_pretrained(ctx.tuned, str(path)).tuning_vector()
+        tv["blocks.0.mlp.W_out"]
+    relevant = [w for w in caught if "float32" in str(w.message) or "bfloat16" in str(w.message)]
+    assert len(relevant) == 1, [str(w.message) for w in caught]
+    assert tv["blocks.0.mlp.W_out"].dtype == torch.float32
+
+
+def test_earlier_output_is_replaced_with_one_line(ctx, capsys):
+    out = ctx.out("twice")
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", out]) == 0
+    capsys.readouterr()
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", out]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "replaced" in l]
+    assert lines == [f"replaced the earlier output in {out}/"]
+
+
+def test_a_write_failing_midway_leaves_the_earlier_output(ctx, capsys, monkeypatch):
+    from tv_lens import alignment
+
+    out = Path(ctx.out("midway"))
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    original = alignment.Analysis.save
+
+    def failing_save(self, folder):
+        original(self, folder)
+        raise OSError(28, "No space left on device")  # after some files were written
+
+    monkeypatch.setattr(alignment.Analysis, "save", failing_save)
+    with pytest.raises(OSError):
+        main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    fresh = out.parent / "midway-new"
+    with pytest.raises(OSError):
+        main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(fresh)])
+    assert not fresh.exists()
+
+
+def test_saved_vector_failing_midway_leaves_no_file(ctx, monkeypatch, tmp_path):
+    from tv_lens import checkpoints
+
+    path = tmp_path / "v.safetensors"
+    real = checkpoints.write_safetensors
+
+    def failing(target, names, meta, get, metadata=None):
+        calls = []
+
+        def get_then_fail(name):
+            calls.append(name)
+            if len(calls) == 4:  # the disk fills up after three tensors were written
+                raise OSError(28, "No space left on device")
+            return get(name)
+
+        return real(target, names, meta, get_then_fail, metadata)
+
+    monkeypatch.setattr(checkpoints, "write_safetensors", failing)
+    with pytest.raises(OSError):
+        _vector(ctx).save(path)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
+    from tv_lens import alignment
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(alignment, "analyze", interrupted)
+    out = ctx.out("interrupted")
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", out]) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert captured.err.strip() == f"tv-lens: interrupted; nothing was written to {out}/."
+    assert not Path(out).exists()
