@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import gpt2_model, llama_model
-from tv_lens import ModelPair, TuningVector, analyze, compose
+from tv_lens import ModelPair, Thresholds, TuningVector, analyze, compose
 from tv_lens.cli import main
 from tv_lens.errors import TvLensError
 
@@ -251,6 +251,18 @@ CASES = [
              ["the cat sat on the mat and the dog ran"], positions=3),
          readme="Token-level tools on a fine-tune with another tokenizer",
          fix_text="save the base tokenizer next to the fine-tune's weights"),
+    Case("api-thresholds", r"Thresholds must lie in \[0, 1\]", r"Shares are fractions",
+         api=lambda c: analyze(_vector(c), thresholds=Thresholds(amplified=1.5))),
+    Case("api-alpha-nan", r"alpha must be a finite number, got nan", r"Pass e.g. alpha=0.5",
+         api=lambda c: _vector(c).apply_to(llama_model(), alpha=float("nan"))),
+    Case("api-patch-alphas-empty", r"alphas is empty", r"alphas=\(1.0,\)",
+         api=lambda c: __import__("tv_lens").patch(ModelPair.from_pretrained(c.base, c.tuned),
+                                                   __import__("tv_lens").metrics.loss(torch.tensor([[1, 5, 9]])),
+                                                   "heads", alphas=[], progress=False)),
+    Case("api-attribute-steps", r"steps must be a positive integer, got 0", r"",
+         api=lambda c: __import__("tv_lens").attribute(ModelPair.from_pretrained(c.base, c.tuned),
+                                                       __import__("tv_lens").metrics.loss(torch.tensor([[1, 5, 9]])),
+                                                       steps=0, progress=False)),
     Case("api-read-tokens-unit", r"Unknown unit 'L0H0.XY'", r"Units are",
          api=lambda c: __import__("tv_lens").read_tokens(_vector(c), units=["L0H0.XY"], progress=False)),
 ]

@@ -569,6 +569,10 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
     t = replace(thresholds or Thresholds(), tol=tol)
+    bad = {k: v for k, v in t.__dict__.items() if not (0 <= v <= 1 and (k != "level" or v > 0))}
+    if bad:
+        raise InvalidArgumentError(f"Thresholds must lie in [0, 1] (tol ≥ 0, level > 0); got {bad}. "
+                                   "Shares are fractions: e.g. Thresholds(amplified=0.5, new=0.5).")
     t = replace(t, level=level) if level is not None else t
     device = torch.device(device) if device is not None else torch.device("cpu")
     rank = fast_rank if fast else None

@@ -36,7 +36,7 @@ from tv_lens.components import Component
 from tv_lens.errors import TvLensError
 from tv_lens.metrics import Metric, MetricLike, as_metric, check_value
 from tv_lens.sources import ModelWeights, compute_dtype
-from tv_lens.vector import TuningVector
+from tv_lens.vector import TuningVector, check_alpha
 
 MODES = ("add", "remove")
 _ID_COLUMNS = ["component", "kind", "granularity", "layer", "index"]
@@ -95,6 +95,11 @@ def patch(pair: Any, metric: MetricLike, components: Iterable[str] | str,
         ``(patched − base)/(tuned − base)``.
     """
     _check_mode(mode)
+    alphas = list(alphas)
+    if not alphas:
+        raise TvLensError("alphas is empty: pass at least one scale, e.g. alphas=(1.0,).")
+    for alpha in alphas:
+        check_alpha(alpha)
     metric = as_metric(metric)
     tv = pair.tuning_vector()
     chosen = tv.components.resolve(components)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ def _as_pairs(items: Iterable[int | tuple[int, int]] | None, layers: list[int]) 
         else:
             pairs.update((l, int(item)) for l in layers)
     return pairs
+
+
+def check_alpha(alpha: float | int) -> None:
+    """Refuse a scale that would write NaN/inf into a model's weights."""
+    if not math.isfinite(float(alpha)):
+        raise InvalidArgumentError(f"alpha must be a finite number, got {alpha!r}: the model's "
+                                   "weights would become NaN/inf. Pass e.g. alpha=0.5.")
 
 
 class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must not sample it)
@@ -465,6 +473,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         and when such contexts nest. The sum is computed in the parameter's precision
         (float64 stays float64; bf16/fp16 go through float32) and cast back. Yields ``model``.
         """
+        check_alpha(alpha)
         weights = ModelWeights(model)
         self._check_fits(weights)
         with weights.patched(self.deltas, alpha):
@@ -472,6 +481,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
 
     def apply_(self, model: Any, alpha: float | int = 1.0) -> Any:
         """Add ``alpha·τ`` to ``model``'s weights in place, permanently. Returns ``model``."""
+        check_alpha(alpha)
         weights = ModelWeights(model)
         self._check_fits(weights)
         weights.add_(self.deltas, alpha)
