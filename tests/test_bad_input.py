@@ -417,3 +417,14 @@ def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     assert "Traceback" not in captured.out + captured.err
     assert captured.err.strip() == f"tv-lens: interrupted; nothing was written to {out}/."
     assert not Path(out).exists()
+
+
+def test_invalid_option_values_are_usage_errors(ctx, capsys):
+    """argparse's own checks (choices, numbers): exit status 2, a usage line, no traceback."""
+    for bad in (["--dtype", "float8"], ["--top-k", "ten"], ["--labels", "strict"]):
+        with pytest.raises(SystemExit) as info:
+            main(ANALYZE + [ctx.base, ctx.tuned, "--out", ctx.out("usage"), *bad])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        assert f"argument {bad[0]}: invalid" in err and err.startswith("usage: tv-lens analyze")
+    assert not Path(ctx.out("usage")).exists()
