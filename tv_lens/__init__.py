@@ -15,7 +15,8 @@ from tv_lens.circuits import composition
 from tv_lens.components import Component, ComponentIndex
 from tv_lens.compose import compose, to_mergekit_config
 from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, InvalidArgumentError,
-                            MissingBaseError, NonFiniteWeightsError, ProcessedWeightsError,
+                            MissingBaseError, NonFiniteWeightsError, OutOfRangeError,
+                            ProcessedWeightsError,
                             ShapeMismatchError, TvLensError, TvLensWarning,
                             UnsupportedArchitectureError, VocabMismatchError)
 from tv_lens.merging import composition_grid
@@ -44,6 +45,7 @@ __all__ = [
     "composition_grid", "metrics", "patch",
     # errors
     "CheckpointNotFoundError", "IncompatiblePairError", "InvalidArgumentError", "MissingBaseError",
+    "OutOfRangeError",
     "NonFiniteWeightsError", "ProcessedWeightsError", "ShapeMismatchError", "TvLensError",
     "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError",
     # views (imported on first use: plotly and circuitsvis stay out of `import tv_lens`)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from tv_lens.errors import TvLensError
 from tv_lens.sources import is_bridge
+from tv_lens.spec import resolve_layers
 
 COLUMNS = ["layer", "reading", "rank", "token", "token_id", "score"]
 
@@ -99,11 +100,7 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
         raise TvLensError("The activation-difference lens reads TransformerLens hooks, so it needs "
                           "TransformerBridge models: load the pair with "
                           "ModelPair.from_pretrained(...) or ModelPair(bridge, bridge).")
-    n_layers = pair.spec.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise TvLensError(f"layers {bad} are out of range: the model has {n_layers} layers.")
+    layers = resolve_layers(layers, pair.spec.n_layers)
     tokens, start = _tokens(pair, texts, positions)
     names = [f"blocks.{l}.hook_resid_post" for l in layers]
     tv = pair.tuning_vector()

@@ -30,6 +30,7 @@ from tv_lens.errors import TvLensError, close_matches
 from tv_lens.metrics import Metric, MetricLike, as_metric, model_device
 from tv_lens.patching import normalized_effect
 from tv_lens.sources import is_bridge
+from tv_lens.spec import resolve_layers
 
 DIRECTIONS = ("into_base", "into_tuned")
 #: Hook points whose activations are ``[batch, pos, head, d_head]``.
@@ -43,10 +44,7 @@ def _hook_names(model: Any, hooks: Iterable[str] | str, layers: Sequence[int] | 
     """Full hook names with their layer: block-relative names expand over ``layers``."""
     available = list(getattr(model, "hook_dict", {}))
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise TvLensError(f"layers {bad} are out of range: the model has {n_layers} layers.")
+    layers = resolve_layers(layers, n_layers)
     out = []
     for hook in hooks:
         full = [hook] if hook.startswith("blocks.") or hook not in _block_hooks(available) \

@@ -16,6 +16,10 @@ class InvalidArgumentError(TvLensError, ValueError):
     """An argument outside what the function accepts (a ``ValueError`` too)."""
 
 
+class OutOfRangeError(TvLensError, IndexError):
+    """A layer, head, neuron or other index past the model's size (an ``IndexError`` too)."""
+
+
 class IncompatiblePairError(TvLensError):
     """The base and tuned models do not share an architecture."""
 

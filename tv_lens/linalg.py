@@ -287,10 +287,11 @@ def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = No
     (e.g. the base's top singular vectors, which an update moves only a little; random
     otherwise) with Rayleigh–Ritz after every block; accepted once every residual
     ``‖G v − θ v‖ ≤ tol · θ₁`` (an eigenvector's error is at most that over its eigenvalue
-    gap), else — past ``max_dim`` directions (default ``n/4``) — a full ``eigh``. Measured on two
-    CPU cores for a 2048-wide Gram: as fast as the float32 ``eigh`` (0.65 s) when the top of
-    the spectrum is as flat as a random matrix's (it converges at ~460 directions), much faster
-    for weights whose top singular values stand apart."""
+    gap), else — past ``max_dim`` directions (default ``min(n/4, 4·(k + 10))``) — a full
+    ``eigh``. Measured at n = 2048 on two CPU cores: 0.06 s instead of the ``eigh``'s 0.64 s for
+    a power-law spectrum (σ_i ∝ i^−0.7, like trained weights); where the top of the spectrum is
+    as flat as a random matrix's (it would need ~460 directions) the attempt stops at 80 and
+    costs ~0.2 s on top of the ``eigh``."""
     n = G.shape[0]
     k = min(k, n)
     G = G.double()
@@ -298,7 +299,7 @@ def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = No
         evals, vecs = torch.linalg.eigh(G)
         return evals.flip(0)[:k], vecs.flip(1)[:, :k]
     p = min(n, k + 10)
-    max_dim = max_dim or n // 4
+    max_dim = max_dim or min(n // 4, 4 * p)
     g = torch.Generator(device="cpu").manual_seed(0)
     block = torch.randn(n, p, generator=g, dtype=torch.float64).to(G.device)
     if start is not None:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from tv_lens.errors import TvLensError
 from tv_lens.sources import is_bridge
+from tv_lens.spec import resolve_layers
 
 COLUMNS = ["layer", "hook", "k_base", "k_tuned", "overlap", "cka", "outside_share",
            "baseline_outside_share", "n_tokens"]
@@ -87,11 +88,7 @@ def compare_representations(pair, tokens: Int[Tensor, "batch pos"], layers: Sequ
     if not (is_bridge(pair.base) and is_bridge(pair.tuned)):
         raise TvLensError("compare_representations needs TransformerBridge models (it reads "
                           "hooks); load the pair with ModelPair.from_pretrained(...).")
-    n_layers = pair.spec.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise IndexError(f"layers {bad} are out of range: the model has {n_layers} layers.")
+    layers = resolve_layers(layers, pair.spec.n_layers)
     names = [f"blocks.{l}.{hook}" for l in layers]
     acts_b = _activations(pair.base, tokens, names, mask)
     acts_t = _activations(pair.tuned, tokens, names, mask)

@@ -8,6 +8,8 @@ separately because fine-tunes that add tokens are common and have a defined way 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -124,3 +126,15 @@ def check_compatible(base: ArchSpec, tuned: ArchSpec, what: str = "pair") -> Non
              for name in COMPATIBILITY_FIELDS if getattr(base, name) != getattr(tuned, name)]
     if diffs:
         raise IncompatiblePairError(f"{before} Differing fields: " + "; ".join(diffs) + f". {after}")
+
+
+def resolve_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    """``layers`` as a list (default all), refusing any outside ``0 .. n_layers − 1``."""
+    from tv_lens.errors import OutOfRangeError
+
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise OutOfRangeError(f"layers {bad} are out of range: the model has {n_layers} layers "
+                              f"(0..{n_layers - 1}).")
+    return layers

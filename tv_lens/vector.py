@@ -43,12 +43,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tv_lens.components import PART_KINDS, ComponentIndex, part_kind
-from tv_lens.errors import (CheckpointNotFoundError, InvalidArgumentError, MissingBaseError, ShapeMismatchError, TvLensError,
-                            close_matches)
+from tv_lens.errors import (CheckpointNotFoundError, InvalidArgumentError, MissingBaseError,
+                            OutOfRangeError, ShapeMismatchError, TvLensError, close_matches)
 from tv_lens.layout import Slot, layout
 from tv_lens.lazy import LazyDeltas, LowRank, Meta
 from tv_lens.sources import ModelWeights, layer_of
-from tv_lens.spec import ArchSpec, check_compatible
+from tv_lens.spec import ArchSpec, check_compatible, resolve_layers
 
 PARTS = PART_KINDS
 #: Part names of earlier versions and what replaced them.
@@ -244,13 +244,13 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.n_layers:
-            raise IndexError(f"layer {layer} is out of range: the model has {self.spec.n_layers} "
-                             f"layers (0..{self.spec.n_layers - 1}).")
+            raise OutOfRangeError(f"layer {layer} is out of range: the model has "
+                                  f"{self.spec.n_layers} layers (0..{self.spec.n_layers - 1}).")
 
     def _check_index(self, kind: str, index: int, size: int) -> None:
         if not 0 <= index < size:
-            raise IndexError(f"{kind} {index} is out of range: the model has {size} {kind}s "
-                             f"per layer (0..{size - 1}).")
+            raise OutOfRangeError(f"{kind} {index} is out of range: the model has {size} {kind}s "
+                                  f"per layer (0..{size - 1}).")
 
     def head(self, layer: int, head: int) -> HeadDelta:
         """The update of query head ``head`` in ``layer`` (with its key-value group's K/V)."""
@@ -366,11 +366,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
           its key-value group's K and V (shared with the group's other query heads under GQA).
         """
         spec = self.spec
-        all_layers = list(range(spec.n_layers))
-        layer_set = set(all_layers if layers is None else layers)
-        bad = sorted(l for l in layer_set if not 0 <= l < spec.n_layers)
-        if bad:
-            raise IndexError(f"layers {bad} are out of range: the model has {spec.n_layers} layers.")
+        layer_set = set(resolve_layers(None if layers is None else sorted(set(layers)), spec.n_layers))
         part_set = set(PARTS if parts is None else ([parts] if isinstance(parts, str) else parts))
         renamed = sorted(part_set & set(_RENAMED_PARTS))
         if renamed:
