@@ -266,3 +266,17 @@ def test_summary_and_cli_options(llama_dirs, tmp_path, capsys):
         with pytest.raises(ValueError, match=message):
             analyze(calibrated_pair := ModelPair.from_pretrained(*map(str, llama_dirs)), **kwargs)
     del calibrated_pair
+
+
+def test_fast_mode_keeps_fixed_matrix_labels():
+    """--fast finds the base's top directions with the update's as probes, so a random-subspace
+    null would call every matrix aligned: no matrix tests there, fixed labels instead."""
+    from tv_lens.alignment import label
+    from tv_lens import Thresholds
+
+    pair = _noise_pair(_bigger_llama())
+    fast = analyze(pair, progress=False, fast=True, fast_rank=12).matrices
+    assert fast[["z", "p_value", "q_value"]].isna().all().all()
+    expected = [label(r.relative_norm, r.amplification_share, r.new_share, r.signed_scale, Thresholds())
+                for r in fast.itertuples()]
+    assert fast.label.tolist() == expected

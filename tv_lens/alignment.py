@@ -509,7 +509,10 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             and ``top_subspace_share`` use the base's top ``fast_rank`` directions only
             (``top_subspace_share`` within the top ``min(rank_90, fast_rank)``), ``rank_90`` is
             NaN where it exceeds ``fast_rank`` and ``effective_rank`` is NaN (it needs every
-            singular value). ``info["fast"]`` records the choice.
+            singular value). ``info["fast"]`` records the choice. The matrix table has no
+            z/p/q then and keeps the fixed-threshold labels: its base directions were found
+            with the update's top directions as probes, so they lean towards the update and a
+            random-subspace null would call every update aligned.
         fast_rank: singular triplets per matrix in ``fast`` mode (at least ``top_k``).
         device: where the per-layer work runs (e.g. ``"cuda"``); weights are read on the CPU
             one layer at a time and moved there.
@@ -610,9 +613,12 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     neurons = pd.concat(neuron_frames, ignore_index=True).reindex(columns=NEURON_COLUMNS)
     matrix_table = pd.DataFrame(matrix_rows).reindex(columns=MATRIX_COLUMNS)
     matrix_table["layer"] = matrix_table["layer"].astype("Int64")
+    if fast:  # the base's top directions were found with the update's as probes: biased
+        for col in ("z", "p_value", "amplification_z", "amplification_p_value"):
+            matrix_table[col] = np.nan  # towards Δ, so a random-subspace null does not apply
     for table, kind in ((heads, "circuit"), (neurons, "side"), (matrix_table, "matrix")):
         _add_q_values(table, kind)
-        if labels == "calibrated":
+        if labels == "calibrated" and not (fast and table is matrix_table):
             table["label"] = calibrated_labels(table, t)
     summary = _summary(spec, heads, neurons, energies)
     info = {"top_k": top_k, "thresholds": t.__dict__, "spec": spec.to_dict(),
