@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from tv_lens.errors import TvLensError
+from tv_lens.readouts import _unembedding
 from tv_lens.sources import is_bridge
 from tv_lens.spec import resolve_layers
 
@@ -58,20 +59,10 @@ def _tokens(pair: Any, texts: Sequence[str], positions: int) -> tuple[Tensor, in
 
 def _final_norm(tv, delta: Tensor) -> Tensor:
     """``δ`` through the tuned model's final norm without its gain (applied with ``W_U`` by
-    :func:`_tuned_unembedding`): LayerNorm centres first; both scale to unit RMS."""
+    :func:`tv_lens.readouts._unembedding`): LayerNorm centres first; both scale to unit RMS."""
     if tv.spec.normalization.startswith("LN"):
         delta = delta - delta.mean(-1, keepdim=True)
     return delta / delta.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-30)
-
-
-def _tuned_unembedding(tv) -> Tensor:
-    """``diag(γ_tuned) · W_U_tuned`` (``[d_model, vocab]``; ``W_Eᵀ`` when embeddings are tied)."""
-    name = "unembed.W_U" if "unembed.W_U" in tv else "embed.W_E"
-    W = (tv.base[name] + tv[name]).double()
-    W = (W if name == "unembed.W_U" else W.T)[:, : tv.spec.d_vocab]
-    if "ln_final.w" in tv:
-        W = (tv.base["ln_final.w"] + tv["ln_final.w"]).double()[:, None] * W
-    return W
 
 
 def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int = 5,
@@ -117,7 +108,7 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
                 base_norms[name] += float(b.norm(dim=-1).sum())
         count = len(tokens) * positions
         deltas = {name: sums[name] / count for name in names}
-        W = _tuned_unembedding(tv)
+        W = _unembedding(tv, tuned=True)
         rows = []
         for layer, name in zip(layers, names):
             scores = _final_norm(tv, deltas[name]) @ W

@@ -212,18 +212,19 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
                               [[seed, layer, h, CIRCUIT_CODES[c]] for _, c, h in pending])
         for (i, _, _), null in zip(pending, nulls):
             row = rows[i]
-            row.update(_tests(null, (row["subspace_share"], row["amplification_share"])))
+            row.update(_test_fields(null, (row["subspace_share"], row["amplification_share"])),
+                       null_subspace_share=float(null[0].mean[0]),
+                       null_amplification_share=float(null[1].mean[0]))
     return rows
 
 
-def _tests(nulls: tuple[NullMoments, NullMoments], shares: tuple[float, float]) -> dict[str, float]:
-    """z and p of an (alignment, amplification) share pair against their nulls, as row fields."""
+def _test_fields(nulls: tuple[NullMoments, NullMoments], shares: tuple[float, float]) -> dict[str, float]:
+    """``z``/``p_value`` of an (alignment, amplification) share pair against their nulls, as
+    row fields (the amplification ones prefixed ``amplification_``)."""
     out = {}
-    for (null, share), (mean_col, prefix) in zip(zip(nulls, shares), (
-            ("null_subspace_share", ""), ("null_amplification_share", "amplification_"))):
+    for null, share, prefix in zip(nulls, shares, ("", "amplification_")):
         z, p = null.test(torch.tensor([share], dtype=torch.float64))
-        out.update({mean_col: float(null.mean[0]), prefix + "z": float(z[0]),
-                    prefix + "p_value": float(p[0])})
+        out.update({prefix + "z": float(z[0]), prefix + "p_value": float(p[0])})
     return out
 
 
@@ -241,13 +242,8 @@ def _unit_products(w: Tensor, d: Tensor | LowRank, axis: int) -> tuple[Tensor, T
     w_norm = dots(w, w).sqrt()
     if isinstance(d, LowRank):
         L, R, w = d.left.double(), d.right.double(), w.double()
-        if axis == 1:  # columns: d_n = L R[:, n]
-            norm2 = ((L.T @ L) @ R * R).sum(dim=0)
-            dot = ((w.T @ L).T * R).sum(dim=0)
-        else:
-            norm2 = ((L @ (R @ R.T)) * L).sum(dim=1)
-            dot = (L * (w @ R.T)).sum(dim=1)
-        return w_norm, norm2.clamp(min=0).sqrt(), dot
+        dot = ((w.T @ L).T * R).sum(dim=0) if axis == 1 else (L * (w @ R.T)).sum(dim=1)
+        return w_norm, _neuron_norm2(d, axis).clamp(min=0).sqrt(), dot
     return w_norm, dots(d, d).sqrt(), dots(w, d)
 
 
@@ -320,13 +316,10 @@ def _matrix_tests(overlap: Any, ids: Tensor, r_used: int, m: int, n: int,
     with Δ's spectrum and Haar singular vectors (:func:`tv_lens.nulls.haar_share_moments`)."""
     spectrum = _null_spectrum(overlap, m, n)
     sizes = torch.bincount(ids).cpu().numpy() if ids.numel() else np.zeros(0, dtype=np.int64)
-    moments = [haar_share_moments(spectrum, m, n, *counts)
-               for counts in (block_counts(r_used, r_used), cluster_counts(sizes))]
-    out = {}
-    for (mean, var), share, prefix in zip(moments, shares, ("", "amplification_")):
-        z, p = NullMoments(torch.tensor([mean]), torch.tensor([var])).test(torch.tensor([share]))
-        out.update({prefix + "z": float(z[0]), prefix + "p_value": float(p[0])})
-    return out
+    nulls = [NullMoments(*(torch.tensor([v], dtype=torch.float64)
+                           for v in haar_share_moments(spectrum, m, n, *counts)))
+             for counts in (block_counts(r_used, r_used), cluster_counts(sizes))]
+    return _test_fields(tuple(nulls), shares)
 
 
 def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresholds,

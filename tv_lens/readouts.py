@@ -36,12 +36,16 @@ from tv_lens.linalg import FactoredSVD, dense_svd, factored_svd
 COLUMNS = ["rank", "token_id", "token", "score", "base_score"]
 
 
-def _unembedding(tv) -> torch.Tensor:
-    base = tv.base
-    W_U = base["unembed.W_U"] if "unembed.W_U" in tv else base["embed.W_E"].T
-    W_U = W_U.double()[:, : tv.spec.d_vocab]
+def _unembedding(tv, tuned: bool = False) -> torch.Tensor:
+    """``diag(γ) · W_U`` (``[d_model, vocab]``; ``W_Eᵀ`` when embeddings are tied) of the base,
+    or with ``tuned`` of the fine-tuned model (base + update)."""
+    def weight(name: str) -> Tensor:
+        return (tv.base[name] + tv[name] if tuned else tv.base[name]).double()
+
+    W_U = weight("unembed.W_U") if "unembed.W_U" in tv else weight("embed.W_E").T
+    W_U = W_U[:, : tv.spec.d_vocab]
     if "ln_final.w" in tv:
-        W_U = base["ln_final.w"].double()[:, None] * W_U
+        W_U = weight("ln_final.w")[:, None] * W_U
     return W_U
 
 

@@ -62,10 +62,11 @@ def beta_sf(x: Tensor | float | int, a: Tensor | float | int,
                  + a * torch.log(xs) + b * torch.log1p(-xs))
     front = torch.exp(log_front)
     lower_side = xs < (a + 1.0) / (a + b + 2.0)
-    # I_x(a, b) directly where x is on the lower side, else via 1 − I_{1−x}(b, a)
-    cdf_lower = front * _continued_fraction(a, b, torch.where(lower_side, xs, 0.5 * xs)) / a
-    sf_upper = front * _continued_fraction(b, a, torch.where(lower_side, 0.5 * (1 - xs), 1 - xs)) / b
-    sf = torch.where(lower_side, 1.0 - cdf_lower, sf_upper)
+    # one continued fraction per element: I_x(a, b) where x is on the lower side, else
+    # I_{1−x}(b, a) = 1 − I_x(a, b), so the small tail is always computed directly
+    cf = _continued_fraction(torch.where(lower_side, a, b), torch.where(lower_side, b, a),
+                             torch.where(lower_side, xs, 1 - xs))
+    sf = torch.where(lower_side, 1.0 - front * cf / a, front * cf / b)
     sf = torch.where(xc <= 0, torch.ones_like(sf), sf)
     sf = torch.where(xc >= 1, torch.zeros_like(sf), sf)
     return sf.clamp(0.0, 1.0)
