@@ -16,7 +16,7 @@ with install_import_hook("tv_lens", "beartype.beartype"):
     import tv_lens.alignment, tv_lens.linalg, tv_lens.representations  # noqa: E401, F401
     import tv_lens.demo.evaluate  # noqa: F401
     import tv_lens.activation_patching, tv_lens.metrics, tv_lens.patching  # noqa: E401, F401
-    import tv_lens.readouts, tv_lens.reporting, tv_lens.viz  # noqa: E401, F401
+    import tv_lens.readouts, tv_lens.reporting, tv_lens.sae, tv_lens.viz  # noqa: E401, F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -67,7 +67,9 @@ def qwen2_model(seed: int = 0, vocab: int = 96, **overrides):
 def gpt2_model(seed: int = 0, vocab: int = 96, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    defaults = dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2)
+    # n_ctx: the Hub's GPT-2 config.json carries it beside n_positions, and TL 3.9 reads it
+    defaults = dict(n_embd=32, n_layer=2, n_head=4, n_positions=32, n_ctx=32, bos_token_id=1,
+                    eos_token_id=2)
     return _build(GPT2Config, GPT2LMHeadModel, defaults, seed, vocab_size=vocab, **overrides)
 
 

@@ -120,20 +120,21 @@ def pair64(request, save):
 @pytest.fixture
 def true_float64(monkeypatch):
     """Make the forward pass float64 throughout. The bridge's attention takes its softmax in
-    float32 and HF's LlamaRMSNorm normalises in float32 whatever the model's dtype; their
-    rounding (~1e-7) would swamp a finite difference at ε = 1e-4."""
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+    float32 (every TransformerLens line, by different code paths, all through
+    ``torch.nn.functional.softmax(..., dtype=torch.float32)``) and HF's LlamaRMSNorm normalises
+    in float32 whatever the model's dtype; their rounding (~1e-7) would swamp a finite
+    difference at ε = 1e-4."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    softmax = AttentionBridge._masked_softmax
+    softmax = torch.nn.functional.softmax
 
-    def masked_softmax(self, scores, dtype=None):
-        return softmax(self, scores, dtype=None if scores.dtype == torch.float64 else dtype)
+    def float64_softmax(scores, dim=None, _stacklevel=3, dtype=None):
+        return softmax(scores, dim=dim, dtype=None if scores.dtype == torch.float64 else dtype)
 
     def rms_norm(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
-    monkeypatch.setattr(AttentionBridge, "_masked_softmax", masked_softmax)
+    monkeypatch.setattr(torch.nn.functional, "softmax", float64_softmax)
     monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm)
 
 

@@ -23,8 +23,10 @@ from tv_lens.merging import composition_grid
 from tv_lens.pair import ModelPair
 from tv_lens.patching import AttributionComparison, attribute, compare_attribution, patch
 from tv_lens.readouts import domain_score, read_tokens
+from tv_lens.sae import SAEWeights, sae_readout
 from tv_lens.representations import compare_representations
 from tv_lens.spec import ArchSpec
+from tv_lens.tl_compat import load_hooked
 from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
 
 __version__ = "0.1.0"
@@ -40,6 +42,8 @@ __all__ = [
     "matrix_spectrum",
     # reading updates as tokens
     "activation_difference_lens", "domain_score", "read_tokens",
+    # SAE latents and TransformerLens 3.x HookedTransformer models
+    "SAEWeights", "load_hooked", "sae_readout",
     # patching and experiments
     "AttributionComparison", "activation_patch", "attribute", "compare_attribution",
     "composition_grid", "metrics", "patch",

@@ -77,11 +77,12 @@ class Slot:
         return {"h": heads, "dh": spec.d_head} if "dh" in self.pattern else {}
 
     def to_tl(self, hf_tensor: Tensor, spec: ArchSpec) -> Tensor:
-        """The TL-oriented view of this slot's part of ``hf_tensor``."""
+        """This slot's part of ``hf_tensor`` in TL orientation, contiguous: the same memory
+        layout whatever the source's, so every source gives bit-identical results downstream."""
         if self.chunk is not None:
             dim, index, n = self.chunk
             hf_tensor = hf_tensor.chunk(n, dim=dim)[index]
-        return einops.rearrange(hf_tensor, self.pattern, **self.sizes(spec))
+        return einops.rearrange(hf_tensor, self.pattern, **self.sizes(spec)).contiguous()
 
     def add_to_hf(self, hf_delta: Tensor, tl_delta: Tensor, spec: ArchSpec) -> None:
         """Add a TL-oriented ``tl_delta`` into ``hf_delta`` (full checkpoint shape) in place."""
@@ -211,7 +212,18 @@ def _split_for_bridge(slot: Slot) -> Slot:
     return Slot(slot.tl_name, key, pattern, slot.part, slot.unit, slot.unit_axis, None, slot.optional)
 
 
-def layout(spec: ArchSpec, available: set[str] | None = None, *, bridge: bool = False) -> list[Slot]:
+def _hooked(slot: Slot, available: set[str]) -> Slot:
+    """A slot re-pointed at a HookedTransformer's own parameter: its TL name (``_W_K``, ``_W_V``,
+    ``_b_K``, ``_b_V`` under grouped-query attention), already in TL orientation."""
+    head, matrix = slot.tl_name.rsplit(".", 1)
+    key = f"{head}._{matrix}" if f"{head}._{matrix}" in available else slot.tl_name
+    rhs = slot.pattern.split("->")[1].strip()
+    return Slot(slot.tl_name, key, f"{rhs} -> {rhs}", slot.part, slot.unit, slot.unit_axis, None,
+                slot.optional)
+
+
+def layout(spec: ArchSpec, available: set[str] | None = None, *, bridge: bool = False,
+           hooked: bool = False) -> list[Slot]:
     """All slots of a model, per layer filled in, in a stable order.
 
     Args:
@@ -219,11 +231,15 @@ def layout(spec: ArchSpec, available: set[str] | None = None, *, bridge: bool = 
         available: checkpoint keys that exist; optional slots whose key is missing are dropped.
             ``None`` keeps every slot.
         bridge: the keys are a TransformerBridge's (fused QKV read through its split q/k/v).
+        hooked: the keys are a HookedTransformer's parameter names (TL names and shapes);
+            needs ``available``.
     """
     per_block, per_model = _FAMILY_SLOTS[spec.family](spec)
     if bridge:
         per_block = [_split_for_bridge(s) for s in per_block]
     slots = [s.at(l) for l in range(spec.n_layers) for s in per_block] + per_model
+    if hooked:
+        slots = [_hooked(s, available or set()) for s in slots]
     if available is None:
         return slots
     return [s for s in slots if not s.optional or s.hf_key in available]

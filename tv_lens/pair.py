@@ -120,8 +120,15 @@ def _vocab_error(n_base: int, n_tuned: int) -> VocabMismatchError:
 
 def difference(base: Any, tuned: Any, *, vocab: str = "error",
                metadata: dict[str, Any] | None = None) -> TuningVector:
-    """``tuned − base`` for two loaded models, checked (see :class:`ModelPair`)."""
-    return weight_difference(ModelWeights(base), ModelWeights(tuned), vocab=vocab,
+    """``tuned − base`` for two loaded models, checked (see :class:`ModelPair`).
+
+    A HookedTransformer fills in tensors its checkpoint does not have (zero biases, an untied
+    copy of a tied ``W_U``); a slot that is such padding in both models is left out, so the
+    vector holds exactly the checkpoint's parameters."""
+    base_w, tuned_w = ModelWeights(base), ModelWeights(tuned)
+    hooked = [w.padding() for w in (base_w, tuned_w) if w.hooked]
+    padding = set.intersection(*hooked) if hooked else set()
+    return weight_difference(base_w.without(padding), tuned_w.without(padding), vocab=vocab,
                              metadata=metadata)
 
 

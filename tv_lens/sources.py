@@ -26,17 +26,66 @@ def is_bridge(model: Any) -> bool:
     return any(cls.__name__ == "TransformerBridge" for cls in type(model).__mro__)
 
 
+def is_hooked(model: Any) -> bool:
+    """Whether ``model`` is a TransformerLens 3.x ``HookedTransformer`` (SAELens's
+    ``HookedSAETransformer`` included), checked without importing TL."""
+    return any(cls.__name__ == "HookedTransformer" for cls in type(model).__mro__)
+
+
+_NO_PROCESSING = ("Load it with HookedTransformer.from_pretrained_no_processing(...) (or "
+                  "fold_ln=False, center_writing_weights=False, center_unembed=False): a "
+                  "difference of processed weights is not the fine-tune's update (folding mixes "
+                  "norm gains into the matrices, centring removes a direction).")
+
+
+def _centred(weight: Tensor, dim: int) -> bool:
+    """Whether every mean of ``weight`` along ``dim`` is zero up to rounding (what TL's
+    centring leaves, bf16 included). Uncentred, the means of ``n`` entries are of order
+    ``|w|/√n`` and the largest of them is well above the threshold ``0.05·|w|/√n``."""
+    weight = weight.detach().double()
+    n = weight.shape[dim]
+    return bool(weight.mean(dim).abs().max() <= 0.05 * weight.abs().mean() / n ** 0.5)
+
+
+def check_unprocessed(model: Any) -> None:
+    """Refuse a HookedTransformer whose weights TransformerLens folded or centred.
+
+    Folding is recorded in the config (``LNPre`` / ``RMSPre``); centring is not, so it is read
+    off the weights: ``W_U``'s means over the vocabulary (``center_unembed``) and, for LayerNorm
+    models, ``W_E``'s means over ``d_model`` (``center_writing_weights``) are zero only after
+    centring. Value-bias folding leaves no trace that tells it from zero-initialised biases.
+    """
+    norm = str(model.cfg.normalization_type)
+    if norm.endswith("Pre"):
+        raise ProcessedWeightsError(
+            f"This HookedTransformer's norms were folded into the weights (normalization_type "
+            f"{norm!r}). {_NO_PROCESSING}")
+    centred = [name for name, weight, dim in (("W_U", model.unembed.W_U, 1),
+                                              ("W_E", model.embed.W_E, 1))
+               if (name == "W_U" or norm == "LN") and _centred(weight, dim)]
+    if centred:
+        raise ProcessedWeightsError(
+            f"This HookedTransformer's weights were centred ({' and '.join(centred)} "
+            f"{'have' if len(centred) > 1 else 'has'} zero means: center_"
+            f"{'unembed' if centred == ['W_U'] else 'writing_weights'}=True). {_NO_PROCESSING}")
+
+
 def spec_of(model: Any) -> ArchSpec:
-    """The :class:`ArchSpec` of a bridge (HF-backed or TL-native) or an HF causal LM."""
+    """The :class:`ArchSpec` of a bridge (HF-backed or TL-native), a TL 3.x HookedTransformer
+    (checked for processed weights) or an HF causal LM."""
     if is_bridge(model):
         return ArchSpec.from_bridge(model)
+    if is_hooked(model):
+        check_unprocessed(model)
+        return ArchSpec.from_hooked_config(model.cfg)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         return ArchSpec.from_hf_config(config)
     raise UnsupportedArchitectureError(
         f"Cannot read a model architecture from a {type(model).__name__}. Pass a "
-        "TransformerBridge (TransformerBridge.boot_transformers(path)) or a Hugging Face "
-        "causal LM (AutoModelForCausalLM.from_pretrained(path))."
+        "TransformerBridge (TransformerBridge.boot_transformers(path)), a HookedTransformer "
+        "(TransformerLens 3.x) or a Hugging Face causal LM "
+        "(AutoModelForCausalLM.from_pretrained(path))."
     )
 
 
@@ -93,9 +142,11 @@ class ModelWeights(SlotWeights):
             )
         self.model = model
         self.spec = spec or spec_of(model)
+        self.hooked = is_hooked(model)
         self.params = _live_parameters(model, self.spec.family)
         self.slots: dict[str, Slot] = {
-            s.tl_name: s for s in layout(self.spec, set(self.params), bridge=is_bridge(model))}
+            s.tl_name: s for s in layout(self.spec, set(self.params), bridge=is_bridge(model),
+                                         hooked=self.hooked)}
         missing = [s.hf_key for s in self.slots.values() if s.hf_key not in self.params]
         if missing:
             raise UnsupportedArchitectureError(
@@ -110,6 +161,23 @@ class ModelWeights(SlotWeights):
             param = self.params[slot.hf_key].detach()
             return slot.to_tl(param, self.spec).to(compute_dtype(param.dtype))
 
+
+    def padding(self) -> set[str]:
+        """TL names of the optional slots a HookedTransformer fills in although the checkpoint
+        has no such tensor: all-zero biases (``b_Q``, ``b_O``, … of a Llama) and a ``W_U`` that
+        is ``W_Eᵀ`` (tied embeddings). Empty for every other model."""
+        if not self.hooked:
+            return set()
+        out = {name for name, slot in self.slots.items()
+               if slot.optional and not self.params[slot.hf_key].detach().any()}
+        if "unembed.W_U" in self.slots and torch.equal(self["unembed.W_U"], self["embed.W_E"].T):
+            out.add("unembed.W_U")
+        return out
+
+    def without(self, names: set[str]) -> "ModelWeights":
+        """This source with the slots ``names`` dropped (for reading only)."""
+        self.slots = {name: slot for name, slot in self.slots.items() if name not in names}
+        return self
 
     @property
     def dtypes(self) -> set[torch.dtype]:

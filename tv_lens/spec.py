@@ -1,7 +1,8 @@
 """The architecture facts a weight difference depends on, read the same way from every source.
 
 An :class:`ArchSpec` is read from a Hugging Face config (a ``config.json`` dict or a
-``PretrainedConfig``), from a TransformerLens bridge, or from a TL-native config. Two models form
+``PretrainedConfig``), from a TransformerLens bridge, from a TL-native config, or from a
+TransformerLens 3.x ``HookedTransformerConfig``. Two models form
 a pair only if every field in :data:`COMPATIBILITY_FIELDS` agrees; ``d_vocab`` is checked
 separately because fine-tunes that add tokens are common and have a defined way forward.
 """
@@ -103,6 +104,27 @@ class ArchSpec:
             getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_head, cfg.d_mlp,
             cfg.d_vocab, bool(cfg.gated_mlp), str(cfg.normalization_type),
             str(getattr(cfg, "positional_embedding_type", "standard")),
+        )
+
+
+    @classmethod
+    def from_hooked_config(cls, cfg: Any) -> "ArchSpec":
+        """Read a TransformerLens 3.x ``HookedTransformerConfig`` (of a model loaded without
+        weight processing; :func:`tv_lens.sources.check_unprocessed` checks that)."""
+        architecture = getattr(cfg, "original_architecture", None) or "?"
+        family = FAMILIES.get(architecture)
+        if family is None or family == "native":
+            supported = sorted(k for k in FAMILIES if k[0].isupper() and FAMILIES[k] != "native")
+            raise UnsupportedArchitectureError(
+                f"tv_lens has no weight layout for this HookedTransformer's architecture "
+                f"{architecture!r} (cfg.original_architecture). Supported: "
+                f"{', '.join(supported)}."
+            )
+        return cls(
+            architecture, family, cfg.n_layers, cfg.d_model, cfg.n_heads,
+            getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_head, cfg.d_mlp,
+            cfg.d_vocab, bool(cfg.gated_mlp), str(cfg.normalization_type),
+            str(cfg.positional_embedding_type),
         )
 
 

@@ -3,7 +3,9 @@
 ``base`` was pre-trained from scratch on a seeded grammar of everyday English; ``medical`` and
 ``math`` are full fine-tunes of it on seeded clinical question/answer data and arithmetic word
 problems; ``medical_lora`` is a rank-8 LoRA adapter of it on the medical data (a PEFT adapter
-folder: tv_lens reads its factors). See :mod:`tv_lens.demo.corpus` and :mod:`tv_lens.demo.train`;
+folder: tv_lens reads its factors); ``sae`` is a sparse autoencoder on the base's residual
+stream after block 1 (SAELens's folder format, :func:`load_sae`). See :mod:`tv_lens.demo.corpus`,
+:mod:`tv_lens.demo.train` and :mod:`tv_lens.demo.train_sae`;
 each checkpoint folder has a model card. Everything loads offline from the installed package.
 
     >>> from tv_lens.demo import load_pair
@@ -49,6 +51,16 @@ def load_pair(domain: str = "medical", **kwargs):
 
         raise InvalidArgumentError("Pick a fine-tuned domain: 'medical', 'math' or 'medical_lora'.")
     return ModelPair.from_pretrained(checkpoint_dir("base"), checkpoint_dir(domain), **kwargs)
+
+
+def load_sae():
+    """The demo SAE on the base's ``blocks.1.hook_resid_post`` (an
+    :class:`~tv_lens.sae.SAEWeights`; trained by :mod:`tv_lens.demo.train_sae`, its training
+    record in ``.metadata["training"]``). SAELens reads the same folder:
+    ``SAE.load_from_disk(CHECKPOINTS / "sae")``."""
+    from tv_lens.sae import SAEWeights
+
+    return SAEWeights.load(CHECKPOINTS / "sae")
 
 
 def load_models(**boot_kwargs) -> dict:
