@@ -210,3 +210,26 @@ def test_saelens_loads_the_demo_sae():
     a = sae_readout(pair, theirs, k=5, progress=False)
     b = sae_readout(pair, ours, k=5, progress=False)
     assert a.equals(b)
+
+
+def test_top_activations_are_the_saes_strongest_codes():
+    """Each reported activation is the SAE's code at that text and position (recomputed from the
+    bridge's cache of the whole batch), strongest first, and no unreported position is stronger."""
+    from tv_lens.demo import load_base, load_sae
+    from tv_lens.sae import top_activations
+
+    sae, bridge = load_sae(), load_base()
+    texts = ["The cat sat on the mat.", "Question: What is the dose of sumatriptan? Answer:",
+             "Felix has 3 boxes and buys 4 more."]
+    codes = [sae.encode(bridge.run_with_cache(bridge.to_tokens(t), names_filter=sae.hook_name)[1]
+                        [sae.hook_name][0]) for t in texts]
+    latent = int(torch.stack([c.max(0).values for c in codes]).max(0).values.argmax())
+    df = top_activations(bridge, sae, texts, [latent, 3], k=4)
+    rows = df[df.latent == latent]
+    assert 1 <= len(rows) <= 4 and list(rows["rank"]) == list(range(len(rows)))
+    assert rows.activation.is_monotonic_decreasing
+    for r in rows.itertuples():
+        assert r.activation == pytest.approx(float(codes[r.text][r.pos, latent]), rel=1e-5)
+    everything = torch.cat([c[:, latent] for c in codes])
+    assert rows.activation.iloc[0] == pytest.approx(float(everything.max()), rel=1e-5)
+    assert (everything > 0).sum() >= len(rows)

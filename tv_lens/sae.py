@@ -274,3 +274,31 @@ def sae_readout(pair_or_vector: Any, sae: Any, k: int = 20, directions: int = 1,
     df = df[SAE_COLUMNS]
     df.attrs.update(d_sae=sae.d_sae, hook_name=sae.hook_name, chance=chance)
     return df
+
+
+@torch.no_grad()
+def top_activations(model: Any, sae: Any, texts: Iterable[str], latents: Iterable[int],
+                    k: int = 10) -> pd.DataFrame:
+    """Where the given latents fire: the ``k`` strongest activations of each latent over
+    ``texts``, run through ``model`` (a bridge or HookedTransformer) one text at a time.
+
+    Returns:
+        One row per activation: ``latent, rank, text, pos, token, activation`` (``token`` is
+        the token at ``pos``, the position whose residual stream the SAE encoded).
+    """
+    sae = SAEWeights.of(sae)
+    latents = list(latents)
+    rows = []
+    for i, text in enumerate(texts):
+        tokens = model.to_tokens(text)
+        _, cache = model.run_with_cache(tokens, names_filter=sae.hook_name)
+        acts = sae.encode(cache[sae.hook_name][0].float().cpu())[:, latents]  # [pos, latents]
+        names = model.tokenizer.convert_ids_to_tokens(tokens[0].tolist())
+        for j, latent in enumerate(latents):
+            for pos in torch.nonzero(acts[:, j]).flatten().tolist():
+                rows.append((latent, i, pos, names[pos], float(acts[pos, j])))
+    df = pd.DataFrame(rows, columns=["latent", "text", "pos", "token", "activation"])
+    df = df.sort_values(["latent", "activation"], ascending=[True, False])
+    df = df.groupby("latent", sort=False).head(k)
+    df.insert(1, "rank", df.groupby("latent").cumcount())
+    return df.reset_index(drop=True)[["latent", "rank", "text", "pos", "token", "activation"]]
