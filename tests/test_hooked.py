@@ -103,3 +103,24 @@ def test_centred_writing_weights_are_refused(gpt2_dirs):
 def test_load_hooked_says_what_to_use_on_tl4(llama_dirs):
     with pytest.raises(TvLensError, match="only in TransformerLens 3.x.*ModelPair.from_pretrained"):
         load_hooked(llama_dirs[0])
+
+
+@hooked_only
+def test_patching_runs_on_hooked_pairs_as_on_bridges(llama_dirs, tokens):
+    """Weight patching, attribution and activation patching give a HookedTransformer pair the
+    same numbers as a bridge pair of the same checkpoints."""
+    from tv_lens import activation_patch, attribute, metrics, patch
+
+    metric = metrics.loss(tokens)
+    pairs = [ModelPair(*(load_hooked(d) for d in llama_dirs)),
+             ModelPair(*(boot(d) for d in llama_dirs))]
+    exact = [patch(p, metric, ["L0.attn", "L1.mlp", "L1H2"], progress=False) for p in pairs]
+    assert torch.allclose(torch.tensor(exact[0].effect.values), torch.tensor(exact[1].effect.values),
+                          atol=1e-4)
+    att = [attribute(p, metric, progress=False).set_index("component") for p in pairs]
+    assert torch.allclose(torch.tensor(att[0]["add"].values), torch.tensor(att[1]["add"].values),
+                          atol=1e-3)
+    acts = [activation_patch(p, metric, "hook_resid_post", progress=False) for p in pairs]
+    assert len(acts[0]) == len(acts[1]) == 4  # both directions, both layers
+    assert torch.allclose(torch.tensor(acts[0].patched.values), torch.tensor(acts[1].patched.values),
+                          atol=1e-4)

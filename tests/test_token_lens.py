@@ -159,7 +159,7 @@ def test_activation_difference_lens_reads_a_planted_bias(save):
         activation_difference_lens(pair, texts, positions=40)
     with pytest.raises(TvLensError, match="out of range"):
         activation_difference_lens(pair, texts, layers=[7])
-    with pytest.raises(TvLensError, match="needs TransformerBridge models"):
+    with pytest.raises(TvLensError, match="needs TransformerBridge \\(or TL 3.x HookedTransformer\\) models"):
         activation_difference_lens(planted, texts)
 
 

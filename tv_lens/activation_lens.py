@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tv_lens.errors import TvLensError
 from tv_lens.readouts import _unembedding
-from tv_lens.sources import is_bridge
+from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 
 COLUMNS = ["layer", "reading", "rank", "token", "token_id", "score"]
@@ -87,10 +87,7 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
     """
     if positions < 1 or k < 1:
         raise TvLensError(f"positions and k must be at least 1, got {positions} and {k}.")
-    if not (is_bridge(pair.base) and is_bridge(pair.tuned)):
-        raise TvLensError("The activation-difference lens reads TransformerLens hooks, so it needs "
-                          "TransformerBridge models: load the pair with "
-                          "ModelPair.from_pretrained(...) or ModelPair(bridge, bridge).")
+    check_runs_hooks(pair, "The activation-difference lens")
     layers = resolve_layers(layers, pair.spec.n_layers)
     tokens, start = _tokens(pair, texts, positions)
     names = [f"blocks.{l}.hook_resid_post" for l in layers]

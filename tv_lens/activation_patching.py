@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tv_lens.errors import TvLensError, close_matches
 from tv_lens.metrics import Metric, MetricLike, as_metric, model_device
 from tv_lens.patching import normalized_effect
-from tv_lens.sources import is_bridge
+from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 
 DIRECTIONS = ("into_base", "into_tuned")
@@ -120,10 +120,7 @@ def activation_patch(pair: Any, metric: MetricLike, hooks: Iterable[str] | str =
         One row per (direction, hook, head, position): ``direction, hook, layer, head, pos,
         base, tuned, patched, normalized`` (``head``/``pos`` are NA where not split).
     """
-    if not (is_bridge(pair.base) and is_bridge(pair.tuned)):
-        raise TvLensError("Activation patching reads and writes TransformerLens hooks, so it "
-                          "needs TransformerBridge models: load the pair with "
-                          "ModelPair.from_pretrained(...) or ModelPair(bridge, bridge).")
+    check_runs_hooks(pair, "Activation patching")
     if positions not in ("all", "each"):
         raise TvLensError(f"positions must be 'all' or 'each', got {positions!r}.")
     if direction not in (*DIRECTIONS, "both"):

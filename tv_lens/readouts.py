@@ -210,8 +210,6 @@ def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int 
         of that direction's readout over the whole vocabulary: how much the token stands out),
         ``sigma`` (the direction's singular value, or the neuron slice's norm). ``df.attrs["d_vocab"]`` holds the vocabulary size.
     """
-    from tqdm.auto import tqdm
-
     if k < 1 or directions < 1:
         raise TvLensError(f"k and directions must be at least 1, got k={k}, directions={directions}.")
     tv = _vector_of(pair_or_vector)
@@ -227,22 +225,32 @@ def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int 
     readers = {"write": _unembedding(tv).T, "read": _embedding(tv)}  # [vocab, d_model] each
     if score == "cosine":
         readers = {s: W / W.norm(dim=1, keepdim=True).clamp(min=1e-30) for s, W in readers.items()}
-    readers["query"] = readers["key"] = readers["read"]
-    frames = []
-    with torch.no_grad():
-        for unit in tqdm(units, desc="read_tokens", disable=not progress):
-            found = _unit_directions(tv, unit, directions)
-            for side in {f[1] for f in found}:
-                batch = [f for f in found if f[1] == side]
-                scores = readers[side] @ torch.stack([f[3] for f in batch], 1)  # [vocab, n]
-                frames += _top_rows(unit, batch, scores, k)
-    df = _assemble(frames)
+    df = read_directions(tv, units, readers, k, directions, desc="read_tokens", progress=progress)
     ids = [int(i) for i in df.token_id]
     df["token"] = (tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None
                    else [f"<id {i}>" for i in ids])
     df = df[TOKEN_COLUMNS]
     df.attrs["d_vocab"] = tv.spec.d_vocab
     return df
+
+
+def read_directions(tv, units: list[str], readers: dict[str, Tensor], k: int, directions: int, *,
+                    desc: str, progress: bool) -> pd.DataFrame:
+    """Every unit's update and base directions scored against the rows of ``readers[side]``
+    (``[n_rows, d_model]`` per side; ``read`` also serves ``query`` and ``key``): the top ``k``
+    rows per direction and sign, as ``token_id`` / ``score`` columns (:func:`_top_rows`)."""
+    from tqdm.auto import tqdm
+
+    readers = {**readers, "query": readers["read"], "key": readers["read"]}
+    frames = []
+    with torch.no_grad():
+        for unit in tqdm(units, desc=desc, disable=not progress):
+            found = _unit_directions(tv, unit, directions)
+            for side in {f[1] for f in found}:
+                batch = [f for f in found if f[1] == side]
+                scores = readers[side] @ torch.stack([f[3] for f in batch], 1).to(readers[side].device)
+                frames += _top_rows(unit, batch, scores.cpu(), k)  # [n_rows, n] scores
+    return _assemble(frames)
 
 
 def _top_rows(unit: str, batch: list, scores: Tensor, k: int) -> list[dict]:

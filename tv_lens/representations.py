@@ -20,8 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tv_lens.errors import TvLensError
-from tv_lens.sources import is_bridge
+from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 
 COLUMNS = ["layer", "hook", "k_base", "k_tuned", "overlap", "cka", "outside_share",
@@ -85,9 +84,7 @@ def compare_representations(pair, tokens: Int[Tensor, "batch pos"], layers: Sequ
         One row per layer with columns ``layer, hook, k_base, k_tuned, overlap, cka,
         outside_share, baseline_outside_share, n_tokens``.
     """
-    if not (is_bridge(pair.base) and is_bridge(pair.tuned)):
-        raise TvLensError("compare_representations needs TransformerBridge models (it reads "
-                          "hooks); load the pair with ModelPair.from_pretrained(...).")
+    check_runs_hooks(pair, "compare_representations")
     layers = resolve_layers(layers, pair.spec.n_layers)
     names = [f"blocks.{l}.{hook}" for l in layers]
     acts_b = _activations(pair.base, tokens, names, mask)

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tv_lens.errors import CheckpointNotFoundError, InvalidArgumentError, ShapeMismatchError
-from tv_lens.readouts import _assemble, _top_rows, _unit_directions, _vector_of
+from tv_lens.readouts import _vector_of, read_directions
 
 #: Hooks an SAE can sit on, and which units of which layers write into each.
 _SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -239,8 +239,6 @@ def sae_readout(pair_or_vector: Any, sae: Any, k: int = 20, directions: int = 1,
         direction's singular value or the neuron slice's norm). ``df.attrs`` holds ``d_sae``,
         ``hook_name`` and the ``chance`` levels.
     """
-    from tqdm.auto import tqdm
-
     if k < 1 or directions < 1:
         raise InvalidArgumentError(f"k and directions must be at least 1, got k={k}, "
                                    f"directions={directions}.")
@@ -257,17 +255,9 @@ def sae_readout(pair_or_vector: Any, sae: Any, k: int = 20, directions: int = 1,
     readers = {"write": sae.W_dec.double(), "read": sae.W_enc.T.double()}
     readers = {s: W / W.norm(dim=1, keepdim=True).clamp(min=1e-30) for s, W in readers.items()}
     chance = {s: chance_cosine(W) for s, W in readers.items()}
-    readers["query"] = readers["key"] = readers["read"]
     units = list(units) if units is not None else _default_units(tv, sae, neurons)
-    frames = []
-    with torch.no_grad():
-        for unit in tqdm(units, desc="sae_readout", disable=not progress):
-            found = _unit_directions(tv, unit, directions)
-            for side in {f[1] for f in found}:
-                batch = [f for f in found if f[1] == side]
-                cosines = readers[side] @ torch.stack([f[3] for f in batch], 1).cpu()
-                frames += _top_rows(unit, batch, cosines, k)
-    df = _assemble(frames).rename(columns={"token_id": "latent", "score": "cosine"})
+    df = read_directions(tv, units, readers, k, directions, desc="sae_readout", progress=progress)
+    df = df.rename(columns={"token_id": "latent", "score": "cosine"})
     if df.empty:
         return pd.DataFrame(columns=SAE_COLUMNS)
     df["chance"] = df.side.map(lambda s: chance["write" if s == "write" else "read"])

@@ -32,6 +32,16 @@ def is_hooked(model: Any) -> bool:
     return any(cls.__name__ == "HookedTransformer" for cls in type(model).__mro__)
 
 
+def check_runs_hooks(pair: Any, what: str) -> None:
+    """Refuse a pair whose models have no TransformerLens hooks (``what`` needs them): both
+    must be ``TransformerBridge``s or TL 3.x ``HookedTransformer``s."""
+    if not all(is_bridge(m) or is_hooked(m) for m in (pair.base, pair.tuned)):
+        raise TvLensError(
+            f"{what} reads TransformerLens hooks, so it needs TransformerBridge (or TL 3.x "
+            "HookedTransformer) models: load the pair with ModelPair.from_pretrained(...) or "
+            "ModelPair(bridge, bridge).")
+
+
 _NO_PROCESSING = ("Load it with HookedTransformer.from_pretrained_no_processing(...) (or "
                   "fold_ln=False, center_writing_weights=False, center_unembed=False): a "
                   "difference of processed weights is not the fine-tune's update (folding mixes "
