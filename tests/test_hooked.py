@@ -71,7 +71,8 @@ def test_a_hooked_pair_patches_and_restores(llama_dirs):
 
 @hooked_only
 def test_a_hooked_sae_transformer_is_a_pair_member(llama_dirs):
-    sae_lens = pytest.importorskip("sae_lens", reason="SAELens is installed in the TL 3.9 env")
+    sae_lens = pytest.importorskip(
+        "sae_lens", reason="SAELens is not installed here; make test-tl3 installs it (TL 3.9)")
     pair = ModelPair(*(load_hooked(d, cls=sae_lens.HookedSAETransformer) for d in llama_dirs))
     reference = ModelPair.from_pretrained(*llama_dirs).tuning_vector()
     assert sorted(pair.tuning_vector()) == sorted(reference)
@@ -99,7 +100,8 @@ def test_centred_writing_weights_are_refused(gpt2_dirs):
         ModelPair(load_hooked(gpt2_dirs[1]), model)
 
 
-@pytest.mark.skipif(has_hooked_transformer(), reason="TL 3.x has HookedTransformer")
+@pytest.mark.skipif(has_hooked_transformer(),
+                    reason="checks the TL 4.x error; TL 3.x has HookedTransformer, so load_hooked works")
 def test_load_hooked_says_what_to_use_on_tl4(llama_dirs):
     with pytest.raises(TvLensError, match="only in TransformerLens 3.x.*ModelPair.from_pretrained"):
         load_hooked(llama_dirs[0])

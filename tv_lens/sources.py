@@ -8,6 +8,7 @@ model. It finds the *live* parameters by their checkpoint keys (undoing the brid
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -171,7 +172,6 @@ class ModelWeights(SlotWeights):
             param = self.params[slot.hf_key].detach()
             return slot.to_tl(param, self.spec).to(compute_dtype(param.dtype))
 
-
     def padding(self) -> set[str]:
         """TL names of the optional slots a HookedTransformer fills in although the checkpoint
         has no such tensor: all-zero biases (``b_Q``, ``b_O``, … of a Llama) and a ``W_U`` that
@@ -185,9 +185,10 @@ class ModelWeights(SlotWeights):
         return out
 
     def without(self, names: set[str]) -> "ModelWeights":
-        """This source with the slots ``names`` dropped (for reading only)."""
-        self.slots = {name: slot for name, slot in self.slots.items() if name not in names}
-        return self
+        """A copy of this source (same live model) with the slots ``names`` dropped."""
+        out = copy.copy(self)
+        out.slots = {name: slot for name, slot in self.slots.items() if name not in names}
+        return out
 
     @property
     def dtypes(self) -> set[torch.dtype]:
