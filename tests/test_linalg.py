@@ -267,3 +267,57 @@ def test_low_rank_overlap_equals_dense():
         torch.testing.assert_close(a.left.abs(), b.left.abs(), rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(a.right.abs(), b.right.abs(), rtol=1e-6, atol=1e-8)
         assert math.isclose(a.energy, b.energy, rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, k", [(40, 5), (300, 10), (7, 7)])
+def test_partial_eigh_matches_full_eigh(dtype, n, k):
+    """One tridiagonal reduction (scipy's sytrd + tridiagonal solvers + torch.ormqr) against
+    LAPACK's full eigh: every eigenvalue and the top-k eigenvectors (up to sign)."""
+    A = rand(2 * n, n, seed=n)
+    A[:, 0] *= 5.0  # one well-separated top direction besides the random bulk
+    G = (A.T @ A).to(dtype)
+    vals, vecs = linalg.partial_eigh(G, k)
+    ref_vals, ref_vecs = torch.linalg.eigh(G.double())
+    ref_vals, ref_vecs = ref_vals.flip(0), ref_vecs.flip(1)[:, :k]
+    scale = float(ref_vals[0])
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert vals.dtype == vecs.dtype == torch.float64 and vecs.shape == (n, k)
+    assert ((vals - ref_vals).abs() / scale).max() < tol
+    # eigenvectors whose eigenvalue gap is resolved in this precision: equal up to sign
+    gaps = torch.cat([ref_vals[:-1] - ref_vals[1:], ref_vals[-1:]])[:k] / scale
+    gaps = torch.minimum(gaps, torch.cat([gaps[:1], gaps[:-1]]))
+    ok = gaps > 1e3 * tol
+    cos = (ref_vecs.T @ vecs).diagonal().abs()
+    assert ok.any() and (cos[ok] > 1 - 1e3 * tol).all()
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e3 * tol)
+
+
+def test_partial_eigh_without_scipy_is_the_full_eigh(monkeypatch):
+    import builtins
+
+    G = rand(50, 20, seed=3).T @ rand(50, 20, seed=3)
+    with_scipy = linalg.partial_eigh(G, 4)
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    without = linalg.partial_eigh(G, 4)
+    torch.testing.assert_close(with_scipy[0], without[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(with_scipy[1].abs(), without[1].abs(), rtol=0, atol=1e-10)
+
+
+def test_gram_svd_top_vectors_only(monkeypatch):
+    """``vectors=k`` above the float64 size: all singular values, the top k vectors."""
+    W = rand(90, 60, seed=5)
+    W[:, :3] *= torch.tensor([8.0, 6.0, 4.0], dtype=torch.float64)
+    monkeypatch.setattr(linalg, "FLOAT64_UP_TO", 10)
+    top = gram_svd(W, vectors=4)
+    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    assert top.V.shape == (60, 4) and top.S.shape == (60,)
+    torch.testing.assert_close(top.S, S, rtol=1e-5, atol=0)  # float32 work above the limit
+    assert ((Vh[:4] @ top.V).diagonal().abs() > 1 - 1e-5).all()

@@ -108,6 +108,23 @@ def test_nan_weights_are_named(save):
                                                     r"blocks.1.mlp.W_out \(checkpoint key "
                                                     r"model.layers.1.mlp.down_proj.weight\)"):
         pair.tuning_vector().dense()  # a pair read from files checks each weight as it is read
+    # the difference is taken in place in the tuned tensor: a NaN in the base is still the base's
+    pair = ModelPair.from_pretrained(save(bad, "nan_b2"), save(llama_model(), "nan_t2"))
+    with pytest.raises(NonFiniteWeightsError, match=r"base model has 1 NaN/inf value\(s\) in "
+                                                    r"blocks.1.mlp.W_out"):
+        pair.tuning_vector().dense()
+
+
+def test_in_place_differences_leave_the_checkpoint_reads_intact(save):
+    """float32 checkpoints: a read can be the very tensor the checkpoint cache holds; the
+    difference is taken in place, so every read must hand out its own copy."""
+    base, tuned = llama_model(0), llama_model(1)
+    pair = ModelPair.from_pretrained(save(base, "f32_b"), save(tuned, "f32_t"))
+    tv = pair.tuning_vector()
+    expected = (tuned.model.embed_tokens.weight - base.model.embed_tokens.weight).detach()
+    assert tv.base.checkpoint.dtype("model.embed_tokens.weight") == torch.float32
+    for _ in range(2):  # read again: the same Δ, not Δ − base
+        torch.testing.assert_close(tv["embed.W_E"], expected, rtol=0, atol=0)
 
 
 def test_processed_weights_refused(llama_dirs):

@@ -167,7 +167,8 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
                t: Thresholds, null_samples: int = 0, seed: int = 0) -> list[dict]:
     """Every head's OV and QK rows of one layer, all heads at once (:func:`align_circuits`);
     with ``null_samples`` each changed circuit is tested against its weight-perturbation null
-    (:func:`tv_lens.nulls.circuit_null`, seeded by ``(seed, layer, head, circuit)``)."""
+    (:func:`tv_lens.nulls.circuit_nulls`; the layer's heads share the draws seeded by
+    ``(seed, layer, circuit)``)."""
     a = f"blocks.{layer}.attn."
     W = {k: base[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
     D = {k: delta[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
@@ -178,8 +179,8 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
     }
     m, n = spec.d_model, spec.d_model
     by_circuit = {c: align_circuits(*factors) for c, factors in circuits.items()}
-    factor_norms = {c: (f[2].double().pow(2).sum((1, 2)).sqrt().cpu(),
-                        f[3].double().pow(2).sum((1, 2)).sqrt().cpu()) for c, f in circuits.items()}
+    factor_norms = {c: tuple(torch.linalg.vector_norm(x, dim=(1, 2), dtype=torch.float64).cpu()
+                             for x in f[2:]) for c, f in circuits.items()}
     rows, pending = [], []  # pending: (row index, circuit, head) of changed circuits to test
     for head in range(spec.n_heads):
         for circuit, al in by_circuit.items():
@@ -209,22 +210,26 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
         nulls = circuit_nulls([by_circuit[c].frames[h] for _, c, h in pending],
                               [float(factor_norms[c][0][h]) for _, c, h in pending],
                               [float(factor_norms[c][1][h]) for _, c, h in pending], null_samples,
-                              [[seed, layer, h, CIRCUIT_CODES[c]] for _, c, h in pending])
-        for (i, _, _), null in zip(pending, nulls):
-            row = rows[i]
-            row.update(_test_fields(null, (row["subspace_share"], row["amplification_share"])),
-                       null_subspace_share=float(null[0].mean[0]),
-                       null_amplification_share=float(null[1].mean[0]))
+                              [[seed, layer, CIRCUIT_CODES[c]] for _, c, h in pending])
+        stacked = tuple(NullMoments(torch.cat([n[j].mean for n in nulls]),
+                                    torch.cat([n[j].var for n in nulls])) for j in (0, 1))
+        shares = [[rows[i][c] for i, _, _ in pending] for c in ("subspace_share", "amplification_share")]
+        fields = _test_fields(stacked, shares)  # one batched test per share kind
+        for j, (i, _, _) in enumerate(pending):
+            rows[i].update({k: v[j] for k, v in fields.items()},
+                           null_subspace_share=float(stacked[0].mean[j]),
+                           null_amplification_share=float(stacked[1].mean[j]))
     return rows
 
 
-def _test_fields(nulls: tuple[NullMoments, NullMoments], shares: tuple[float, float]) -> dict[str, float]:
-    """``z``/``p_value`` of an (alignment, amplification) share pair against their nulls, as
-    row fields (the amplification ones prefixed ``amplification_``)."""
+def _test_fields(nulls: tuple[NullMoments, NullMoments],
+                 shares: Any) -> dict[str, list[float]]:
+    """``z``/``p_value`` of (alignment, amplification) shares against their nulls (one entry
+    per unit), keyed by row field (the amplification ones prefixed ``amplification_``)."""
     out = {}
     for null, share, prefix in zip(nulls, shares, ("", "amplification_")):
-        z, p = null.test(torch.tensor([share], dtype=torch.float64))
-        out.update({prefix + "z": float(z[0]), prefix + "p_value": float(p[0])})
+        z, p = null.test(torch.tensor(share, dtype=torch.float64).reshape(-1))
+        out.update({prefix + "z": z.tolist(), prefix + "p_value": p.tolist()})
     return out
 
 
@@ -234,17 +239,18 @@ def _unit_products(w: Tensor, d: Tensor | LowRank, axis: int) -> tuple[Tensor, T
     ``‖d_n‖`` and ``⟨w_n, d_n⟩``, summed in float64 without transposing the weights. Factors
     ``d = L @ R`` are never formed: ``⟨w_n, L_n R⟩ = L_n · (w Rᵀ)_n``, ``‖L_n R‖² = L_n (R Rᵀ) L_nᵀ``
     (rows; columns likewise)."""
-    spec = "ij,ij->j" if axis == 1 else "ij,ij->i"  # per-neuron sums, one pass each (BLAS)
-
-    def dots(a: Tensor, b: Tensor) -> Tensor:
-        return torch.einsum(spec, a, b).double()
-
-    w_norm = dots(w, w).sqrt()
+    w_norm = _slice_dots(w, w, axis).sqrt()
     if isinstance(d, LowRank):
         L, R, w = d.left.double(), d.right.double(), w.double()
         dot = ((w.T @ L).T * R).sum(dim=0) if axis == 1 else (L * (w @ R.T)).sum(dim=1)
         return w_norm, _neuron_norm2(d, axis).clamp(min=0).sqrt(), dot
-    return w_norm, dots(d, d).sqrt(), dots(w, d)
+    return w_norm, _slice_dots(d, d, axis).sqrt(), _slice_dots(w, d, axis)
+
+
+def _slice_dots(a: Tensor, b: Tensor, axis: int) -> Tensor:
+    """``⟨a_n, b_n⟩`` per slice along ``axis``, in float64 (an einsum over columns is 10×
+    slower than this multiply-and-sum)."""
+    return (a * b).sum(dim=1 - axis).double()
 
 
 def _neuron_rows(layer: int, base: dict[str, Tensor], delta: dict[str, Tensor | LowRank],
@@ -291,11 +297,9 @@ def _match_baseline(m: int, n: int, n_vectors: int) -> tuple[float, float]:
     return random_match_baseline(m, n, n_vectors)
 
 
-def _frob(x: Tensor | LowRank) -> float:
-    """``‖x‖_F`` accumulated in float64 over row chunks (no float64 copy of an embedding)."""
-    if isinstance(x, LowRank):
-        return float(np.sqrt(max(x.frob2(), 0.0)))
-    return frob2(x) ** 0.5
+def _frob2(x: Tensor | LowRank) -> float:
+    """``‖x‖_F²`` accumulated in float64 over row chunks (no float64 copy of an embedding)."""
+    return max(x.frob2(), 0.0) if isinstance(x, LowRank) else frob2(x)
 
 
 def _null_spectrum(overlap: Any, m: int, n: int) -> Tensor:
@@ -319,14 +323,15 @@ def _matrix_tests(overlap: Any, ids: Tensor, r_used: int, m: int, n: int,
     nulls = [NullMoments(*(torch.tensor([v], dtype=torch.float64)
                            for v in haar_share_moments(spectrum, m, n, *counts)))
              for counts in (block_counts(r_used, r_used), cluster_counts(sizes))]
-    return _test_fields(tuple(nulls), shares)
+    return {k: v[0] for k, v in _test_fields(tuple(nulls), shares).items()}
 
 
 def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresholds,
                 fast_rank: int | None = None, intruders: tuple[int, float] = (10, 0.5)) -> dict:
     """One weight matrix's row (``intruders``: PEFT's ``(top_k, threshold_epsilon)``)."""
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
-    delta_norm, base_norm = _frob(D), _frob(W)
+    delta_e, base_e = _frob2(D), _frob2(W)
+    delta_norm, base_norm = delta_e ** 0.5, base_e ** 0.5
     rel = delta_norm / base_norm if base_norm > 0 else float("inf")
     row: dict[str, Any] = dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None
                                else name, delta_norm=delta_norm, relative_norm=rel)
@@ -337,9 +342,9 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
         base = gram_svd(W)
     else:
         if not isinstance(D, LowRank) and rel >= t.tol:
-            fast_delta = randomized_svd(D, max(fast_rank, top_k))
+            fast_delta = randomized_svd(D, max(fast_rank, top_k), energy=delta_e)
         probes = fast_delta.V[:, :top_k] if fast_delta is not None else None
-        base = randomized_svd(W, fast_rank, probes=probes)
+        base = randomized_svd(W, fast_rank, probes=probes, energy=base_e)
     base_r = spectrum_stats(base.S, energy=base.energy if base.partial else None)["rank_90"]
     r_used = base.S.numel() if base_r != base_r else base_r  # NaN: rank_90 > the top found
     m, n = W.shape
@@ -406,7 +411,7 @@ def _neuron_norm2(d: Tensor | LowRank, axis: int) -> Tensor:
         if axis == 1:
             return ((L.T @ L) @ R * R).sum(dim=0)
         return ((L @ (R @ R.T)) * L).sum(dim=1)
-    return torch.einsum("ij,ij->j" if axis == 1 else "ij,ij->i", d, d).double()
+    return _slice_dots(d, d, axis)
 
 
 def _unit_energies(spec: Any, layer: int, part: str, delta: dict[str, Tensor | LowRank]) -> np.ndarray:
@@ -469,12 +474,11 @@ def _layer_tensors(tv: TuningVector, names: list[str], device: Any) -> tuple[dic
     form is needed: attention heads slice their weights densely, d_model × d_head each)."""
     base, delta = {}, {}
     for name in names:
-        base[name] = tv.base[name].to(device)
         factors = tv.factors(name)
         if factors is not None and ".attn." not in name:
-            delta[name] = factors.to(device)
+            base[name], delta[name] = tv.base[name].to(device), factors.to(device)
         else:
-            delta[name] = tv[name].to(device)
+            base[name], delta[name] = (x.to(device) for x in tv.base_and_update(name))
     return base, delta
 
 
@@ -519,8 +523,9 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             ``thresholds.level`` = 0.01).
         null_samples: Monte Carlo draws per head circuit for its null (neurons and matrices
             have closed forms); 0 skips the head tests (only with ``labels="fixed"``).
-        seed: seed of the head nulls (each circuit's draws are seeded by ``(seed, layer,
-            head, circuit)``, so results do not depend on processing order).
+        seed: seed of the head nulls (the draws of one layer's OV or QK circuits are seeded by
+            ``(seed, layer, circuit)`` and shared by its heads, so results do not depend on
+            processing order).
         intruder_top_k, intruder_epsilon: ``n_intruders`` in ``matrices`` (PEFT's ``top_k`` and
             ``threshold_epsilon``): how many of the tuned matrix's top singular vectors on the
             output side have no base singular vector with ``|cos| ≥ ε``. Computed for the

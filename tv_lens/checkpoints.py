@@ -303,11 +303,16 @@ class CheckpointWeights(SlotWeights):
     def dtypes(self) -> set[torch.dtype]:
         return {self.checkpoint.dtype(s.hf_key) for s in self.slots.values()}
 
+    #: every read returns a tensor of its own (never one the checkpoint cache holds), so a
+    #: caller may change it in place (:func:`tv_lens.pair.weight_difference` does)
+    returns_copies = True
+
     def __getitem__(self, tl_name: str) -> Tensor:
         slot = self.slots[tl_name]
         raw = self.checkpoint.read(slot.hf_key)
-        out = slot.to_tl(raw, self.spec).to(torch.float64 if self.float64 else compute_dtype(raw.dtype))
-        return out.to(self.device) if self.device is not None else out
+        out = slot.to_tl(raw, self.spec, torch.float64 if self.float64 else compute_dtype(raw.dtype))
+        out = out.to(self.device) if self.device is not None else out
+        return out.clone() if out.data_ptr() == raw.data_ptr() else out
 
 
 

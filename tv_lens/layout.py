@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 import einops
+import torch
 from torch import Tensor
 
 from tv_lens.spec import ArchSpec
@@ -76,13 +77,15 @@ class Slot:
         heads = spec.n_kv_heads if self.unit == "kv_head" else spec.n_heads
         return {"h": heads, "dh": spec.d_head} if "dh" in self.pattern else {}
 
-    def to_tl(self, hf_tensor: Tensor, spec: ArchSpec) -> Tensor:
-        """This slot's part of ``hf_tensor`` in TL orientation, contiguous: the same memory
-        layout whatever the source's, so every source gives bit-identical results downstream."""
+    def to_tl(self, hf_tensor: Tensor, spec: ArchSpec, dtype: torch.dtype | None = None) -> Tensor:
+        """This slot's part of ``hf_tensor`` in TL orientation (and ``dtype``), contiguous: the
+        same memory layout whatever the source's, so every source gives bit-identical results
+        downstream. Rearranging and converting are one copy."""
         if self.chunk is not None:
             dim, index, n = self.chunk
             hf_tensor = hf_tensor.chunk(n, dim=dim)[index]
-        return einops.rearrange(hf_tensor, self.pattern, **self.sizes(spec)).contiguous()
+        out = einops.rearrange(hf_tensor, self.pattern, **self.sizes(spec))
+        return out.to(dtype or out.dtype, memory_format=torch.contiguous_format)
 
     def add_to_hf(self, hf_delta: Tensor, tl_delta: Tensor, spec: ArchSpec) -> None:
         """Add a TL-oriented ``tl_delta`` into ``hf_delta`` (full checkpoint shape) in place."""

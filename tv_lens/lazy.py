@@ -26,11 +26,15 @@ class LazyDeltas(Mapping):  # of str -> Tensor (unsubscripted: checkers must not
     Args:
         meta: each name's shape and dtype (what ``compute`` returns), in a stable order.
         compute: returns the tensor of one name.
+        with_base: returns ``(base weight, tensor)`` of one name, reading the base once for
+            both (a difference of checkpoints; see :meth:`~tv_lens.TuningVector.base_and_update`).
     """
 
-    def __init__(self, meta: Mapping[str, Meta], compute: Callable[[str], Tensor]):
+    def __init__(self, meta: Mapping[str, Meta], compute: Callable[[str], Tensor],
+                 with_base: Callable[[str], tuple[Tensor, Tensor]] | None = None):
         self.meta = dict(meta)
         self.compute = compute
+        self.with_base = with_base
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.meta:

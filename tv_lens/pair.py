@@ -96,16 +96,28 @@ def boot(name_or_path: str | os.PathLike, *, device: str | torch.device | None =
         ) from exc
 
 
-def _finite(tensor: torch.Tensor, weights: Any, name: str, which: str) -> torch.Tensor:
-    """``tensor`` itself, or a :class:`NonFiniteWeightsError` naming the parameter."""
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteWeightsError(
-            f"The {which} model has {bad} NaN/inf value(s) in {name} "
-            f"(checkpoint key {weights.slots[name].hf_key}). A weight difference with NaN is "
-            "meaningless; check how the checkpoint was saved or converted."
-        )
-    return tensor
+def _finite_difference(base: torch.Tensor, tuned: torch.Tensor, weights: Any, name: str, *,
+                       in_place: bool = False) -> torch.Tensor:
+    """``tuned − base`` (written into ``tuned`` when ``in_place``: one tensor fewer at the peak
+    of an embedding's read), or a :class:`NonFiniteWeightsError` naming the model and parameter
+    (one finiteness pass over the difference: NaN or inf in either weight makes it non-finite)."""
+    delta = tuned.sub_(base) if in_place else tuned - base
+    if torch.isfinite(delta).all():
+        return delta
+    base_bad = ~torch.isfinite(base)
+    # (tuned was overwritten in place: its bad values are where Δ is non-finite but base is not)
+    tuned_bad = ~torch.isfinite(delta) & ~base_bad if in_place else ~torch.isfinite(tuned)
+    for which, bad_mask in (("base", base_bad), ("tuned", tuned_bad)):
+        bad = int(bad_mask.sum())
+        if bad:
+            raise NonFiniteWeightsError(
+                f"The {which} model has {bad} NaN/inf value(s) in {name} "
+                f"(checkpoint key {weights.slots[name].hf_key}). A weight difference with NaN is "
+                "meaningless; check how the checkpoint was saved or converted."
+            )
+    raise NonFiniteWeightsError(
+        f"{name} differs by more than the float range between the models (overflow in tuned − "
+        "base); check how the checkpoints were saved or converted.")
 
 
 def _vocab_error(n_base: int, n_tuned: int) -> VocabMismatchError:
@@ -157,14 +169,18 @@ def weight_difference(base_w: Any, tuned_w: Any, *, vocab: str = "error",
                       "tv_lens computes every difference in float32 (float64 where a model holds "
                       "float64).", TvLensWarning, stacklevel=3)
 
-    def delta(name: str) -> torch.Tensor:
-        b = _finite(base_w[name], base_w, name, "base")
-        t = _finite(tuned_w[name], tuned_w, name, "tuned")
+    in_place = getattr(tuned_w, "returns_copies", False)  # tuned tensors are ours to change
+
+    def base_and_delta(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = base_w[name], tuned_w[name]
         if name == "embed.W_E":
             b, t = b[:shared], t[:shared]
         elif name == "unembed.W_U":
             b, t = b[:, :shared], t[:, :shared]
-        return t - b
+        return b, _finite_difference(b, t, base_w, name, in_place=in_place)
+
+    def delta(name: str) -> torch.Tensor:
+        return base_and_delta(name)[1]
 
     if lazy:
         meta = {}
@@ -173,7 +189,7 @@ def weight_difference(base_w: Any, tuned_w: Any, *, vocab: str = "error",
             if name in ("embed.W_E", "unembed.W_U"):
                 shape[0 if name == "embed.W_E" else 1] = shared
             meta[name] = (tuple(shape), torch.promote_types(base_w.dtype(name), tuned_w.dtype(name)))
-        deltas: Any = LazyDeltas(meta, delta)
+        deltas: Any = LazyDeltas(meta, delta, with_base=base_and_delta)
     else:
         deltas = {name: delta(name) for name in tqdm(base_w, desc="tuning vector", leave=False,
                                                      disable=None)}

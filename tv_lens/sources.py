@@ -170,7 +170,7 @@ class ModelWeights(SlotWeights):
         slot = self.slots[tl_name]
         with torch.no_grad():
             param = self.params[slot.hf_key].detach()
-            return slot.to_tl(param, self.spec).to(compute_dtype(param.dtype))
+            return slot.to_tl(param, self.spec, compute_dtype(param.dtype))
 
     def padding(self) -> set[str]:
         """TL names of the optional slots a HookedTransformer fills in although the checkpoint

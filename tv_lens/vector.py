@@ -208,6 +208,9 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
                            + close_matches(name, list(self.deltas)))
         return self.deltas[name]
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the entry
+        return name in self.deltas
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.deltas)
 
@@ -270,14 +273,22 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         return NeuronDelta(layer, neuron, self[m + "W_in"][:, neuron],
                            None if gate is None else gate[:, neuron], self[m + "W_out"][neuron])
 
-    def _base_tensor(self, name: str) -> Tensor:
+    def _base_tensor(self, name: str, device: torch.device | None = None) -> Tensor:
         if self.base is None:
             raise MissingBaseError(
                 "This tuning vector carries no base weights, which circuit differences need "
                 "(ΔOV = W_V' W_O' − W_V W_O). Use pair.tuning_vector(), or attach a base with "
                 "tv.with_base(base_model)."
             )
-        return self.base[name].to(self.deltas[name].device)
+        return self.base[name].to(device or self.deltas[name].device)
+
+    def base_and_update(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(base weight, update)`` of one entry; a vector read from two checkpoints reads the
+        base weight once for both (half the reads of ``tv.base[name]`` then ``tv[name]``)."""
+        if isinstance(self.deltas, LazyDeltas) and self.deltas.with_base is not None:
+            return self.deltas.with_base(name)
+        update = self[name]
+        return self._base_tensor(name, update.device), update
 
     def with_base(self, base_model: Any) -> "TuningVector":
         """This vector with ``base_model``'s weights attached (for :meth:`ov`, :meth:`qk`)."""
