@@ -321,3 +321,11 @@ def test_gram_svd_top_vectors_only(monkeypatch):
     assert top.V.shape == (60, 4) and top.S.shape == (60,)
     torch.testing.assert_close(top.S, S, rtol=1e-5, atol=0)  # float32 work above the limit
     assert ((Vh[:4] @ top.V).diagonal().abs() > 1 - 1e-5).all()
+
+
+def test_release_freed_memory_where_glibc_has_malloc_trim():
+    import platform
+
+    from tv_lens.memory import release_freed_memory
+
+    assert release_freed_memory() is (platform.libc_ver()[0] == "glibc")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from tv_lens.errors import InvalidArgumentError
 from tv_lens.lazy import LowRank
+from tv_lens.memory import release_freed_memory
 from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, frob2,
                             gram_svd, intruder_count, matrix_overlap, random_match_baseline,
                             randomized_svd, spectrum_stats)
@@ -588,8 +589,9 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     for name in tv.slots:
         if name in tv:
             by_layer.setdefault(layer_of(name), []).append(name)
-    with torch.no_grad():
-        for layer in tqdm(range(spec.n_layers), desc="analyze layers", disable=not progress):
+    # (the bar is closed, its line ended, also when a weight turns out broken mid-way)
+    with torch.no_grad(), tqdm(total=spec.n_layers, desc="analyze layers", disable=not progress) as bar:
+        for layer in range(spec.n_layers):
             names = [n for n in by_layer.get(layer, []) if ".attn." in n or ".mlp." in n]
             base, delta = _layer_tensors(tv, names, device)
             head_rows += _head_rows(spec, layer, base, delta, t, null_samples, seed)
@@ -602,11 +604,14 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
                                                    _as_matrix(name, delta[name]), top_k, t, rank,
                                                    (intruder_top_k, intruder_epsilon)))
             del base, delta
+            release_freed_memory()
+            bar.update()
         for name in by_layer.get(None, []):
             if name in matrices:
                 base, delta = _layer_tensors(tv, [name], device)
                 matrix_rows.append(_matrix_row(name, base[name], delta[name], top_k, t, rank))
                 del base, delta
+                release_freed_memory()
     heads = pd.DataFrame(head_rows, columns=HEAD_COLUMNS)
     neurons = pd.concat(neuron_frames, ignore_index=True).reindex(columns=NEURON_COLUMNS)
     matrix_table = pd.DataFrame(matrix_rows).reindex(columns=MATRIX_COLUMNS)

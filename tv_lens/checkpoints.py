@@ -312,7 +312,8 @@ class CheckpointWeights(SlotWeights):
         raw = self.checkpoint.read(slot.hf_key)
         out = slot.to_tl(raw, self.spec, torch.float64 if self.float64 else compute_dtype(raw.dtype))
         out = out.to(self.device) if self.device is not None else out
-        return out.clone() if out.data_ptr() == raw.data_ptr() else out
+        shares = out.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
+        return out.clone() if shares else out
 
 
 

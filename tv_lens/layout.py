@@ -85,7 +85,11 @@ class Slot:
             dim, index, n = self.chunk
             hf_tensor = hf_tensor.chunk(n, dim=dim)[index]
         out = einops.rearrange(hf_tensor, self.pattern, **self.sizes(spec))
-        return out.to(dtype or out.dtype, memory_format=torch.contiguous_format)
+        dtype = dtype or out.dtype
+        if out.dtype == dtype and out.is_contiguous():
+            return out
+        # (``.to(dtype, memory_format=…)`` would keep a same-dtype view as it is)
+        return torch.empty(out.shape, dtype=dtype, device=out.device).copy_(out)
 
     def add_to_hf(self, hf_delta: Tensor, tl_delta: Tensor, spec: ArchSpec) -> None:
         """Add a TL-oriented ``tl_delta`` into ``hf_delta`` (full checkpoint shape) in place."""
