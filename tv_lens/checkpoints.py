@@ -321,6 +321,8 @@ def expected_shape(tl_name: str, spec: ArchSpec) -> tuple[int, ...] | None:
     """The TL shape ``config.json`` implies for a weight (``None`` where it does not say)."""
     kind = tl_name.rsplit(".", 1)[-1]
     d, dh, m = spec.d_model, spec.d_head, spec.d_mlp
+    if ".attn." in tl_name and kind in ("w", "b"):  # q/k norms: one head's size (Qwen3) or all
+        return None  # heads' (OLMo-2); the config does not say which
     shapes = {"W_Q": (spec.n_heads, d, dh), "W_K": (spec.n_kv_heads, d, dh),
               "W_V": (spec.n_kv_heads, d, dh), "W_O": (spec.n_heads, dh, d),
               "b_Q": (spec.n_heads, dh), "b_K": (spec.n_kv_heads, dh),

@@ -15,7 +15,7 @@ shards), so a difference is always taken between two identically read raw weight
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import einops
 import torch
@@ -38,6 +38,8 @@ class Slot:
         unit_axis: axis of the TL tensor along ``unit``.
         chunk: ``(dim, index, n_chunks)`` for a fused checkpoint tensor, else ``None``.
         optional: the key may be absent (biases of bias-free models, tied unembeddings).
+        gain_offset: a norm gain the model uses as ``gain_offset + w`` (Gemma's ``(1 + w)``
+            RMSNorm): the difference is the same, relative changes are taken against it.
     """
 
     tl_name: str
@@ -48,13 +50,13 @@ class Slot:
     unit_axis: int = 0
     chunk: tuple[int, int, int] | None = None
     optional: bool = False
+    gain_offset: float = 0.0
 
     def at(self, layer: int | None) -> "Slot":
         """This slot with ``{l}`` filled in."""
         if layer is None:
             return self
-        return Slot(self.tl_name.format(l=layer), self.hf_key.format(l=layer), self.pattern,
-                    self.part, self.unit, self.unit_axis, self.chunk, self.optional)
+        return replace(self, tl_name=self.tl_name.format(l=layer), hf_key=self.hf_key.format(l=layer))
 
     @property
     def matrix(self) -> str:
@@ -102,7 +104,7 @@ class Slot:
         target.add_(back.to(target.dtype))
 
 
-def _linear_attention(p: str, q: str, k: str, v: str, o: str) -> list[Slot]:
+def linear_attention(p: str, q: str, k: str, v: str, o: str) -> list[Slot]:
     """Attention stored as four ``nn.Linear`` layers (``[out, in]`` weights, optional biases)."""
     return [
         Slot("blocks.{l}.attn.W_Q", f"{p}{q}.weight", "(h dh) d -> h d dh", "attn", "head"),
@@ -118,7 +120,7 @@ def _linear_attention(p: str, q: str, k: str, v: str, o: str) -> list[Slot]:
 
 def _llama_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
     p = "model.layers.{l}."
-    blocks = _linear_attention(p + "self_attn.", "q_proj", "k_proj", "v_proj", "o_proj") + [
+    blocks = linear_attention(p + "self_attn.", "q_proj", "k_proj", "v_proj", "o_proj") + [
         Slot("blocks.{l}.mlp.W_in", p + "mlp.up_proj.weight", "m d -> d m", "mlp", "neuron", 1),
         Slot("blocks.{l}.mlp.W_gate", p + "mlp.gate_proj.weight", "m d -> d m", "mlp", "neuron", 1),
         Slot("blocks.{l}.mlp.W_out", p + "mlp.down_proj.weight", "d m -> m d", "mlp", "neuron", 0),
@@ -166,7 +168,7 @@ def _gpt2_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
 
 def _native_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
     p = "layers.{l}."
-    blocks = _linear_attention(p + "attn.", "q", "k", "v", "o") + [
+    blocks = linear_attention(p + "attn.", "q", "k", "v", "o") + [
         Slot("blocks.{l}.ln1.w", p + "ln1.weight", "d -> d", "norm", optional=True),
         Slot("blocks.{l}.ln1.b", p + "ln1.bias", "d -> d", "norm", optional=True),
         Slot("blocks.{l}.ln2.w", p + "ln2.weight", "d -> d", "norm", optional=True),
@@ -195,7 +197,15 @@ def _native_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
     return blocks, model
 
 
-_FAMILY_SLOTS = {"llama": _llama_slots, "gpt2": _gpt2_slots, "native": _native_slots}
+def _adapter_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
+    """Families whose layout is derived from TransformerLens's adapter (:mod:`tv_lens.adapters`)."""
+    from tv_lens.adapters import slots_for
+
+    return slots_for(spec)
+
+
+_FAMILY_SLOTS = {"llama": _llama_slots, "gpt2": _gpt2_slots, "native": _native_slots,
+                 "adapter": _adapter_slots}
 
 #: TransformerBridge renames some wrapped modules; these map bridge names back to checkpoint keys.
 BRIDGE_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -216,7 +226,7 @@ def _split_for_bridge(slot: Slot) -> Slot:
     kind = slot.hf_key.rsplit(".", 1)[-1]
     key = slot.hf_key.replace(f"attn.c_attn.{kind}", f"attn.{part}.{kind}")
     pattern = "(h dh) d -> h d dh" if kind == "weight" else "(h dh) -> h dh"
-    return Slot(slot.tl_name, key, pattern, slot.part, slot.unit, slot.unit_axis, None, slot.optional)
+    return replace(slot, hf_key=key, pattern=pattern, chunk=None)
 
 
 def _hooked(slot: Slot, available: set[str]) -> Slot:
@@ -225,8 +235,7 @@ def _hooked(slot: Slot, available: set[str]) -> Slot:
     head, matrix = slot.tl_name.rsplit(".", 1)
     key = f"{head}._{matrix}" if f"{head}._{matrix}" in available else slot.tl_name
     rhs = slot.pattern.split("->")[1].strip()
-    return Slot(slot.tl_name, key, f"{rhs} -> {rhs}", slot.part, slot.unit, slot.unit_axis, None,
-                slot.optional)
+    return replace(slot, hf_key=key, pattern=f"{rhs} -> {rhs}", chunk=None)
 
 
 def layout(spec: ArchSpec, available: set[str] | None = None, *, bridge: bool = False,

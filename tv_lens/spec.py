@@ -22,6 +22,10 @@ FAMILIES: dict[str, str] = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
     "gpt2": "gpt2", "GPT2LMHeadModel": "gpt2",
     "TransformerLensNative": "native",
+    # layouts derived from TransformerLens's adapters (tv_lens.adapters.DERIVED_ARCHITECTURES)
+    "qwen3": "adapter", "gemma": "adapter", "gemma2": "adapter", "gemma3_text": "adapter",
+    "olmo2": "adapter", "Qwen3ForCausalLM": "adapter", "GemmaForCausalLM": "adapter",
+    "Gemma2ForCausalLM": "adapter", "Gemma3ForCausalLM": "adapter", "Olmo2ForCausalLM": "adapter",
 }
 
 COMPATIBILITY_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",

@@ -438,7 +438,8 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         for name, delta in self.deltas.items():
             slot = self.slots[name]
             d = float(delta.double().norm())
-            b = float(self.base[name].double().norm()) if self.base is not None else float("nan")
+            b = (float((self.base[name].double() + slot.gain_offset).norm())
+                 if self.base is not None else float("nan"))
             rows.append(dict(name=name, layer=layer_of(name), part=part_kind(name, slot),
                              matrix=slot.matrix,
                              shape=tuple(delta.shape), delta_norm=d, base_norm=b,
