@@ -50,10 +50,10 @@ $(VENV_TL3)/.tv_lens-installed: pyproject.toml
 	$(call install,$(VENV_TL3),dev$(comma)sae)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 test-tl3: $(VENV_TL3)/.tv_lens-installed
-	$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV_TL3)/bin/python -m pytest -q -rs -p no:cacheprovider
 
 demo: $(STAMP)
 	$(VENV)/bin/tv-lens demo
