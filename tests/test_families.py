@@ -30,8 +30,12 @@ def _model(name: str, seed: int = 0):
     classes = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
                "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
                "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
+               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM")}
     config_cls, model_cls = (getattr(tf, c) for c in classes[name])
+    if name == "gptj":  # GPT-style config keys; parallel attention + MLP, biases in the MLP and lm_head
+        return _build(config_cls, model_cls, dict(n_embd=32, n_head=4, n_layer=2, n_positions=32,
+                                                  rotary_dim=4, bos_token_id=1, eos_token_id=2,
+                                                  tie_word_embeddings=False), seed, vocab_size=96)
     return _build(config_cls, model_cls, _TINY, seed, vocab_size=96)
 
 

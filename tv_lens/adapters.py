@@ -12,12 +12,14 @@ What the walk understands (anything else is refused with the component it stoppe
 - attention as four linear layers ``q``/``k``/``v``/``o`` (``[out, in]`` weights, optional
   biases), with per-head norms inside it (Qwen3, OLMo-2, Gemma-3 ``q_norm``/``k_norm``: one
   gain shared by every head of the layer, so part of the layer's shared attention component);
-- a gated MLP ``gate``/``in``/``out`` or a plain one ``in``/``out`` (optional biases);
+- a gated MLP ``gate``/``in``/``out`` or a plain one ``in``/``out`` (optional biases); blocks
+  whose attention and MLP read the same normalized input in parallel (GPT-J) have the same
+  weights as sequential ones;
 - every normalization in the block under its TransformerLens name (``ln1``, ``ln2``, Gemma-2/3's
   ``ln1_post``, ``ln2_post``), gain and optional bias;
-- embedding, final norm and (optional, tied) unembedding.
+- embedding, final norm and (optional, tied) unembedding with its optional bias.
 
-Fused QKV / gate-up tensors, mixture-of-experts and parallel blocks have per-adapter split
+Fused QKV / gate-up tensors and mixture-of-experts have per-adapter split
 functions this walk cannot read; they are not derived (see the README's family table).
 """
 
@@ -38,7 +40,7 @@ _NORM = "Normalization"
 #: ``model_type`` their adapter is built for.
 DERIVED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3_text", "Olmo2ForCausalLM": "olmo2",
+    "Gemma3ForCausalLM": "gemma3_text", "Olmo2ForCausalLM": "olmo2", "GPTJForCausalLM": "gptj",
 }
 
 
@@ -130,8 +132,9 @@ def derived_slots(adapter: Any, gain_offset: float = 0.0) -> tuple[list[Slot], l
     per_model = [Slot("embed.W_E", f"{mapping['embed'].name}.weight", "v d -> v d", "embed")]
     if "ln_final" in mapping:
         per_model += _norm_slots("ln_final", mapping["ln_final"].name, gain_offset)
-    per_model.append(Slot("unembed.W_U", f"{mapping['unembed'].name}.weight", "v d -> d v", "embed",
-                          optional=True))
+    unembed = mapping["unembed"].name
+    per_model += [Slot("unembed.W_U", f"{unembed}.weight", "v d -> d v", "embed", optional=True),
+                  Slot("unembed.b_U", f"{unembed}.bias", "v -> v", "embed", optional=True)]
     return per_block, per_model
 
 

@@ -26,7 +26,11 @@ FAMILIES: dict[str, str] = {
     "qwen3": "adapter", "gemma": "adapter", "gemma2": "adapter", "gemma3_text": "adapter",
     "olmo2": "adapter", "Qwen3ForCausalLM": "adapter", "GemmaForCausalLM": "adapter",
     "Gemma2ForCausalLM": "adapter", "Gemma3ForCausalLM": "adapter", "Olmo2ForCausalLM": "adapter",
+    "gptj": "adapter", "GPTJForCausalLM": "adapter",
 }
+
+#: model types with a plain (not gated) MLP and LayerNorm among the derived families
+_PLAIN_MLP_LN = {"gptj"}
 
 COMPATIBILITY_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",
                         "d_head", "d_mlp", "gated_mlp", "normalization", "positional")
@@ -84,6 +88,11 @@ class ArchSpec:
             return cls(architecture, family, c["n_layer"], d_model, n_heads, n_heads,
                        d_model // n_heads, c.get("n_inner") or 4 * d_model, c["vocab_size"],
                        False, "LN", "standard")
+        if model_type in _PLAIN_MLP_LN:  # GPT-style keys (GPT-J): n_embd, n_head, n_inner
+            d_model, n_heads = c["n_embd"], c["n_head"]
+            return cls(architecture, family, c["n_layer"], d_model, n_heads, n_heads,
+                       d_model // n_heads, c.get("n_inner") or 4 * d_model, c["vocab_size"],
+                       False, "LN", "rotary")
         d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
         return cls(architecture, family, c["num_hidden_layers"], d_model, n_heads,
                    c.get("num_key_value_heads") or n_heads,
