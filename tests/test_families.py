@@ -30,7 +30,8 @@ def _model(name: str, seed: int = 0):
     classes = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
                "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
                "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM")}
+               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
+               "mistral": ("MistralConfig", "MistralForCausalLM")}
     config_cls, model_cls = (getattr(tf, c) for c in classes[name])
     if name == "gptj":  # GPT-style config keys; parallel attention + MLP, biases in the MLP and lm_head
         return _build(config_cls, model_cls, dict(n_embd=32, n_head=4, n_layer=2, n_positions=32,
@@ -39,7 +40,8 @@ def _model(name: str, seed: int = 0):
     return _build(config_cls, model_cls, _TINY, seed, vocab_size=96)
 
 
-FAMILIES = sorted(set(DERIVED_ARCHITECTURES.values()))
+# the derived families, and Mistral (hand-written like Llama, tested here at checkpoint level)
+FAMILIES = sorted(set(DERIVED_ARCHITECTURES.values())) + ["mistral"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
