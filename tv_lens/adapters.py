@@ -32,16 +32,9 @@ import torch
 
 from tv_lens.errors import UnsupportedArchitectureError
 from tv_lens.layout import Slot, linear_attention
-from tv_lens.spec import ArchSpec
+from tv_lens.spec import DERIVED_ARCHITECTURES, ArchSpec
 
 _NORM = "Normalization"
-
-#: Architectures whose layout is derived (each tested in ``tests/test_families.py``) and the
-#: ``model_type`` their adapter is built for.
-DERIVED_ARCHITECTURES: dict[str, str] = {
-    "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3_text", "Olmo2ForCausalLM": "olmo2", "GPTJForCausalLM": "gptj",
-}
 
 
 def adapter_for(hf_config: dict[str, Any]) -> Any:
@@ -87,7 +80,8 @@ def _attention_slots(attn: Any, prefix: str, offset: float) -> list[Slot]:
             continue
         if _NORM not in _kind(component):
             raise UnsupportedArchitectureError(f"unknown attention submodule {tl!r} ({_kind(component)}).")
-        # one gain of size d_head shared by every head: the layer's shared attention component
+        # one gain shared by every head (d_head, or all heads' dims for OLMo-2): the layer's
+        # shared attention component
         slots += _norm_slots(f"blocks.{{l}}.attn.{tl}", p + component.name, offset, "attn")
     return slots
 

@@ -22,15 +22,19 @@ FAMILIES: dict[str, str] = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
     "gpt2": "gpt2", "GPT2LMHeadModel": "gpt2",
     "TransformerLensNative": "native",
-    # layouts derived from TransformerLens's adapters (tv_lens.adapters.DERIVED_ARCHITECTURES)
-    "qwen3": "adapter", "gemma": "adapter", "gemma2": "adapter", "gemma3_text": "adapter",
-    "olmo2": "adapter", "Qwen3ForCausalLM": "adapter", "GemmaForCausalLM": "adapter",
-    "Gemma2ForCausalLM": "adapter", "Gemma3ForCausalLM": "adapter", "Olmo2ForCausalLM": "adapter",
-    "gptj": "adapter", "GPTJForCausalLM": "adapter",
 }
 
-#: model types with a plain (not gated) MLP and LayerNorm among the derived families
-_PLAIN_MLP_LN = {"gptj"}
+#: Architectures whose layout is derived from TransformerLens's adapter (``tv_lens.adapters``;
+#: each tested in ``tests/test_families.py``) and the ``model_type`` of each.
+DERIVED_ARCHITECTURES: dict[str, str] = {
+    "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text", "Olmo2ForCausalLM": "olmo2", "GPTJForCausalLM": "gptj",
+}
+FAMILIES.update({name: "adapter" for item in DERIVED_ARCHITECTURES.items() for name in item})
+
+#: configs with GPT-style keys (``n_embd``, ``n_head``, ``n_layer``, ``n_inner``): a plain MLP
+#: and LayerNorm, learned positions (GPT-2) or rotary ones (GPT-J)
+_GPT_STYLE = {"gpt2": "standard", "gptj": "rotary"}
 
 COMPATIBILITY_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",
                         "d_head", "d_mlp", "gated_mlp", "normalization", "positional")
@@ -83,16 +87,12 @@ class ArchSpec:
                 f"(model_type {model_type!r}). Supported: {', '.join(supported)}. "
                 "Open an issue with the checkpoint's config.json to add one."
             )
-        if family == "gpt2":
+        gpt_style = _GPT_STYLE.get("gpt2" if family == "gpt2" else model_type)
+        if gpt_style is not None:
             d_model, n_heads = c["n_embd"], c["n_head"]
             return cls(architecture, family, c["n_layer"], d_model, n_heads, n_heads,
                        d_model // n_heads, c.get("n_inner") or 4 * d_model, c["vocab_size"],
-                       False, "LN", "standard")
-        if model_type in _PLAIN_MLP_LN:  # GPT-style keys (GPT-J): n_embd, n_head, n_inner
-            d_model, n_heads = c["n_embd"], c["n_head"]
-            return cls(architecture, family, c["n_layer"], d_model, n_heads, n_heads,
-                       d_model // n_heads, c.get("n_inner") or 4 * d_model, c["vocab_size"],
-                       False, "LN", "rotary")
+                       False, "LN", gpt_style)
         d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
         return cls(architecture, family, c["num_hidden_layers"], d_model, n_heads,
                    c.get("num_key_value_heads") or n_heads,

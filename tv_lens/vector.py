@@ -307,8 +307,8 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
 
         h = self.head(layer, head)
         a = f"blocks.{layer}.attn."
-        V = self._base_tensor(a + "W_V")[h.kv_head]
-        O = self._base_tensor(a + "W_O")[head]
+        V = self._base_tensor(a + "W_V", h.W_V.device)[h.kv_head]
+        O = self._base_tensor(a + "W_O", h.W_O.device)[head]
         return FactoredMatrix(torch.cat([V + h.W_V, -V], dim=-1), torch.cat([O + h.W_O, O], dim=0))
 
     def qk(self, layer: int, head: int):
@@ -317,8 +317,8 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
 
         h = self.head(layer, head)
         a = f"blocks.{layer}.attn."
-        Q = self._base_tensor(a + "W_Q")[head]
-        K = self._base_tensor(a + "W_K")[h.kv_head]
+        Q = self._base_tensor(a + "W_Q", h.W_Q.device)[head]
+        K = self._base_tensor(a + "W_K", h.W_K.device)[h.kv_head]
         return FactoredMatrix(torch.cat([Q + h.W_Q, -Q], dim=-1),
                               torch.cat([(K + h.W_K).T, K.T], dim=0))
 
