@@ -25,6 +25,7 @@ def plant(model):
     - layer 1, last kv head: W_V changed -> exactly that group's query heads' OV change
     - layer 0, neuron 3: W_out scaled by 1.5 -> cos 1; layer 1, neuron 7: scaled by 0.5 ->
       cos −1 (dampened); layer 1, neuron 5: W_out += orthogonal vector -> cos 0
+      (in a mixture-of-experts model: those neurons of expert 1)
     """
     weights = ModelWeights(model)
     spec = weights.spec
@@ -40,12 +41,12 @@ def plant(model):
     deltas["blocks.0.attn.W_O"][2] = torch.outer(torch.randn(spec.d_head, generator=g), b)
     kv = spec.n_kv_heads - 1
     deltas["blocks.1.attn.W_V"][kv] = 0.1 * torch.randn(spec.d_model, spec.d_head, generator=g)
-    w3 = weights["blocks.0.mlp.W_out"][3]
-    deltas["blocks.0.mlp.W_out"][3] = 0.5 * w3
-    deltas["blocks.1.mlp.W_out"][7] = -0.5 * weights["blocks.1.mlp.W_out"][7]
-    w5 = weights["blocks.1.mlp.W_out"][5]
+    out0, out1 = (f"blocks.{l}.mlp.{'experts.1.' if spec.n_experts else ''}W_out" for l in (0, 1))
+    deltas[out0][3] = 0.5 * weights[out0][3]
+    deltas[out1][7] = -0.5 * weights[out1][7]
+    w5 = weights[out1][5]
     o = torch.randn(spec.d_model, generator=g)
-    deltas["blocks.1.mlp.W_out"][5] = o - (o @ w5) / (w5 @ w5) * w5
+    deltas[out1][5] = o - (o @ w5) / (w5 @ w5) * w5
     import copy
 
     tuned = TuningVector(deltas, spec).apply_(copy.deepcopy(model))
@@ -71,6 +72,9 @@ def check_planted(heads, neurons, expected_heads, changed_heads, expected_neuron
     assert changed == changed_heads
     unchanged = heads[heads.label == "unchanged"]
     assert unchanged["subspace_share"].isna().all()
+    if "expert" in neurons:  # mixture of experts: planted in expert 1, every other one unchanged
+        assert set(neurons.loc[neurons.label != "unchanged", "expert"]) == {1}
+        neurons = neurons[neurons.expert == 1]
     neurons = neurons.set_index(["layer", "neuron", "side"])
     assert abs(neurons.loc[(0, 3, "out"), "cos"] - 1) < 1e-5
     assert abs(neurons.loc[(1, 5, "out"), "cos"]) < 1e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import _LLAMA_LIKE, _build, perturb
+from conftest import _LLAMA_LIKE, perturb
 from test_alignment import check_planted, plant
 from test_streaming import assert_same_tables, loaded
 from tv_lens import ModelPair, analyze
@@ -24,20 +24,26 @@ needs_adapters = pytest.mark.skipif(
 _TINY = dict(_LLAMA_LIKE, head_dim=8)
 
 
-def _model(name: str, seed: int = 0):
-    import transformers as tf
+#: config keys that differ from the tiny Llama-like default, per model type
+_CONFIGS = {
+    # GPT-style keys; parallel attention + MLP, biases in the MLP and lm_head
+    "gptj": dict(n_embd=32, n_head=4, n_layer=2, n_positions=32, rotary_dim=4, bos_token_id=1,
+                 eos_token_id=2, tie_word_embeddings=False),
+    # no grouped-query attention; per-head interleaved fused QKV, parallel blocks
+    "gpt_neox": {k: v for k, v in _TINY.items() if k not in ("num_key_value_heads", "head_dim")},
+    # 3 experts, 2 per token; checkpoints store one tensor per expert
+    "mixtral": dict(_TINY, num_experts_per_tok=2, num_local_experts=3),
+    "olmoe": dict(_TINY, num_experts_per_tok=2, num_experts=3),
+}
 
-    classes = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
-               "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-               "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
-               "mistral": ("MistralConfig", "MistralForCausalLM")}
-    config_cls, model_cls = (getattr(tf, c) for c in classes[name])
-    if name == "gptj":  # GPT-style config keys; parallel attention + MLP, biases in the MLP and lm_head
-        return _build(config_cls, model_cls, dict(n_embd=32, n_head=4, n_layer=2, n_positions=32,
-                                                  rotary_dim=4, bos_token_id=1, eos_token_id=2,
-                                                  tie_word_embeddings=False), seed, vocab_size=96)
-    return _build(config_cls, model_cls, _TINY, seed, vocab_size=96)
+
+def _model(name: str, seed: int = 0, **overrides):
+    """A tiny random ``transformers`` causal LM of model type ``name`` (vocabulary 96)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = {**_CONFIGS.get(name, _TINY), **overrides, "vocab_size": 96}
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(name, **config))
 
 
 # the derived families, and Mistral (hand-written like Llama, tested here at checkpoint level)
@@ -58,15 +64,20 @@ def test_every_parameter_is_in_the_vector(family):
     name, _, base_dir, tuned_dir = family
     base, tuned = load_file(base_dir / "model.safetensors"), load_file(tuned_dir / "model.safetensors")
     tv = ModelPair.from_pretrained(base_dir, tuned_dir).tuning_vector()
-    assert {tv.slots[n].hf_key for n in tv} == set(base), name
+    # the checkpoint's keys (transformers renames some and stacks experts in memory: GPT-NeoX's
+    # embed_out is lm_head, Mixtral's experts.{e}.w1/w3 are blocks of experts.gate_up_proj)
+    assert {tv.base.slots[n].hf_key for n in tv} == set(base), name
     expected = sum(float((tuned[k].double() - base[k].double()).pow(2).sum()) for k in base)
     got = sum(float(tv[n].double().pow(2).sum()) for n in tv)
     assert got == pytest.approx(expected, rel=1e-6)
     assert all(float(tv[n].abs().max()) > 0 for n in tv)  # every perturbed parameter changed
     # Gemma's norms multiply by (1 + w): relative changes are taken against 1 + w
     norms = tv.norms().set_index("name")
-    gain = next(n for n in tv if n.startswith("blocks.0.") and n.endswith(".w"))  # ln1 or ln1_post
-    w = base[tv.slots[gain].hf_key].double()
+    gain = next((n for n in tv if n.startswith("blocks.0.") and n.endswith(".w")), None)  # ln1, …
+    if gain is None:  # OLMo's LayerNorm and NanoChat's RMSNorm have no parameters
+        assert name in ("olmo", "nanochat") and not any(tv.slots[n].part == "norm" for n in tv)
+        return
+    w = base[tv.base.slots[gain].hf_key].double()
     offset = 1.0 if name in UNIT_OFFSET_NORMS else 0.0
     assert norms.loc[gain, "base_norm"] == pytest.approx(float((w + offset).norm()))
 
@@ -123,6 +134,39 @@ def test_derived_layouts_equal_the_hand_written_ones():
         assert all(t.rsplit(".", 1)[-1].startswith("b") and t in optional for t, _, _ in extra), extra
 
 
+@needs_adapters
+def test_norm_and_mlp_kinds_agree_with_the_adapters():
+    """The norm kind and gating ``ArchSpec`` records for each derived family are what its
+    TransformerLens adapter's config says."""
+    from tv_lens.adapters import adapter_for
+
+    for arch, model_type in DERIVED_ARCHITECTURES.items():
+        config = dict(_CONFIGS.get(model_type, _TINY), architectures=[arch], model_type=model_type,
+                      vocab_size=96)
+        spec, cfg = ArchSpec.from_hf_config(config), adapter_for(config).cfg
+        assert (spec.normalization, spec.gated_mlp) == (cfg.normalization_type, cfg.gated_mlp), arch
+
+
+@needs_adapters
+def test_a_checkpoint_tensor_the_derived_layout_does_not_read_is_refused(save, tmp_path):
+    """A derived layout is checked against every tensor of the checkpoint, so τ cannot silently
+    miss one (here: an extra tensor a newer revision of the architecture might add)."""
+    from safetensors.torch import save_file
+
+    from tv_lens.errors import UnsupportedArchitectureError
+
+    folder = save(_model("qwen3"), "qwen3_extra")
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, "model.layers.0.mlp.act_fn.alpha": torch.ones(1)},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedArchitectureError, match=r"does not read.*act_fn\.alpha"):
+        ModelPair.from_pretrained(folder, folder).tuning_vector()
+    # Cohere's optional per-head q/k norm gains ([n_heads, d_head]) are refused by name
+    folder = save(_model("cohere", use_qk_norm=True), "cohere_qk_norm")
+    with pytest.raises(UnsupportedArchitectureError, match="per-head norm gains"):
+        ModelPair.from_pretrained(folder, folder).tuning_vector()
+
+
 def test_readme_family_table_matches_the_code():
     """The README's table lists exactly the architectures tv_lens has a layout for, derived
     ones marked as such (so the table cannot drift from the code)."""
@@ -142,3 +186,86 @@ def test_readme_family_table_matches_the_code():
             derived |= names
     assert listed == {k for k in FAMILIES if k[0].isupper()}
     assert derived == set(DERIVED_ARCHITECTURES)
+
+
+def _table(marker: str) -> list[tuple[set[str], str]]:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    table = text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+    rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table.strip().splitlines()[2:]]
+    return [(set(re.split(r",\s*", row[-2])), row[-1]) for row in rows]
+
+
+@needs_adapters
+def test_every_adapted_causal_lm_is_listed_as_supported_or_not():
+    """Each TransformerLens 4.x-adapted ``transformers`` causal LM is in the README's family
+    table or in its not-yet table (with a reason), and the not-yet ones are refused."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from tv_lens.errors import UnsupportedArchitectureError
+    from tv_lens.spec import FAMILIES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | {"Gemma3ForConditionalGeneration",
+                                                                "Gemma3nForConditionalGeneration",
+                                                                "Gemma4ForConditionalGeneration",
+                                                                "Gemma4UnifiedForConditionalGeneration"}
+    supported = set().union(*(names for names, _ in _table("families-table")))
+    not_yet = set().union(*(names for names, _ in _table("unsupported-table")))
+    adapted = set(SUPPORTED_ARCHITECTURES) & causal
+    assert adapted - supported - not_yet == set()
+    assert not not_yet & supported and not not_yet & set(FAMILIES)
+    for arch in not_yet:
+        with pytest.raises(UnsupportedArchitectureError, match="no weight layout"):
+            ArchSpec.from_hf_config({"architectures": [arch], "model_type": "?"})
+
+
+@needs_adapters
+def test_expert_components_partition_the_mixture_of_experts_mlp(save):
+    """Mixtral: per-expert neurons and the router are units inside ``L0.mlp``, ``L0E1`` is all
+    of expert 1; sums over them add up, cut-outs hold exactly their entries, bad names say why."""
+    from tv_lens.errors import TvLensError
+
+    base = _model("mixtral")
+    tuned = perturb(copy.deepcopy(base), scale=0.02)
+    tv = ModelPair.from_pretrained(save(base, "moe_b"), save(tuned, "moe_t")).tuning_vector()
+    index = tv.components
+    units = index.names("units")
+    assert {"L0.router", "L0E2N47", "L1E0N0"} <= set(units) and "L0E1" not in units
+    assert "L0E1" in index.names() and "L0E1" not in index.names("parts")
+    assert index.parse("L0E1N3").expert == 1 and index.parse("L0E1").kind == "expert"
+    assert len(index.resolve("experts")) == 2 * 3
+    energy = index.totals({n: tv[n].double().pow(2) for n in tv})
+    mlp = sum(float(tv[n].double().pow(2).sum()) for n in tv if n.startswith("blocks.0.mlp."))
+    assert energy["L0.mlp"] == pytest.approx(mlp, rel=1e-12)
+    assert energy["L0.mlp"] == pytest.approx(energy["L0.router"] + sum(energy[f"L0E{e}"] for e in range(3)))
+    assert energy["L0E1"] == pytest.approx(sum(energy[f"L0E1N{n}"] for n in range(48)))
+    expert = tv.component("L0E1")
+    assert {n for n in expert if expert[n].any()} == {f"blocks.0.mlp.experts.1.{w}" for w in ("W_in", "W_gate", "W_out")}
+    neuron = tv.component("L0E1N3")
+    assert torch.equal(neuron["blocks.0.mlp.experts.1.W_out"][3], tv["blocks.0.mlp.experts.1.W_out"][3])
+    assert float(neuron["blocks.0.mlp.experts.1.W_out"].abs().sum(1)[torch.arange(48) != 3].max()) == 0
+    with pytest.raises(TvLensError, match="expert 7 is out of range; the model has 3 experts"):
+        index.parse("L0E7N1")
+    analysis = analyze(tv, progress=False)
+    assert list(analysis.neurons.columns[:4]) == ["layer", "expert", "neuron", "side"]
+    assert len(analysis.neurons) == 2 * 3 * 48 * 3  # layers × experts × neurons × sides
+    experts = analysis.matrices.dropna(subset=["expert"])
+    assert set(experts["matrix"]) == {"W_in", "W_gate", "W_out"} and len(experts) == 2 * 3 * 3
+    assert "W_router" in set(analysis.matrices["matrix"])
+
+
+def test_dense_models_name_no_experts():
+    """A dense model refuses expert names with the reason."""
+    from tv_lens.components import ComponentIndex
+    from tv_lens.errors import TvLensError
+    from tv_lens.layout import layout
+
+    spec = ArchSpec("LlamaForCausalLM", "llama", 2, 32, 4, 2, 8, 48, 96, True, "RMS", "rotary")
+    index = ComponentIndex(spec, {s.tl_name: s for s in layout(spec)})
+    with pytest.raises(TvLensError, match="dense"):
+        index.parse("L0E1N3")
+    with pytest.raises(TvLensError, match="no router"):
+        index.parse("L0.router")

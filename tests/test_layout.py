@@ -65,3 +65,58 @@ def test_hf_model_and_bridge_read_identically(llama_dirs):
     assert list(a) == list(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_fused_blocks_against_direct_splits():
+    """Fused block positions: GPT-NeoX's per-head interleaving and Phi-3's grouped-query
+    [q | k | v] against splits written out by hand; writing a block back touches only it."""
+    import pytest
+
+    from tv_lens.layout import Fused, fused_blocks
+    from tv_lens.spec import ArchSpec
+
+    spec = ArchSpec("x", "adapter", 1, 12, 3, 3, 4, 10, 20, False, "LN", "rotary")
+    fused = torch.randn(3 * 12, 5)
+    per_head = fused_blocks(0, ("dh", "dh", "dh"), "qkv", per_head=True)
+    by_hand = fused.view(3, 3, 4, 5)  # [head, q|k|v, d_head, in]
+    for i, block in enumerate(per_head):
+        assert torch.equal(block.take(fused, spec), by_hand[:, i].reshape(12, 5))
+    gqa = ArchSpec("x", "adapter", 1, 12, 4, 2, 3, 10, 20, True, "RMS", "rotary")
+    fused = torch.randn(4 * 3 + 2 * 2 * 3, 5)
+    q, k, v = (b.take(fused, gqa) for b in fused_blocks(0, ("q", "kv", "kv"), "qkv"))
+    assert torch.equal(torch.cat([q, k, v]), fused) and q.shape[0] == 12 and k.shape[0] == 6
+    target = torch.zeros(36, 5)
+    per_head[1].add_into(target, torch.ones(12, 5), spec)
+    assert torch.equal(target.view(3, 3, 4, 5)[:, 1], torch.ones(3, 4, 5))
+    assert target.sum() == 60
+    with pytest.raises(KeyError):
+        Fused(0, 0, ("nope",), "q").positions(spec)
+
+
+def test_an_unknown_fused_order_is_refused():
+    """The adapter walk asks the adapter's split function where each block lies and refuses
+    an order it cannot write back."""
+    from tv_lens.adapters import _fused_layout
+    from tv_lens.errors import UnsupportedArchitectureError
+    from tv_lens.layout import fused_blocks
+    from tv_lens.spec import ArchSpec
+
+    spec = ArchSpec("x", "adapter", 1, 8, 2, 2, 4, 10, 20, True, "RMS", "rotary")
+
+    def reversed_split(module):  # [v | k | q]: not one tv_lens knows
+        parts = zip(reversed(module.qkv.weight.chunk(3)), reversed(module.qkv.bias.chunk(3)))
+        return tuple(_linear(w, b) for w, b in parts)
+
+    def _linear(w, b):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        lin.weight, lin.bias = torch.nn.Parameter(w), torch.nn.Parameter(b)
+        return lin
+
+    candidates = [fused_blocks(0, ("q", "kv", "kv"), "qkv")]
+    with pytest.raises(UnsupportedArchitectureError, match="order tv_lens does not know"):
+        _fused_layout(reversed_split, "qkv", spec, candidates)
+
+    def blocks_split(module):
+        return tuple(_linear(w, b) for w, b in zip(module.qkv.weight.chunk(3), module.qkv.bias.chunk(3)))
+
+    assert _fused_layout(blocks_split, "qkv", spec, candidates) == candidates[0]

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tv_lens.components import expert_of
 from tv_lens.errors import InvalidArgumentError
 from tv_lens.lazy import LowRank
 from tv_lens.memory import release_freed_memory
@@ -254,32 +255,50 @@ def _slice_dots(a: Tensor, b: Tensor, axis: int) -> Tensor:
     return (a * b).sum(dim=1 - axis).double()
 
 
-def _neuron_rows(layer: int, base: dict[str, Tensor], delta: dict[str, Tensor | LowRank],
+def _mlp_prefixes(spec: Any, layer: int) -> list[tuple[str, int | None]]:
+    """``(TL name prefix, expert)`` of each set of neurons in a layer: the dense MLP's, or every
+    expert's of a mixture-of-experts MLP."""
+    if spec.n_experts:
+        return [(f"blocks.{layer}.mlp.experts.{e}.", e) for e in range(spec.n_experts)]
+    return [(f"blocks.{layer}.mlp.", None)]
+
+
+def _neuron_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, Tensor | LowRank],
                  t: Thresholds) -> list[pd.DataFrame]:
-    m = f"blocks.{layer}.mlp."
     sides = {"in": ("W_in", 1), "gate": ("W_gate", 1), "out": ("W_out", 0)}
     frames = []
-    for side, (name, axis) in sides.items():
-        if m + name not in delta:
-            continue
-        w = base[m + name]
-        w_norm, d_norm, dot = _unit_products(w, delta[m + name], axis)
-        rel = (d_norm / w_norm).cpu().numpy()
-        cos = (dot / (w_norm * d_norm)).cpu().numpy()
-        unchanged = ~(rel >= t.tol)
-        cos = np.where(unchanged, np.nan, cos)
-        amp = cos**2
-        new = 1.0 - amp
-        labels = np.where(unchanged, "unchanged",
-                          np.where(amp >= t.amplified, np.where(cos >= 0, "amplified", "dampened"),
-                                   np.where(new >= t.new, "new", "mixed")))
-        z, p = neuron_moments(len(amp), w.shape[1 - axis]).test(torch.from_numpy(amp))
-        frames.append(pd.DataFrame(dict(
-            layer=layer, neuron=np.arange(w.shape[axis]), side=side, label=labels,
-            delta_norm=d_norm.cpu().numpy(), relative_norm=rel, cos=cos,
-            amplification_share=amp, new_share=new, baseline_cos2=1.0 / w.shape[1 - axis],
-            z=z.numpy(), p_value=p.numpy())))
+    for m, expert in _mlp_prefixes(spec, layer):
+        for side, (name, axis) in sides.items():
+            if m + name not in delta:
+                continue
+            frame = _side_rows(base[m + name], delta[m + name], axis, t)
+            frame.insert(0, "layer", layer)
+            frame.insert(2, "side", side)
+            if expert is not None:
+                frame.insert(1, "expert", expert)
+            frames.append(frame)
     return frames
+
+
+def _side_rows(w: Tensor, d: Tensor | LowRank, axis: int, t: Thresholds) -> pd.DataFrame:
+    """One side's neuron rows (without ``layer``/``side``): each neuron's slice of ``w`` along
+    ``axis`` against its update."""
+    w_norm, d_norm, dot = _unit_products(w, d, axis)
+    rel = (d_norm / w_norm).cpu().numpy()
+    cos = (dot / (w_norm * d_norm)).cpu().numpy()
+    unchanged = ~(rel >= t.tol)
+    cos = np.where(unchanged, np.nan, cos)
+    amp = cos**2
+    new = 1.0 - amp
+    labels = np.where(unchanged, "unchanged",
+                      np.where(amp >= t.amplified, np.where(cos >= 0, "amplified", "dampened"),
+                               np.where(new >= t.new, "new", "mixed")))
+    z, p = neuron_moments(len(amp), w.shape[1 - axis]).test(torch.from_numpy(amp))
+    return pd.DataFrame(dict(
+        neuron=np.arange(w.shape[axis]), label=labels,
+        delta_norm=d_norm.cpu().numpy(), relative_norm=rel, cos=cos,
+        amplification_share=amp, new_share=new, baseline_cos2=1.0 / w.shape[1 - axis],
+        z=z.numpy(), p_value=p.numpy()))
 
 
 # --------------------------------------------------------------------------- matrices
@@ -335,7 +354,8 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     delta_norm, base_norm = delta_e ** 0.5, base_e ** 0.5
     rel = delta_norm / base_norm if base_norm > 0 else float("inf")
     row: dict[str, Any] = dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None
-                               else name, delta_norm=delta_norm, relative_norm=rel)
+                               else name, delta_norm=delta_norm, relative_norm=rel,
+                               expert=expert_of(name))
     # once per matrix; Δ is then read in its singular bases. --fast: Δ's top triplets first,
     # so the base's range finder can be probed with them (every base pair Δ touches recovered)
     fast_delta = None
@@ -424,11 +444,13 @@ def _unit_energies(spec: Any, layer: int, part: str, delta: dict[str, Tensor | L
         kv = (delta[a + "W_K"].pow(2).sum((1, 2)) + delta[a + "W_V"].pow(2).sum((1, 2))) / spec.group_size
         e = e + kv.repeat_interleave(spec.group_size)
         return e.double().cpu().numpy()
-    m = f"blocks.{layer}.mlp."
-    e = _neuron_norm2(delta[m + "W_in"], 1) + _neuron_norm2(delta[m + "W_out"], 0)
-    if m + "W_gate" in delta:
-        e = e + _neuron_norm2(delta[m + "W_gate"], 1)
-    return e.double().cpu().numpy()
+    energies = []
+    for m, _ in _mlp_prefixes(spec, layer):
+        e = _neuron_norm2(delta[m + "W_in"], 1) + _neuron_norm2(delta[m + "W_out"], 0)
+        if m + "W_gate" in delta:
+            e = e + _neuron_norm2(delta[m + "W_gate"], 1)
+        energies.append(e.double().cpu().numpy())
+    return np.concatenate(energies)
 
 
 def _summary_row(layer: Any, part: str, units: pd.DataFrame, unit_energy: np.ndarray,
@@ -595,7 +617,7 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             names = [n for n in by_layer.get(layer, []) if ".attn." in n or ".mlp." in n]
             base, delta = _layer_tensors(tv, names, device)
             head_rows += _head_rows(spec, layer, base, delta, t, null_samples, seed)
-            neuron_frames += _neuron_rows(layer, base, delta, t)
+            neuron_frames += _neuron_rows(spec, layer, base, delta, t)
             for part in ("attn", "mlp"):
                 energies[(layer, part)] = _unit_energies(spec, layer, part, delta)
             for name in names:
@@ -613,8 +635,14 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
                 del base, delta
                 release_freed_memory()
     heads = pd.DataFrame(head_rows, columns=HEAD_COLUMNS)
-    neurons = pd.concat(neuron_frames, ignore_index=True).reindex(columns=NEURON_COLUMNS)
-    matrix_table = pd.DataFrame(matrix_rows).reindex(columns=MATRIX_COLUMNS)
+    # a mixture-of-experts model's neurons and matrices say whose expert they are
+    expert = ["expert"] if spec.n_experts else []
+    neurons = pd.concat(neuron_frames, ignore_index=True).reindex(
+        columns=NEURON_COLUMNS[:1] + expert + NEURON_COLUMNS[1:])
+    matrix_table = pd.DataFrame(matrix_rows).reindex(
+        columns=MATRIX_COLUMNS[:2] + expert + MATRIX_COLUMNS[2:])
+    if expert:
+        matrix_table["expert"] = matrix_table["expert"].astype("Int64")
     matrix_table["layer"] = matrix_table["layer"].astype("Int64")
     if fast:  # the base's top directions were found with the update's as probes: biased
         for col in ("z", "p_value", "amplification_z", "amplification_p_value"):

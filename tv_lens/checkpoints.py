@@ -15,10 +15,12 @@ the caller opts in, and then read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
+import re
 import os
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +229,10 @@ class Checkpoint:
         return tensor
 
 
+def _config_or_empty(folder: Path) -> dict[str, Any]:
+    return read_config(folder) if (folder / "config.json").is_file() else {}
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a checkpoint folder, with a clear error when it is not valid JSON."""
     path = Path(folder).expanduser() / "config.json"
@@ -234,6 +240,59 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise _corrupt(path, f"it is not valid JSON ({exc})") from None
+
+
+def _conversions(config: dict[str, Any]) -> list[Any]:
+    """``transformers``'s checkpoint conversion rules for this model (none before 5.x)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return []
+    architecture = (config.get("architectures") or [""])[0]
+    return (get_checkpoint_conversion_mapping(architecture)
+            or get_checkpoint_conversion_mapping(config.get("model_type", "")) or [])
+
+
+def in_memory_names(keys: Iterable[str], config: dict[str, Any]) -> dict[str, str]:
+    """In-memory parameter name -> stored key, for the keys ``transformers`` renames on loading
+    (its checkpoint conversion mapping's plain renamings: GPT-NeoX's ``embed_out`` is
+    ``lm_head`` in memory, Mixtral's ``block_sparse_moe`` is ``mlp``). Layouts name tensors as
+    they are in memory; an older ``transformers`` without such a mapping renames nothing."""
+    renames = [(src, tgt) for rule in _conversions(config) if type(rule).__name__ == "WeightRenaming"
+               for src, tgt in zip(rule.source_patterns, rule.target_patterns)]
+    out = {}
+    for key in keys:
+        name = key
+        for src, tgt in renames:
+            name = re.sub(src, tgt, name)
+        if name != key:
+            out[name] = key
+    return out
+
+
+def stored_expert_slots(slots: Iterable[Slot], keys: set[str], config: dict[str, Any]) -> list[Slot]:
+    """``slots`` with each slot of a stacked expert tensor (``Slot.expert``; how transformers
+    holds experts in memory) re-pointed at the one-tensor-per-expert key a checkpoint stores,
+    by transformers's own conversion rule: its source patterns (Mixtral's
+    ``.experts.*.w1.weight`` and ``.experts.*.w3.weight`` for ``.experts.gate_up_proj``) are
+    the stacked tensor's blocks in order. Slots whose key is stored as it is stay."""
+    stacked = {}
+    for rule in _conversions(config):
+        ops = [type(op).__name__ for op in getattr(rule, "operations", [])]
+        if type(rule).__name__ == "WeightConverter" and ops in (["MergeModulelist"],
+                                                                ["MergeModulelist", "Concatenate"]):
+            stacked[rule.target_patterns[0]] = list(rule.source_patterns)
+    out = []
+    for slot in slots:
+        if slot.expert is not None and slot.hf_key not in keys:
+            target = next((t for t in stacked if slot.hf_key.endswith(t)), None)
+            if target is not None:
+                block = slot.chunk.index if slot.chunk is not None else 0
+                source = stacked[target][block].replace("*", str(slot.expert))
+                slot = replace(slot, hf_key=slot.hf_key[:-len(target)] + source, expert=None,
+                               chunk=None)
+        out.append(slot)
+    return out
 
 
 class CheckpointWeights(SlotWeights):
@@ -255,7 +314,12 @@ class CheckpointWeights(SlotWeights):
         self.checkpoint = Checkpoint(self.folder, allow_pickle=allow_pickle)
         self.device = torch.device(device) if device is not None else None
         keys = self.checkpoint.keys()
-        self.slots: dict[str, Slot] = {s.tl_name: s for s in layout(self.spec, keys)}
+        config = _config_or_empty(self.folder)
+        stored = in_memory_names(keys, config)
+        slots = stored_expert_slots(layout(self.spec, keys | set(stored)), keys | set(stored), config)
+        self.slots: dict[str, Slot] = {s.tl_name: replace(s, hf_key=stored.get(s.hf_key, s.hf_key))
+                                       for s in slots}
+        self._check_everything_read(keys)
         missing = [s.hf_key for s in self.slots.values() if s.hf_key not in keys]
         if missing:
             from tv_lens.errors import UnsupportedArchitectureError
@@ -267,6 +331,21 @@ class CheckpointWeights(SlotWeights):
             )
         self._check_shapes()
 
+    def _check_everything_read(self, keys: set[str]) -> None:
+        """A derived layout must read every tensor of the checkpoint: one it does not know
+        (Apertus's learned activation parameters, say) would silently be missing from τ."""
+        if self.spec.family != "adapter":
+            return  # hand-written layouts: old checkpoints carry buffers (GPT-2's attn.bias)
+        unread = sorted(keys - {s.hf_key for s in self.slots.values()})
+        if unread:
+            from tv_lens.errors import UnsupportedArchitectureError
+
+            raise UnsupportedArchitectureError(
+                f"The checkpoint {str(self.folder)!r} ({self.spec.architecture}) holds "
+                f"{len(unread)} tensor(s) the layout derived from TransformerLens's adapter does "
+                f"not read, e.g. {unread[:3]}: the tuning vector would miss them. Open an issue "
+                "with the checkpoint's config.json.")
+
     def _check_shapes(self) -> None:
         """Every tensor's shape against ``config.json`` (read from headers, no data)."""
         from tv_lens.errors import ShapeMismatchError
@@ -274,6 +353,12 @@ class CheckpointWeights(SlotWeights):
         problems = []
         for name, slot in self.slots.items():
             stored = self.checkpoint.shape(slot.hf_key)
+            if slot.part == "attn" and slot.pattern == "d -> d" and len(stored) == 2:
+                from tv_lens.errors import UnsupportedArchitectureError
+
+                raise UnsupportedArchitectureError(
+                    f"{slot.hf_key} holds one q/k norm gain per head ({list(stored)}; Cohere's "
+                    "use_qk_norm): per-head norm gains are not supported yet.")
             try:
                 got = tuple(slot.to_tl(torch.empty(stored, device="meta"), self.spec).shape)
             except Exception:  # noqa: BLE001 - einops names the failed split; we name the key
@@ -328,7 +413,8 @@ def expected_shape(tl_name: str, spec: ArchSpec) -> tuple[int, ...] | None:
               "b_Q": (spec.n_heads, dh), "b_K": (spec.n_kv_heads, dh),
               "b_V": (spec.n_kv_heads, dh), "b_O": (d,), "W_in": (d, m), "W_gate": (d, m),
               "W_out": (m, d), "b_in": (m,), "b_out": (d,), "W_E": (spec.d_vocab, d),
-              "W_U": (d, spec.d_vocab), "w": (d,), "b": (d,)}
+              "W_U": (d, spec.d_vocab), "w": (d,), "b": (d,),
+              "W_router": (d, spec.n_experts), "b_router": (spec.n_experts,)}
     return shapes.get(kind)
 
 

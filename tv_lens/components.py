@@ -12,6 +12,11 @@ granularity is a partition of τ (``shared/METHODS.md``, "Components"):
   its W_in/W_gate columns, b_in entry and W_out row), ``L3.mlp.shared`` (b_out), plus the parts
   that have no units (``L3.norms``, ``embed``, ``unembed``, ``final_norm``).
 
+A mixture-of-experts MLP (``ArchSpec.n_experts > 0``) has per-expert neurons ``L3E5N100``
+(expert 5's neuron 100) and its router ``L3.router`` as units (both inside the part ``L3.mlp``),
+and one *group* per expert, ``L3E5`` (all of expert 5's neurons): a group is a component to
+select, patch and sum over, but belongs to neither granularity.
+
 A weight's entries are owned either by one component as a whole or, along the slot's unit axis
 (:attr:`tv_lens.layout.Slot.unit_axis`), one component per index. :class:`ComponentIndex` holds
 that ownership for one model, parses names (with close-match suggestions) and does the two
@@ -36,12 +41,17 @@ from tv_lens.spec import ArchSpec
 #: Kinds of the part granularity, in the vocabulary of ``TuningVector.select(parts=...)``.
 PART_KINDS = ("attn", "mlp", "norms", "embed", "unembed", "final_norm")
 #: Kinds that exist only in the unit granularity.
-UNIT_KINDS = ("head", "kv_head", "attn_shared", "neuron", "mlp_shared")
+UNIT_KINDS = ("head", "kv_head", "attn_shared", "neuron", "mlp_shared", "router")
+#: Kinds that group units without being a granularity of their own.
+GROUP_KINDS = ("expert",)
 #: Parts with no units: they belong to both granularities.
 _UNITLESS_PARTS = ("norms", "embed", "unembed", "final_norm")
 GRANULARITIES = ("parts", "units")
 
 _PATTERNS = (
+    (re.compile(r"^L(\d+)E(\d+)N(\d+)$"), "expert_neuron"),
+    (re.compile(r"^L(\d+)E(\d+)$"), "expert"),
+    (re.compile(r"^L(\d+)\.router$"), "router"),
     (re.compile(r"^L(\d+)H(\d+)$"), "head"),
     (re.compile(r"^L(\d+)KV(\d+)$"), "kv_head"),
     (re.compile(r"^L(\d+)N(\d+)$"), "neuron"),
@@ -53,17 +63,21 @@ _PATTERNS = (
 
 @dataclass(frozen=True)
 class Component:
-    """One named piece of τ: ``kind`` is a part kind or a unit kind; ``layer``/``index`` are
-    ``None`` where they do not apply (``index`` is the head, kv head or neuron)."""
+    """One named piece of τ: ``kind`` is a part, unit or group kind; ``layer``/``index``/
+    ``expert`` are ``None`` where they do not apply (``index`` is the head, kv head or neuron,
+    ``expert`` the expert of an expert's neuron or group)."""
 
     name: str
     kind: str
     layer: int | None = None
     index: int | None = None
+    expert: int | None = None
 
     @property
     def granularity(self) -> str:
-        """``"part"``, ``"unit"`` or ``"both"`` (a part without units)."""
+        """``"part"``, ``"unit"``, ``"both"`` (a part without units) or ``"group"``."""
+        if self.kind in GROUP_KINDS:
+            return "group"
         if self.kind in UNIT_KINDS:
             return "unit"
         return "both" if self.kind in _UNITLESS_PARTS else "part"
@@ -87,9 +101,27 @@ def _part_name(tl_name: str, slot: Slot) -> str:
     return kind if layer is None else f"L{layer}.{kind}"
 
 
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def expert_of(tl_name: str) -> int | None:
+    """The expert in a TL name (``blocks.3.mlp.experts.5.W_in`` -> 5), else ``None``."""
+    m = _EXPERT.search(tl_name)
+    return int(m.group(1)) if m else None
+
+
+def _group_name(tl_name: str) -> str | None:
+    expert = expert_of(tl_name)
+    return None if expert is None else f"L{layer_of(tl_name)}E{expert}"
+
+
 def _unit_names(tl_name: str, slot: Slot, spec: ArchSpec) -> list[str] | str:
     """The unit owning each index along the slot's unit axis, or the one owner of the whole."""
     layer = layer_of(tl_name)
+    if slot.unit == "neuron" and expert_of(tl_name) is not None:
+        return [f"L{layer}E{expert_of(tl_name)}N{n}" for n in range(spec.d_mlp)]
+    if slot.matrix in ("W_router", "b_router"):
+        return f"L{layer}.router"
     if slot.unit == "head" or (slot.unit == "kv_head" and spec.n_kv_heads == spec.n_heads):
         return [f"L{layer}H{h}" for h in range(spec.n_heads)]
     if slot.unit == "kv_head":
@@ -106,6 +138,10 @@ def _component(name: str) -> Component:
     for pattern, kind in _PATTERNS:
         m = pattern.match(name)
         if m:
+            if kind == "expert_neuron":
+                return Component(name, "neuron", int(m.group(1)), int(m.group(3)), int(m.group(2)))
+            if kind == "expert":
+                return Component(name, kind, int(m.group(1)), expert=int(m.group(2)))
             if kind is None:
                 return Component(name, m.group(2), int(m.group(1)))
             index = int(m.group(2)) if kind in ("head", "kv_head", "neuron") else None
@@ -135,11 +171,14 @@ class ComponentIndex:
     def __init__(self, spec: ArchSpec, slots: Mapping[str, Slot]):
         self.spec = spec
         self._members: dict[str, list[_Member]] = {}
-        self._owners: dict[str, tuple[str, list[str] | str, int]] = {}
+        self._owners: dict[str, tuple[str, list[str] | str, int, str | None]] = {}
         for tl_name, slot in slots.items():
             part, units = _part_name(tl_name, slot), _unit_names(tl_name, slot, spec)
-            self._owners[tl_name] = (part, units, slot.unit_axis)
+            group = _group_name(tl_name)
+            self._owners[tl_name] = (part, units, slot.unit_axis, group)
             self._members.setdefault(part, []).append(_Member(tl_name, slot.unit_axis, None))
+            if group is not None:
+                self._members.setdefault(group, []).append(_Member(tl_name, slot.unit_axis, None))
             if isinstance(units, str):
                 if units != part:
                     self._members.setdefault(units, []).append(_Member(tl_name, slot.unit_axis, None))
@@ -181,10 +220,10 @@ class ComponentIndex:
 
     def resolve(self, components: Iterable[str] | str) -> list[Component]:
         """Components from names, or from a whole group: ``"parts"``, ``"units"``, or a kind in
-        the plural (``"heads"``, ``"kv_heads"``, ``"neurons"``)."""
+        the plural (``"heads"``, ``"kv_heads"``, ``"neurons"``, ``"experts"``)."""
         if isinstance(components, str) and components in GRANULARITIES:
             return self.parse_all(self.names(components))
-        kinds = {f"{k}s": k for k in ("head", "kv_head", "neuron")}
+        kinds = {f"{k}s": k for k in ("head", "kv_head", "neuron", "expert")}
         if isinstance(components, str) and components in kinds:
             return [c for c in self.components.values() if c.kind == kinds[components]]
         if not isinstance(components, str) and hasattr(components, "tolist"):
@@ -201,6 +240,12 @@ class ComponentIndex:
         if c.layer is not None and not 0 <= c.layer < s.n_layers:
             return (f"Component {name!r}: layer {c.layer} is out of range; the model has "
                     f"{s.n_layers} layers (0..{s.n_layers - 1}).")
+        if c.expert is not None and not 0 <= c.expert < s.n_experts:
+            return (f"Component {name!r}: expert {c.expert} is out of range; the model has "
+                    f"{s.n_experts} experts per layer" + (f" (0..{s.n_experts - 1})." if s.n_experts
+                                                          else " (its MLPs are dense)."))
+        if c.kind == "router" and not s.n_experts:
+            return f"Component {name!r}: this model's MLPs are dense; there is no router."
         sizes = {"head": s.n_heads, "kv_head": s.n_kv_heads, "neuron": s.d_mlp}
         if c.kind in sizes and not 0 <= c.index < sizes[c.kind]:
             return (f"Component {name!r}: {c.kind.replace('_', ' ')} {c.index} is out of range; "
@@ -217,7 +262,8 @@ class ComponentIndex:
         return (f"Unknown component {name!r}. Names are 'L{{layer}}H{{head}}', "
                 f"'L{{layer}}KV{{kv_head}}' (grouped-query attention), 'L{{layer}}N{{neuron}}', "
                 f"'L{{layer}}.attn', 'L{{layer}}.mlp', 'L{{layer}}.norms', 'L{{layer}}.attn.shared', "
-                f"'L{{layer}}.mlp.shared', 'embed', 'unembed', 'final_norm'."
+                f"'L{{layer}}.mlp.shared', 'embed', 'unembed', 'final_norm'; with experts "
+                f"'L{{layer}}E{{expert}}N{{neuron}}', 'L{{layer}}E{{expert}}', 'L{{layer}}.router'."
                 + close_matches(name, options))
 
     # ------------------------------------------------------------------ cutting and summing
@@ -243,10 +289,12 @@ class ComponentIndex:
         """``Σ entries`` over each component (both granularities), e.g. ``∇f ⊙ τ`` summed to
         attributions. ``entries`` has a tensor for every weight of the index; sums in float64."""
         out = dict.fromkeys(self.components, 0.0)
-        for tl_name, (part, units, axis) in self._owners.items():
+        for tl_name, (part, units, axis, group) in self._owners.items():
             values = entries[tl_name].double()
             total = float(values.sum())
             out[part] += total
+            if group is not None:
+                out[group] += total
             if isinstance(units, str):
                 if units != part:
                     out[units] += total
@@ -259,10 +307,12 @@ class ComponentIndex:
 
 
 def _sort_key(name: str) -> tuple:
-    """embed; then per layer: attn part, heads, kv heads, attn.shared, mlp part, neurons,
-    mlp.shared, norms; then final_norm, unembed."""
+    """embed; then per layer: attn part, heads, kv heads, attn.shared, mlp part, router, neurons
+    (each expert's after its group), mlp.shared, norms; then final_norm, unembed."""
     c = _component(name)
-    order = ("attn", "head", "kv_head", "attn_shared", "mlp", "neuron", "mlp_shared", "norms")
+    order = ("attn", "head", "kv_head", "attn_shared", "mlp", "router", "expert", "neuron",
+             "mlp_shared", "norms")
     if c.layer is None:
-        return ({"embed": -1, "final_norm": 10**9, "unembed": 10**9 + 1}[c.kind], 0, 0)
-    return (c.layer, order.index(c.kind), c.index or 0)
+        return ({"embed": -1, "final_norm": 10**9, "unembed": 10**9 + 1}[c.kind], 0, 0, 0)
+    kind = "expert" if c.expert is not None else c.kind  # an expert's neurons follow its group
+    return (c.layer, order.index(kind), c.expert or 0, c.kind == "neuron", c.index or 0)

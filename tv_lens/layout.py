@@ -24,6 +24,66 @@ from torch import Tensor
 from tv_lens.spec import ArchSpec
 
 
+#: what each size name of a fused tensor's blocks stands for
+_BLOCK_SIZES = {"q": lambda s: s.n_heads * s.d_head, "kv": lambda s: s.n_kv_heads * s.d_head,
+                "m": lambda s: s.d_mlp, "dh": lambda s: s.d_head}
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Where one weight sits inside a fused checkpoint tensor (QKV, gate-up).
+
+    Attributes:
+        dim: the fused axis of the checkpoint tensor.
+        index: which block along it this weight is.
+        blocks: the blocks' sizes by name (``"q"``: n_heads·d_head, ``"kv"``: n_kv_heads·d_head,
+            ``"m"``: d_mlp, ``"dh"``: d_head): GPT-2's ``c_attn`` is ``("q", "kv", "kv")``
+            along axis 1, Phi-3's ``qkv_proj`` the same along axis 0 (grouped-query sizes),
+            its ``gate_up_proj`` ``("m", "m")``.
+        per_head: the blocks repeat per head (GPT-NeoX's ``query_key_value``: rows
+            ``[q_h0, k_h0, v_h0, q_h1, …]``, ``blocks = ("dh", "dh", "dh")``).
+        split: the name a TransformerBridge gives the separate module it splits this block
+            into (``q``, ``k``, ``v``, ``gate``, ``in``), beside the fused one.
+    """
+
+    dim: int
+    index: int
+    blocks: tuple[str, ...]
+    split: str
+    per_head: bool = False
+
+    def length(self, spec: ArchSpec) -> int:
+        """The fused tensor's size along :attr:`dim`."""
+        total = sum(_BLOCK_SIZES[b](spec) for b in self.blocks)
+        return total * spec.n_heads if self.per_head else total
+
+    def positions(self, spec: ArchSpec) -> slice | Tensor:
+        """This block's positions along ``dim``: a slice, or indices when ``per_head``."""
+        sizes = [_BLOCK_SIZES[b](spec) for b in self.blocks]
+        start = sum(sizes[:self.index])
+        if not self.per_head:
+            return slice(start, start + sizes[self.index])
+        heads = torch.arange(spec.n_heads)[:, None] * sum(sizes)
+        return (heads + start + torch.arange(sizes[self.index])).flatten()
+
+    def take(self, tensor: Tensor, spec: ArchSpec, dim: int | None = None) -> Tensor:
+        """This block of ``tensor`` along ``dim`` (default :attr:`dim`); a view unless
+        ``per_head``."""
+        dim = self.dim if dim is None else dim
+        where = self.positions(spec)
+        if isinstance(where, slice):
+            return tensor.narrow(dim, where.start, where.stop - where.start)
+        return tensor.index_select(dim, where.to(tensor.device))
+
+    def add_into(self, fused: Tensor, block: Tensor, spec: ArchSpec) -> None:
+        """``fused[this block] += block`` in place."""
+        where = self.positions(spec)
+        if isinstance(where, slice):
+            self.take(fused, spec).add_(block.to(fused.dtype))
+        else:
+            fused.index_add_(self.dim, where.to(fused.device), block.to(fused.dtype))
+
+
 @dataclass(frozen=True)
 class Slot:
     """One TransformerLens weight and its place in a checkpoint.
@@ -36,8 +96,12 @@ class Slot:
         unit: what the ``unit_axis`` of the TL tensor indexes: ``"head"``, ``"kv_head"``,
             ``"neuron"`` or ``None``.
         unit_axis: axis of the TL tensor along ``unit``.
-        chunk: ``(dim, index, n_chunks)`` for a fused checkpoint tensor, else ``None``.
+        chunk: where the weight sits in a fused checkpoint tensor (:class:`Fused`), else
+            ``None``.
         optional: the key may be absent (biases of bias-free models, tied unembeddings).
+        expert: for one expert's weight held in a tensor stacking every expert's (axis 0, as
+            ``transformers`` holds a mixture-of-experts MLP in memory), which expert; ``None``
+            otherwise. Layout tables write ``{e}`` in ``tl_name`` for "one slot per expert".
         gain_offset: a norm gain the model uses as ``gain_offset + w`` (Gemma's ``(1 + w)``
             RMSNorm): the difference is the same, relative changes are taken against it.
     """
@@ -48,9 +112,14 @@ class Slot:
     part: str
     unit: str | None = None
     unit_axis: int = 0
-    chunk: tuple[int, int, int] | None = None
+    chunk: Fused | None = None
     optional: bool = False
     gain_offset: float = 0.0
+    expert: int | None = None
+
+    def for_expert(self, expert: int) -> "Slot":
+        """This per-expert template (``{e}`` in ``tl_name``) for one expert."""
+        return replace(self, tl_name=self.tl_name.replace("{e}", str(expert)), expert=expert)
 
     def at(self, layer: int | None) -> "Slot":
         """This slot with ``{l}`` filled in."""
@@ -83,9 +152,10 @@ class Slot:
         """This slot's part of ``hf_tensor`` in TL orientation (and ``dtype``), contiguous: the
         same memory layout whatever the source's, so every source gives bit-identical results
         downstream. Rearranging and converting are one copy."""
+        if self.expert is not None:
+            hf_tensor = hf_tensor[self.expert]
         if self.chunk is not None:
-            dim, index, n = self.chunk
-            hf_tensor = hf_tensor.chunk(n, dim=dim)[index]
+            hf_tensor = self.chunk.take(hf_tensor, spec)
         out = einops.rearrange(hf_tensor, self.pattern, **self.sizes(spec))
         dtype = dtype or out.dtype
         if out.dtype == dtype and out.is_contiguous():
@@ -97,11 +167,12 @@ class Slot:
         """Add a TL-oriented ``tl_delta`` into ``hf_delta`` (full checkpoint shape) in place."""
         lhs, rhs = self.pattern.split("->")
         back = einops.rearrange(tl_delta, f"{rhs} -> {lhs}", **self.sizes(spec))
-        target = hf_delta
+        if self.expert is not None:
+            hf_delta = hf_delta[self.expert]  # a view: the stacked tensor is written in place
         if self.chunk is not None:
-            dim, index, n = self.chunk
-            target = hf_delta.chunk(n, dim=dim)[index]
-        target.add_(back.to(target.dtype))
+            self.chunk.add_into(hf_delta, back, spec)
+        else:
+            hf_delta.add_(back.to(hf_delta.dtype))
 
 
 def linear_attention(p: str, q: str, k: str, v: str, o: str) -> list[Slot]:
@@ -135,17 +206,27 @@ def _llama_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
     return blocks, model
 
 
+def fused_blocks(dim: int, blocks: tuple[str, ...], splits: str | tuple[str, ...],
+                 per_head: bool = False) -> list[Fused]:
+    """One :class:`Fused` per block of a fused tensor (``splits``: the bridge's names of them)."""
+    return [Fused(dim, i, blocks, split, per_head) for i, split in enumerate(splits)]
+
+
+_C_ATTN = fused_blocks(1, ("q", "kv", "kv"), "qkv")  # GPT-2's Conv1D c_attn: [d, q|k|v]
+_C_ATTN_B = fused_blocks(0, ("q", "kv", "kv"), "qkv")
+
+
 def _gpt2_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
     p = "transformer.h.{l}."
     qkv_w, qkv_b = p + "attn.c_attn.weight", p + "attn.c_attn.bias"
     blocks = [
-        Slot("blocks.{l}.attn.W_Q", qkv_w, "d (h dh) -> h d dh", "attn", "head", chunk=(1, 0, 3)),
-        Slot("blocks.{l}.attn.W_K", qkv_w, "d (h dh) -> h d dh", "attn", "kv_head", chunk=(1, 1, 3)),
-        Slot("blocks.{l}.attn.W_V", qkv_w, "d (h dh) -> h d dh", "attn", "kv_head", chunk=(1, 2, 3)),
+        Slot("blocks.{l}.attn.W_Q", qkv_w, "d (h dh) -> h d dh", "attn", "head", chunk=_C_ATTN[0]),
+        Slot("blocks.{l}.attn.W_K", qkv_w, "d (h dh) -> h d dh", "attn", "kv_head", chunk=_C_ATTN[1]),
+        Slot("blocks.{l}.attn.W_V", qkv_w, "d (h dh) -> h d dh", "attn", "kv_head", chunk=_C_ATTN[2]),
         Slot("blocks.{l}.attn.W_O", p + "attn.c_proj.weight", "(h dh) d -> h dh d", "attn", "head"),
-        Slot("blocks.{l}.attn.b_Q", qkv_b, "(h dh) -> h dh", "attn", "head", chunk=(0, 0, 3)),
-        Slot("blocks.{l}.attn.b_K", qkv_b, "(h dh) -> h dh", "attn", "kv_head", chunk=(0, 1, 3)),
-        Slot("blocks.{l}.attn.b_V", qkv_b, "(h dh) -> h dh", "attn", "kv_head", chunk=(0, 2, 3)),
+        Slot("blocks.{l}.attn.b_Q", qkv_b, "(h dh) -> h dh", "attn", "head", chunk=_C_ATTN_B[0]),
+        Slot("blocks.{l}.attn.b_K", qkv_b, "(h dh) -> h dh", "attn", "kv_head", chunk=_C_ATTN_B[1]),
+        Slot("blocks.{l}.attn.b_V", qkv_b, "(h dh) -> h dh", "attn", "kv_head", chunk=_C_ATTN_B[2]),
         Slot("blocks.{l}.attn.b_O", p + "attn.c_proj.bias", "d -> d", "attn"),
         Slot("blocks.{l}.mlp.W_in", p + "mlp.c_fc.weight", "d m -> d m", "mlp", "neuron", 1),
         Slot("blocks.{l}.mlp.b_in", p + "mlp.c_fc.bias", "m -> m", "mlp", "neuron", 0),
@@ -207,26 +288,27 @@ def _adapter_slots(spec: ArchSpec) -> tuple[list[Slot], list[Slot]]:
 _FAMILY_SLOTS = {"llama": _llama_slots, "gpt2": _gpt2_slots, "native": _native_slots,
                  "adapter": _adapter_slots}
 
-#: TransformerBridge renames some wrapped modules; these map bridge names back to checkpoint keys.
-BRIDGE_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
-    "gpt2": ((".attn.o.", ".attn.c_proj."),),
-}
+def _transposed_input(pattern: str) -> str:
+    """``pattern`` for the transposed 2-D input (``d (h dh) -> …`` becomes ``(h dh) d -> …``)."""
+    lhs, rhs = pattern.split("->")
+    first, second = re.findall(r"\([^)]*\)|\S+", lhs)
+    return f"{second} {first} ->{rhs}"
 
 
 def _split_for_bridge(slot: Slot) -> Slot:
-    """A fused-QKV slot re-pointed at the bridge's split ``q``/``k``/``v`` Linear parameters.
+    """A fused slot re-pointed at the bridge's separate module for its block (``attn.q``,
+    ``mlp.gate``, …, beside the fused module in the same parent).
 
-    A GPT-2 bridge runs its forward pass through split q/k/v ``nn.Linear`` weights that are
-    transposed views of the fused ``c_attn`` (and independent copies after ``copy.deepcopy``),
-    so reads and writes must go through them.
+    A TransformerBridge runs its forward pass through split ``nn.Linear`` modules that are views
+    of the fused tensor (Phi-3) or independent copies (GPT-2's transposed ``Conv1D``, GPT-NeoX's
+    de-interleaved rows), so reads and writes must go through them.
     """
-    if slot.chunk is None:
+    if slot.chunk is None or slot.expert is not None:  # stacked experts: used as they are
         return slot
-    part = "qkv"[slot.chunk[1]]
-    kind = slot.hf_key.rsplit(".", 1)[-1]
-    key = slot.hf_key.replace(f"attn.c_attn.{kind}", f"attn.{part}.{kind}")
-    pattern = "(h dh) d -> h d dh" if kind == "weight" else "(h dh) -> h dh"
-    return replace(slot, hf_key=key, pattern=pattern, chunk=None)
+    parent, _, kind = slot.hf_key.rsplit(".", 2)
+    # the split modules are nn.Linear ([out, in]); a Conv1D's fused axis 1 holds its outputs
+    pattern = slot.pattern if slot.chunk.dim == 0 else _transposed_input(slot.pattern)
+    return replace(slot, hf_key=f"{parent}.{slot.chunk.split}.{kind}", pattern=pattern, chunk=None)
 
 
 def _hooked(slot: Slot, available: set[str]) -> Slot:
@@ -251,6 +333,8 @@ def layout(spec: ArchSpec, available: set[str] | None = None, *, bridge: bool = 
             needs ``available``.
     """
     per_block, per_model = _FAMILY_SLOTS[spec.family](spec)
+    per_block = [x for s in per_block for x in (
+        [s.for_expert(e) for e in range(spec.n_experts)] if "{e}" in s.tl_name else [s])]
     if bridge:
         per_block = [_split_for_bridge(s) for s in per_block]
     slots = [s.at(l) for l in range(spec.n_layers) for s in per_block] + per_model

@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from tv_lens.errors import CheckpointNotFoundError, PickleCheckpointError, TvLensError
+from tv_lens.layout import Fused
 from tv_lens.lazy import LazyDeltas, LowRank
+from tv_lens.spec import ArchSpec
 from tv_lens.vector import TuningVector
 
 PREFIX = "base_model.model."
@@ -157,11 +159,11 @@ class Adapter:
         return B * s, A
 
 
-def _chunk(P: Tensor, Q: Tensor, chunk: tuple[int, int, int] | None) -> tuple[Tensor, Tensor]:
+def _chunk(P: Tensor, Q: Tensor, chunk: Fused | None, spec: ArchSpec) -> tuple[Tensor, Tensor]:
+    """The factors of one block of a fused tensor's update ``P @ Q`` (rows of P or columns of Q)."""
     if chunk is None:
         return P, Q
-    dim, index, n = chunk
-    return (P.chunk(n, dim=0)[index], Q) if dim == 0 else (P, Q.chunk(n, dim=1)[index])
+    return (chunk.take(P, spec, 0), Q) if chunk.dim == 0 else (P, chunk.take(Q, spec, 1))
 
 
 def _dora_delta(W: Tensor, target: LoraTarget, fan_in_fan_out: bool) -> Tensor:
@@ -188,7 +190,7 @@ def lora_vector(base: Any, adapter: Adapter,
             sources[name] = ("dora", target)
         elif target is not None:
             sources[name] = ("factors", adapter.checkpoint_factors(target))
-            P, Q = _chunk(*sources[name][1], slot.chunk)
+            P, Q = _chunk(*sources[name][1], slot.chunk, base.spec)
             factors[name] = LowRank(Q.T, P.T) if slot.matrix_transposed else LowRank(P, Q)
         elif slot.hf_key in adapter.saved:
             sources[name] = ("saved", adapter.saved[slot.hf_key])

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tv_lens.errors import ProcessedWeightsError, TvLensError, UnsupportedArchitectureError
-from tv_lens.layout import BRIDGE_RENAMES, Slot, layout
+from tv_lens.layout import Slot, layout
 from tv_lens.spec import ArchSpec
 
 
@@ -100,18 +100,26 @@ def spec_of(model: Any) -> ArchSpec:
     )
 
 
-def _live_parameters(model: nn.Module, family: str) -> dict[str, nn.Parameter]:
-    """Checkpoint key -> live parameter, for a bridge or a plain module."""
-    renames = BRIDGE_RENAMES.get(family, ()) if is_bridge(model) else ()
-    params: dict[str, nn.Parameter] = {}
-    for name, param in model.named_parameters():
-        key = name.replace("._original_component", "")
-        if key.startswith("_original_component."):
-            key = key[len("_original_component."):]
-        for old, new in renames:
-            key = key.replace(old, new)
-        params.setdefault(key, param)
-    return params
+def _strip_nesting(name: str) -> str:
+    key = name.replace("._original_component", "")
+    return key[len("_original_component."):] if key.startswith("_original_component.") else key
+
+
+def _live_parameters(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+    """``(parameters, aliases)``: checkpoint key -> live parameter, for a bridge or a plain
+    module, with a bridge's ``_original_component`` nesting undone.
+
+    ``parameters`` names each parameter once. ``aliases`` holds every other name of one: a
+    bridge registers some wrapped modules under TransformerLens names too (GPT-2's ``c_proj``
+    first as ``o``), and tied weights (an ``lm_head`` that is the embedding) are aliases as
+    well. The separate modules a bridge splits fused tensors into (``attn.q``, ``mlp.gate``)
+    appear under the bridge's names.
+    """
+    params = {_strip_nesting(n): p for n, p in model.named_parameters()}
+    aliases: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(_strip_nesting(name), param)
+    return params, {k: p for k, p in aliases.items() if k not in params}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -154,10 +162,17 @@ class ModelWeights(SlotWeights):
         self.model = model
         self.spec = spec or spec_of(model)
         self.hooked = is_hooked(model)
-        self.params = _live_parameters(model, self.spec.family)
-        self.slots: dict[str, Slot] = {
-            s.tl_name: s for s in layout(self.spec, set(self.params), bridge=is_bridge(model),
-                                         hooked=self.hooked)}
+        self.params, aliases = _live_parameters(model)
+        slots = layout(self.spec, set(self.params) | set(aliases), bridge=is_bridge(model),
+                       hooked=self.hooked)
+        # an alias of a parameter another slot reads under its first name is a tie (lm_head
+        # = embedding): not a weight of its own
+        first_name = {id(p): k for k, p in self.params.items()}
+        used = {s.hf_key for s in slots}
+        tied = {k for k, p in aliases.items() if first_name.get(id(p)) in used}
+        self.slots: dict[str, Slot] = {s.tl_name: s for s in slots if s.hf_key not in tied}
+        self.params.update({s.hf_key: aliases[s.hf_key] for s in self.slots.values()
+                            if s.hf_key in aliases})
         missing = [s.hf_key for s in self.slots.values() if s.hf_key not in self.params]
         if missing:
             raise UnsupportedArchitectureError(

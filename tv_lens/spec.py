@@ -29,6 +29,17 @@ FAMILIES: dict[str, str] = {
 DERIVED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text", "Olmo2ForCausalLM": "olmo2", "GPTJForCausalLM": "gptj",
+    "Phi3ForCausalLM": "phi3", "GPTNeoXForCausalLM": "gpt_neox",
+    "MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
+    "ArceeForCausalLM": "arcee", "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
+    "Exaone4ForCausalLM": "exaone4", "GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4",
+    "GraniteForCausalLM": "granite", "OlmoForCausalLM": "olmo", "Olmo3ForCausalLM": "olmo3",
+    "PhiForCausalLM": "phi", "SmolLM3ForCausalLM": "smollm3", "Starcoder2ForCausalLM": "starcoder2",
+    "Ernie4_5ForCausalLM": "ernie4_5", "GraniteMoeForCausalLM": "granitemoe",
+    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Jais2ForCausalLM": "jais2",
+    "Ministral3ForCausalLM": "ministral3", "NanoChatForCausalLM": "nanochat",
+    "NemotronForCausalLM": "nemotron", "SeedOssForCausalLM": "seed_oss",
+    "VaultGemmaForCausalLM": "vaultgemma",
 }
 FAMILIES.update({name: "adapter" for item in DERIVED_ARCHITECTURES.items() for name in item})
 
@@ -36,8 +47,13 @@ FAMILIES.update({name: "adapter" for item in DERIVED_ARCHITECTURES.items() for n
 #: and LayerNorm, learned positions (GPT-2) or rotary ones (GPT-J)
 _GPT_STYLE = {"gpt2": "standard", "gptj": "rotary"}
 
+#: derived families (usual config keys) whose norms are LayerNorms / whose MLP has no gate
+#: (each checked against its TransformerLens adapter's config in ``tests/test_families.py``)
+LAYERNORM_TYPES = {"gpt_neox", "cohere", "cohere2", "olmo", "phi", "starcoder2", "jais2", "nemotron"}
+PLAIN_MLP_TYPES = {"gpt_neox", "arcee", "phi", "starcoder2", "jais2", "nanochat", "nemotron"}
+
 COMPATIBILITY_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",
-                        "d_head", "d_mlp", "gated_mlp", "normalization", "positional")
+                        "d_head", "d_mlp", "gated_mlp", "normalization", "positional", "n_experts")
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,8 @@ class ArchSpec:
     gated_mlp: bool
     normalization: str
     positional: str
+    #: experts per mixture-of-experts MLP (0: a dense MLP); ``d_mlp`` is then each expert's width
+    n_experts: int = 0
 
     @property
     def group_size(self) -> int:
@@ -71,7 +89,8 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ArchSpec":
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        # (vectors saved before ``n_experts`` existed are of dense models)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.name != "n_experts"})
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "ArchSpec":
@@ -97,7 +116,9 @@ class ArchSpec:
         return cls(architecture, family, c["num_hidden_layers"], d_model, n_heads,
                    c.get("num_key_value_heads") or n_heads,
                    c.get("head_dim") or d_model // n_heads, c["intermediate_size"],
-                   c["vocab_size"], True, "RMS", "rotary")
+                   c["vocab_size"], model_type not in PLAIN_MLP_TYPES,
+                   "LN" if model_type in LAYERNORM_TYPES else "RMS", "rotary",
+                   c.get("num_local_experts") or c.get("num_experts") or 0)
 
     @classmethod
     def from_bridge(cls, bridge: Any) -> "ArchSpec":
