@@ -34,6 +34,10 @@ _CONFIGS = {
     # 3 experts, 2 per token; checkpoints store one tensor per expert
     "mixtral": dict(_TINY, num_experts_per_tok=2, num_local_experts=3),
     "olmoe": dict(_TINY, num_experts_per_tok=2, num_experts=3),
+    # routed experts of width 24 beside an always-on shared expert of width 40 with its own gate
+    "qwen2_moe": dict(_TINY, num_experts_per_tok=2, num_experts=3, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=40),
+    "qwen3_moe": dict(_TINY, num_experts_per_tok=2, num_experts=3, moe_intermediate_size=24),
 }
 
 
@@ -255,6 +259,22 @@ def test_expert_components_partition_the_mixture_of_experts_mlp(save):
     experts = analysis.matrices.dropna(subset=["expert"])
     assert set(experts["matrix"]) == {"W_in", "W_gate", "W_out"} and len(experts) == 2 * 3 * 3
     assert "W_router" in set(analysis.matrices["matrix"])
+
+
+@needs_adapters
+def test_a_shared_expert_is_the_layers_always_on_mlp(save):
+    """Qwen2-MoE: the shared expert's neurons are ``L0N{n}`` (expert <NA> in the tables, its own
+    width), its sigmoid gate belongs to ``L0.router``."""
+    base = _model("qwen2_moe")
+    tuned = perturb(copy.deepcopy(base), scale=0.02)
+    tv = ModelPair.from_pretrained(save(base, "qmoe_b"), save(tuned, "qmoe_t")).tuning_vector()
+    assert tv.spec.d_mlp == 24 and tv.spec.d_mlp_shared == 40
+    units = tv.components.names("units")
+    assert "L0N39" in units and "L0N40" not in units and "L0E2N23" in units and "L0E2N24" not in units
+    assert tv.components.weights_of("L0.router") == {"blocks.0.mlp.W_router", "blocks.0.mlp.W_shared_gate"}
+    neurons = analyze(tv, progress=False).neurons
+    shared = neurons[neurons.expert.isna()]
+    assert len(shared) == 2 * 40 * 3 and len(neurons) - len(shared) == 2 * 3 * 24 * 3
 
 
 def test_dense_models_name_no_experts():

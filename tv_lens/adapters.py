@@ -153,16 +153,25 @@ _STACKED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
 
 def _moe_slots(mlp: Any, p: str) -> list[Slot]:
     """A mixture-of-experts MLP: the router (``W_router``: ``[d_model, n_experts]``, TL 3.x's
-    ``mlp.W_gate``) and each expert's W_gate / W_in / W_out under ``mlp.experts.{e}``."""
+    ``mlp.W_gate``), each routed expert's W_gate / W_in / W_out under ``mlp.experts.{e}``, and
+    an always-on shared expert (Qwen-MoE) as the layer's plain ``mlp.W_gate`` / ``W_in`` /
+    ``W_out`` with its sigmoid gate ``W_shared_gate`` (``[d_model, 1]``, part of the router).
+
+    ``dense_*`` submodules describe layers whose MLP is dense instead (``mlp_only_layers``);
+    such checkpoints are refused, their tensors being ones this layout does not read."""
     subs = mlp.submodules
-    if set(subs) != {"gate"} or "Router" not in _kind(subs["gate"]):
+    shared = next((subs[k] for k in ("shared_expert", "shared_experts") if k in subs), None)
+    known = {"gate", "experts", "shared_expert", "shared_experts", "shared_expert_gate",
+             "dense_gate", "dense_in", "dense_out"}
+    if "gate" not in subs or "Router" not in _kind(subs["gate"]) or set(subs) - known or (
+            shared is not None and set(shared.submodules) != {"gate", "in", "out"}):
         raise UnsupportedArchitectureError(
             f"mixture-of-experts MLP {_kind(mlp)} at {p[:-1]} has submodules {sorted(subs)}: only "
-            "a router and routed experts are derived (shared experts are not yet).")
+            "a router, routed experts and a gated shared expert are derived.")
     router = f"{p}{subs['gate'].name}"
     gate_up, down = (p + name for name in _STACKED_EXPERTS)
     e = "blocks.{l}.mlp.experts.{e}."
-    return [
+    slots = [
         Slot("blocks.{l}.mlp.W_router", f"{router}.weight", "n d -> d n", "mlp"),
         Slot("blocks.{l}.mlp.b_router", f"{router}.bias", "n -> n", "mlp", optional=True),
         Slot(e + "W_gate", gate_up, "m d -> d m", "mlp", "neuron", 1,
@@ -171,6 +180,15 @@ def _moe_slots(mlp: Any, p: str) -> list[Slot]:
              chunk=Fused(0, 1, ("m", "m"), "in"), expert=0),
         Slot(e + "W_out", down, "d m -> m d", "mlp", "neuron", 0, expert=0),
     ]
+    if shared is not None:
+        s = {tl: f"{p}{shared.name}.{c.name}.weight" for tl, c in shared.submodules.items()}
+        slots += [Slot("blocks.{l}.mlp.W_gate", s["gate"], "m d -> d m", "mlp", "neuron", 1),
+                  Slot("blocks.{l}.mlp.W_in", s["in"], "m d -> d m", "mlp", "neuron", 1),
+                  Slot("blocks.{l}.mlp.W_out", s["out"], "d m -> m d", "mlp", "neuron", 0)]
+    if "shared_expert_gate" in subs:
+        slots.append(Slot("blocks.{l}.mlp.W_shared_gate", f"{p}{subs['shared_expert_gate'].name}.weight",
+                          "n d -> d n", "mlp"))
+    return slots
 
 
 def _mlp_slots(mlp: Any, prefix: str, probe: ArchSpec) -> list[Slot]:
@@ -247,7 +265,7 @@ def _slots_of(architecture: str) -> tuple[tuple[Slot, ...], tuple[Slot, ...]]:
     config = {"architectures": [architecture], "model_type": DERIVED_ARCHITECTURES[architecture],
               "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64,
-              "num_local_experts": 4, "num_experts": 4}
+              "num_local_experts": 4, "num_experts": 4, "shared_expert_intermediate_size": 96}
     offset = 1.0 if config["model_type"] in UNIT_OFFSET_NORMS else 0.0
     per_block, per_model = derived_slots(adapter_for(config), offset)
     return tuple(per_block), tuple(per_model)

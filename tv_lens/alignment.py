@@ -257,10 +257,12 @@ def _slice_dots(a: Tensor, b: Tensor, axis: int) -> Tensor:
 
 def _mlp_prefixes(spec: Any, layer: int) -> list[tuple[str, int | None]]:
     """``(TL name prefix, expert)`` of each set of neurons in a layer: the dense MLP's, or every
-    expert's of a mixture-of-experts MLP."""
+    expert's of a mixture-of-experts MLP and its shared expert's (``expert`` None)."""
+    dense = [(f"blocks.{layer}.mlp.", None)]
     if spec.n_experts:
-        return [(f"blocks.{layer}.mlp.experts.{e}.", e) for e in range(spec.n_experts)]
-    return [(f"blocks.{layer}.mlp.", None)]
+        experts = [(f"blocks.{layer}.mlp.experts.{e}.", e) for e in range(spec.n_experts)]
+        return experts + (dense if spec.d_mlp_shared else [])
+    return dense
 
 
 def _neuron_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, Tensor | LowRank],
@@ -639,6 +641,8 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     expert = ["expert"] if spec.n_experts else []
     neurons = pd.concat(neuron_frames, ignore_index=True).reindex(
         columns=NEURON_COLUMNS[:1] + expert + NEURON_COLUMNS[1:])
+    if expert:  # <NA> for a shared expert's neurons
+        neurons["expert"] = neurons["expert"].astype("Int64")
     matrix_table = pd.DataFrame(matrix_rows).reindex(
         columns=MATRIX_COLUMNS[:2] + expert + MATRIX_COLUMNS[2:])
     if expert:

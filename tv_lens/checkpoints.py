@@ -406,6 +406,8 @@ def expected_shape(tl_name: str, spec: ArchSpec) -> tuple[int, ...] | None:
     """The TL shape ``config.json`` implies for a weight (``None`` where it does not say)."""
     kind = tl_name.rsplit(".", 1)[-1]
     d, dh, m = spec.d_model, spec.d_head, spec.d_mlp
+    if spec.n_experts and ".experts." not in tl_name:
+        m = spec.d_mlp_shared  # the MLP weights outside the routed experts: the shared expert
     if ".attn." in tl_name and kind in ("w", "b"):  # q/k norms: one head's size (Qwen3) or all
         return None  # heads' (OLMo-2); the config does not say which
     shapes = {"W_Q": (spec.n_heads, d, dh), "W_K": (spec.n_kv_heads, d, dh),
@@ -414,7 +416,7 @@ def expected_shape(tl_name: str, spec: ArchSpec) -> tuple[int, ...] | None:
               "b_V": (spec.n_kv_heads, dh), "b_O": (d,), "W_in": (d, m), "W_gate": (d, m),
               "W_out": (m, d), "b_in": (m,), "b_out": (d,), "W_E": (spec.d_vocab, d),
               "W_U": (d, spec.d_vocab), "w": (d,), "b": (d,),
-              "W_router": (d, spec.n_experts), "b_router": (spec.n_experts,)}
+              "W_router": (d, spec.n_experts), "b_router": (spec.n_experts,), "W_shared_gate": (d, 1)}
     return shapes.get(kind)
 
 

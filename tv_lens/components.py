@@ -13,7 +13,8 @@ granularity is a partition of τ (``shared/METHODS.md``, "Components"):
   that have no units (``L3.norms``, ``embed``, ``unembed``, ``final_norm``).
 
 A mixture-of-experts MLP (``ArchSpec.n_experts > 0``) has per-expert neurons ``L3E5N100``
-(expert 5's neuron 100) and its router ``L3.router`` as units (both inside the part ``L3.mlp``),
+(expert 5's neuron 100), its router ``L3.router`` (with a shared expert's gate) and a shared
+expert's neurons ``L3N100`` as units (all inside the part ``L3.mlp``),
 and one *group* per expert, ``L3E5`` (all of expert 5's neurons): a group is a component to
 select, patch and sum over, but belongs to neither granularity.
 
@@ -101,6 +102,8 @@ def _part_name(tl_name: str, slot: Slot) -> str:
     return kind if layer is None else f"L{layer}.{kind}"
 
 
+#: a mixture-of-experts MLP's routing weights: the component ``L{l}.router``
+ROUTER_WEIGHTS = ("W_router", "b_router", "W_shared_gate")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
@@ -120,7 +123,9 @@ def _unit_names(tl_name: str, slot: Slot, spec: ArchSpec) -> list[str] | str:
     layer = layer_of(tl_name)
     if slot.unit == "neuron" and expert_of(tl_name) is not None:
         return [f"L{layer}E{expert_of(tl_name)}N{n}" for n in range(spec.d_mlp)]
-    if slot.matrix in ("W_router", "b_router"):
+    if slot.unit == "neuron" and spec.n_experts:  # the always-on shared expert
+        return [f"L{layer}N{n}" for n in range(spec.d_mlp_shared)]
+    if slot.matrix in ROUTER_WEIGHTS:
         return f"L{layer}.router"
     if slot.unit == "head" or (slot.unit == "kv_head" and spec.n_kv_heads == spec.n_heads):
         return [f"L{layer}H{h}" for h in range(spec.n_heads)]
@@ -246,7 +251,11 @@ class ComponentIndex:
                                                           else " (its MLPs are dense)."))
         if c.kind == "router" and not s.n_experts:
             return f"Component {name!r}: this model's MLPs are dense; there is no router."
-        sizes = {"head": s.n_heads, "kv_head": s.n_kv_heads, "neuron": s.d_mlp}
+        sizes = {"head": s.n_heads, "kv_head": s.n_kv_heads,
+                 "neuron": s.d_mlp_shared if s.n_experts and c.expert is None else s.d_mlp}
+        if c.kind == "neuron" and not sizes["neuron"]:
+            return (f"Component {name!r}: this model's MLPs are mixtures of experts without a "
+                    f"shared expert; neurons are named 'L{c.layer}E{{expert}}N{c.index}'.")
         if c.kind in sizes and not 0 <= c.index < sizes[c.kind]:
             return (f"Component {name!r}: {c.kind.replace('_', ' ')} {c.index} is out of range; "
                     f"the model has {sizes[c.kind]} per layer (0..{sizes[c.kind] - 1}).")

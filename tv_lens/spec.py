@@ -39,7 +39,8 @@ DERIVED_ARCHITECTURES: dict[str, str] = {
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Jais2ForCausalLM": "jais2",
     "Ministral3ForCausalLM": "ministral3", "NanoChatForCausalLM": "nanochat",
     "NemotronForCausalLM": "nemotron", "SeedOssForCausalLM": "seed_oss",
-    "VaultGemmaForCausalLM": "vaultgemma",
+    "VaultGemmaForCausalLM": "vaultgemma", "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 FAMILIES.update({name: "adapter" for item in DERIVED_ARCHITECTURES.items() for name in item})
 
@@ -53,7 +54,8 @@ LAYERNORM_TYPES = {"gpt_neox", "cohere", "cohere2", "olmo", "phi", "starcoder2",
 PLAIN_MLP_TYPES = {"gpt_neox", "arcee", "phi", "starcoder2", "jais2", "nanochat", "nemotron"}
 
 COMPATIBILITY_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",
-                        "d_head", "d_mlp", "gated_mlp", "normalization", "positional", "n_experts")
+                        "d_head", "d_mlp", "gated_mlp", "normalization", "positional", "n_experts",
+                        "d_mlp_shared")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class ArchSpec:
     positional: str
     #: experts per mixture-of-experts MLP (0: a dense MLP); ``d_mlp`` is then each expert's width
     n_experts: int = 0
+    #: width of a mixture-of-experts MLP's always-on shared expert (Qwen-MoE; 0: none)
+    d_mlp_shared: int = 0
 
     @property
     def group_size(self) -> int:
@@ -89,8 +93,8 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ArchSpec":
-        # (vectors saved before ``n_experts`` existed are of dense models)
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.name != "n_experts"})
+        # (fields with defaults may be missing: vectors saved before they existed)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "ArchSpec":
@@ -113,12 +117,15 @@ class ArchSpec:
                        d_model // n_heads, c.get("n_inner") or 4 * d_model, c["vocab_size"],
                        False, "LN", gpt_style)
         d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
+        n_experts = c.get("num_local_experts") or c.get("num_experts") or 0
+        # a mixture of experts' d_mlp is one expert's width (Qwen-MoE names it apart)
+        d_mlp = (n_experts and c.get("moe_intermediate_size")) or c["intermediate_size"]
         return cls(architecture, family, c["num_hidden_layers"], d_model, n_heads,
                    c.get("num_key_value_heads") or n_heads,
-                   c.get("head_dim") or d_model // n_heads, c["intermediate_size"],
+                   c.get("head_dim") or d_model // n_heads, d_mlp,
                    c["vocab_size"], model_type not in PLAIN_MLP_TYPES,
                    "LN" if model_type in LAYERNORM_TYPES else "RMS", "rotary",
-                   c.get("num_local_experts") or c.get("num_experts") or 0)
+                   n_experts, (n_experts and c.get("shared_expert_intermediate_size")) or 0)
 
     @classmethod
     def from_bridge(cls, bridge: Any) -> "ArchSpec":
