@@ -259,6 +259,21 @@ def test_expert_components_partition_the_mixture_of_experts_mlp(save):
     experts = analysis.matrices.dropna(subset=["expert"])
     assert set(experts["matrix"]) == {"W_in", "W_gate", "W_out"} and len(experts) == 2 * 3 * 3
     assert "W_router" in set(analysis.matrices["matrix"])
+    # token readouts and views name experts' units the same way
+    from tv_lens import viz
+    from tv_lens.readouts import read_tokens
+
+    tokens = read_tokens(tv, ["L0E1.mlp.W_out", "L0E1N3.out"], k=3, progress=False)
+    assert set(tokens.unit) == {"L0E1.mlp.W_out", "L0E1N3.out"}
+    w = tv["blocks.0.mlp.experts.1.W_out"][3].double()  # the neuron's write direction: its top token
+    top = int((tv.base["unembed.W_U"].double().T @ (w / w.norm())).argmax())
+    row = tokens[(tokens.unit == "L0E1N3.out") & (tokens.source == "update") & (tokens["sign"] == 1)]
+    assert int(row.sort_values("rank").token_id.iloc[0]) == top
+    with pytest.raises(TvLensError, match="L3E5N100.out"):
+        read_tokens(tv, ["L0E9N3.out"], progress=False)
+    figure = viz.neurons(analysis, layer=0, tokens=tokens)
+    hovers = [t for trace in figure.data for t in trace.text]
+    assert sum("expert: 1" in t and "neuron: 3<" in t for t in hovers) == 1
 
 
 @needs_adapters

@@ -118,35 +118,49 @@ def _matrix_svd(tv, name: str, base: bool) -> FactoredSVD:
     return dense_svd(tv[name].double())
 
 
+def mlp_matrix_units(tv, layer: int, matrices: tuple[str, ...] = ("W_in", "W_gate", "W_out")) -> list[str]:
+    """A layer's MLP matrices as units: ``L3.mlp.W_in`` (the dense or shared-expert MLP's) and,
+    in a mixture of experts, ``L3E5.mlp.W_in`` (expert 5's), for each matrix the vector has."""
+    experts = [""] + [f"E{e}" for e in range(tv.spec.n_experts)]
+    return [f"L{layer}{e}.mlp.{m}" for e in experts for m in matrices
+            if _mlp_name(layer, e[1:] or None, m) in tv]
+
+
+def _mlp_name(layer: int | str, expert: int | str | None, matrix: str) -> str:
+    return f"blocks.{layer}.mlp.{'' if expert is None else f'experts.{expert}.'}{matrix}"
+
+
 def _default_units(tv) -> list[str]:
     spec, units = tv.spec, []
     for layer in range(spec.n_layers):
         units += [f"L{layer}H{h}.{c}" for h in range(spec.n_heads) for c in ("OV", "QK")]
-        units += [f"L{layer}.mlp.{m}" for m in ("W_in", "W_gate", "W_out")
-                  if f"blocks.{layer}.mlp.{m}" in tv]
+        units += mlp_matrix_units(tv, layer)
     return units
 
 
 def _parse_unit(unit: str, tv) -> tuple[str, int, Any]:
-    """``(kind, layer, detail)``: ``("head", l, (h, circuit))``, ``("mlp", l, matrix)`` or
-    ``("neuron", l, (n, side))``; a clear error for anything else."""
+    """``(kind, layer, detail)``: ``("head", l, (h, circuit))``, ``("mlp", l, (TL name,
+    matrix))`` or ``("neuron", l, (TL name, n, side))``; a clear error for anything else."""
     import re
 
     spec = tv.spec
     m = re.fullmatch(r"L(\d+)H(\d+)\.(OV|QK)", unit)
     if m and int(m[1]) < spec.n_layers and int(m[2]) < spec.n_heads:
         return "head", int(m[1]), (int(m[2]), m[3])
-    m = re.fullmatch(r"L(\d+)\.mlp\.(W_in|W_gate|W_out)", unit)
-    if m and int(m[1]) < spec.n_layers and f"blocks.{m[1]}.mlp.{m[2]}" in tv:
-        return "mlp", int(m[1]), m[2]
-    m = re.fullmatch(r"L(\d+)N(\d+)\.(out|in|gate)", unit)
-    if (m and int(m[1]) < spec.n_layers and int(m[2]) < spec.d_mlp
-            and f"blocks.{m[1]}.mlp.{_NEURON_MATRIX[m[3]]}" in tv):
-        return "neuron", int(m[1]), (int(m[2]), m[3])
+    m = re.fullmatch(r"L(\d+)(?:E(\d+))?\.mlp\.(W_in|W_gate|W_out)", unit)
+    if m and _mlp_name(m[1], m[2], m[3]) in tv:
+        return "mlp", int(m[1]), (_mlp_name(m[1], m[2], m[3]), m[3])
+    m = re.fullmatch(r"L(\d+)(?:E(\d+))?N(\d+)\.(out|in|gate)", unit)
+    name = m and _mlp_name(m[1], m[2], _NEURON_MATRIX[m[4]])
+    if m and name in tv:
+        shape = tv.meta(name)[0]  # W_out [d_mlp, d_model], W_in / W_gate [d_model, d_mlp]
+        if int(m[3]) < shape[0 if m[4] == "out" else 1]:
+            return "neuron", int(m[1]), (name, int(m[3]), m[4])
     raise TvLensError(
         f"Unknown unit {unit!r} for this model ({spec.n_layers} layers, {spec.n_heads} heads, "
         f"d_mlp {spec.d_mlp}). Units are 'L2H5.OV', 'L2H5.QK', 'L3.mlp.W_out' (W_in, W_gate) "
-        f"and 'L3N100.out' (in, gate).")
+        f"and 'L3N100.out' (in, gate); in a mixture of experts 'L3E5.mlp.W_out' and "
+        f"'L3E5N100.out'.")
 
 
 def _unit_directions(tv, unit: str, directions: int) -> list[tuple[str, str, int, Tensor, float]]:
@@ -154,8 +168,7 @@ def _unit_directions(tv, unit: str, directions: int) -> list[tuple[str, str, int
     kind, layer, detail = _parse_unit(unit, tv)
     out = []
     if kind == "neuron":
-        n, side = detail
-        name = f"blocks.{layer}.mlp.{_NEURON_MATRIX[side]}"
+        name, n, side = detail
         axis_row = side == "out"  # W_out rows, W_in / W_gate columns
         upd = tv[name].double()
         for source, W in (("update", upd), ("base", tv.base[name].double())):
@@ -173,11 +186,11 @@ def _unit_directions(tv, unit: str, directions: int) -> list[tuple[str, str, int
                 out += [(source, side, j, vecs[:, j], float(svd.S[j]))
                         for j in range(min(directions, svd.S.numel()))]
         return out
-    name = f"blocks.{layer}.mlp.{detail}"
+    name, matrix = detail
     for source in ("update", "base"):
         svd = _matrix_svd(tv, name, source == "base")
-        vecs = svd.V if detail == "W_out" else svd.U  # the d_model side
-        out += [(source, _MLP_SIDES[detail][0], j, vecs[:, j], float(svd.S[j]))
+        vecs = svd.V if matrix == "W_out" else svd.U  # the d_model side
+        out += [(source, _MLP_SIDES[matrix][0], j, vecs[:, j], float(svd.S[j]))
                 for j in range(min(directions, svd.S.numel()))]
     return out
 

@@ -102,7 +102,9 @@ def _readouts(analysis, tv, pair: Any) -> pd.DataFrame | None:
     mlp = analysis.matrices[analysis.matrices.matrix.isin(["W_in", "W_gate", "W_out"])]
     mlp = mlp.nlargest(READ_MATRICES, "delta_norm")
     units = [f"L{l}H{h}.{c}" for l, h, c in zip(heads.layer, heads["head"], heads.circuit)]
-    units += [f"L{int(l)}.mlp.{m}" for l, m in zip(mlp.layer, mlp.matrix)]
+    experts = mlp["expert"] if "expert" in mlp else [pd.NA] * len(mlp)
+    units += [f"L{int(l)}{'' if pd.isna(e) else f'E{int(e)}'}.mlp.{m}"
+              for l, e, m in zip(mlp.layer, experts, mlp.matrix)]
     return read_tokens(tv, units, k=10, directions=2, tokenizer=tokenizer, progress=False)
 
 

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tv_lens.errors import CheckpointNotFoundError, InvalidArgumentError, ShapeMismatchError
-from tv_lens.readouts import _vector_of, read_directions
+from tv_lens.readouts import _vector_of, mlp_matrix_units, read_directions
 
 #: Hooks an SAE can sit on, and which units of which layers write into each.
 _SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -190,9 +190,8 @@ def _default_units(tv, sae: SAEWeights, neurons: int) -> list[str]:
     with the largest ``‖ΔW_out[n]‖``."""
     writers = writing_layers(sae.site, sae.layer)
     units = [f"L{l}H{h}.OV" for l in writers["attn"] for h in range(tv.spec.n_heads)]
-    units += [f"L{l}.mlp.{m}" for l in writers["mlp"] for m in ("W_out", "W_in", "W_gate")
-              if f"blocks.{l}.mlp.{m}" in tv]
-    if neurons and writers["mlp"]:
+    units += [u for l in writers["mlp"] for u in mlp_matrix_units(tv, l, ("W_out", "W_in", "W_gate"))]
+    if neurons and writers["mlp"] and all(f"blocks.{l}.mlp.W_out" in tv for l in writers["mlp"]):
         norms = torch.stack([tv[f"blocks.{l}.mlp.W_out"].double().norm(dim=1)
                              for l in writers["mlp"]])  # [layers, d_mlp]
         top = torch.topk(norms.flatten(), min(neurons, norms.numel())).indices.tolist()

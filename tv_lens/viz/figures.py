@@ -121,7 +121,9 @@ def neurons(analysis, side: str = "out", layer: int | None = None,
     total = len(df)
     if total > max_points:
         df = df.nlargest(max_points, "delta_norm")
-    df = _with_tokens(df, tokens, [f"L{l}N{n}.{side}" for l, n in zip(df.layer, df.neuron)])
+    experts = df["expert"] if "expert" in df else [pd.NA] * len(df)  # mixture of experts
+    df = _with_tokens(df, tokens, [f"L{l}{'' if pd.isna(e) else f'E{int(e)}'}N{n}.{side}"
+                                   for l, e, n in zip(df.layer, experts, df.neuron)])
     fig = go.Figure()
     trace = go.Scatter if len(df) <= 20000 else go.Scattergl  # WebGL only where SVG is too slow
     for label, rows in df.groupby("label"):
