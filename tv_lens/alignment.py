@@ -45,7 +45,7 @@ from tv_lens.errors import InvalidArgumentError
 from tv_lens.lazy import LowRank
 from tv_lens.memory import release_freed_memory
 from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, frob2,
-                            gram_svd, intruder_count, matrix_overlap, random_match_baseline,
+                            GramSVD, gram_svd, intruder_count, matrix_overlap, random_match_baseline,
                             randomized_svd, spectrum_stats)
 from tv_lens.nulls import (CIRCUIT_CODES, block_counts, circuit_nulls, cluster_counts,
                            haar_share_moments, neuron_moments)
@@ -349,8 +349,11 @@ def _matrix_tests(overlap: Any, ids: Tensor, r_used: int, m: int, n: int,
 
 
 def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresholds,
-                fast_rank: int | None = None, intruders: tuple[int, float] = (10, 0.5)) -> dict:
-    """One weight matrix's row (``intruders``: PEFT's ``(top_k, threshold_epsilon)``)."""
+                fast_rank: int | None = None, intruders: tuple[int, float] = (10, 0.5),
+                base: GramSVD | None = None) -> dict:
+    """One weight matrix's row (``intruders``: PEFT's ``(top_k, threshold_epsilon)``;
+    ``base``: ``gram_svd(W)`` computed already, exact mode only — a model zoo decomposes each
+    base matrix once for all its fine-tunes)."""
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
     delta_e, base_e = _frob2(D), _frob2(W)
     delta_norm, base_norm = delta_e ** 0.5, base_e ** 0.5
@@ -362,7 +365,7 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     # so the base's range finder can be probed with them (every base pair Δ touches recovered)
     fast_delta = None
     if fast_rank is None:
-        base = gram_svd(W)
+        base = base if base is not None else gram_svd(W)
     else:
         if not isinstance(D, LowRank) and rel >= t.tol:
             fast_delta = randomized_svd(D, max(fast_rank, top_k), energy=delta_e)
@@ -511,6 +514,83 @@ def _as_matrix(name: str, D: Tensor | LowRank) -> Tensor | LowRank:
     return D if isinstance(D, LowRank) else _as_2d(name, D)
 
 
+@dataclass(frozen=True)
+class LayerOptions:
+    """What :func:`layer_rows` needs of :func:`analyze`'s arguments."""
+
+    top_k: int
+    t: Thresholds
+    fast_rank: int | None
+    intruders: tuple[int, float]
+    null_samples: int
+    seed: int
+    device: torch.device
+
+
+@dataclass
+class LayerRows:
+    """One layer's rows of every table, and its per-unit update energies."""
+
+    heads: list[dict]
+    neurons: list[pd.DataFrame]
+    matrices: list[dict]
+    energies: dict[tuple[int, str], np.ndarray]
+
+
+def names_by_layer(tv: TuningVector) -> dict[int | None, list[str]]:
+    """The vector's weight names per block (``None``: embeddings, final norm)."""
+    out: dict[int | None, list[str]] = {}
+    for name in tv.slots:
+        if name in tv:
+            out.setdefault(layer_of(name), []).append(name)
+    return out
+
+
+def base_decompositions(tv: TuningVector, layer: int | None,
+                        device: torch.device | None = None) -> dict[str, GramSVD]:
+    """``gram_svd`` of each of a layer's base matrices (``None``: the embeddings), what the
+    matrices table needs of the base in exact mode, for :func:`layer_rows` /
+    :func:`model_rows` to reuse across fine-tunes of one base."""
+    names = [n for n in names_by_layer(tv).get(layer, []) if n in set(_matrix_names(tv))]
+    return {n: gram_svd(_as_2d(n, tv.base[n].to(device or "cpu"))) for n in names}
+
+
+def layer_rows(tv: TuningVector, layer: int, names: list[str], o: LayerOptions,
+               bases: dict[str, GramSVD] | None = None) -> LayerRows:
+    """Heads, neurons and matrices rows of one layer (``bases``: the layer's
+    :func:`base_decompositions`, computed once for a zoo of fine-tunes)."""
+    names = [n for n in names if ".attn." in n or ".mlp." in n]
+    base, delta = _layer_tensors(tv, names, o.device)
+    spec = tv.spec
+    out = LayerRows(_head_rows(spec, layer, base, delta, o.t, o.null_samples, o.seed),
+                    _neuron_rows(spec, layer, base, delta, o.t), [],
+                    {(layer, part): _unit_energies(spec, layer, part, delta) for part in ("attn", "mlp")})
+    matrices = set(_matrix_names(tv))
+    for name in names:
+        if name in matrices:
+            out.matrices.append(_matrix_row(name, _as_2d(name, base[name]), _as_matrix(name, delta[name]),
+                                            o.top_k, o.t, o.fast_rank, o.intruders,
+                                            (bases or {}).get(name)))
+    del base, delta
+    release_freed_memory()
+    return out
+
+
+def model_rows(tv: TuningVector, names: list[str], o: LayerOptions,
+               bases: dict[str, GramSVD] | None = None) -> list[dict]:
+    """The matrices rows of the weights outside the blocks (embeddings), one at a time."""
+    rows = []
+    matrices = set(_matrix_names(tv))
+    for name in names:
+        if name in matrices:
+            base, delta = _layer_tensors(tv, [name], o.device)
+            rows.append(_matrix_row(name, base[name], delta[name], o.top_k, o.t, o.fast_rank,
+                                    base=(bases or {}).get(name)))
+            del base, delta
+            release_freed_memory()
+    return rows
+
+
 def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             thresholds: Thresholds | None = None, progress: bool = True, fast: bool = False,
             fast_rank: int = 32, device: str | torch.device | None = None,
@@ -608,34 +688,34 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     neuron_frames: list[pd.DataFrame] = []
     matrix_rows: list[dict] = []
     energies: dict[tuple[int, str], np.ndarray] = {}
-    matrices = set(_matrix_names(tv))
-    by_layer: dict[int | None, list[str]] = {}
-    for name in tv.slots:
-        if name in tv:
-            by_layer.setdefault(layer_of(name), []).append(name)
+    by_layer = names_by_layer(tv)
+    options = LayerOptions(top_k, t, rank, (intruder_top_k, intruder_epsilon), null_samples, seed,
+                           device)
     # (the bar is closed, its line ended, also when a weight turns out broken mid-way)
     with torch.no_grad(), tqdm(total=spec.n_layers, desc="analyze layers", disable=not progress) as bar:
         for layer in range(spec.n_layers):
-            names = [n for n in by_layer.get(layer, []) if ".attn." in n or ".mlp." in n]
-            base, delta = _layer_tensors(tv, names, device)
-            head_rows += _head_rows(spec, layer, base, delta, t, null_samples, seed)
-            neuron_frames += _neuron_rows(spec, layer, base, delta, t)
-            for part in ("attn", "mlp"):
-                energies[(layer, part)] = _unit_energies(spec, layer, part, delta)
-            for name in names:
-                if name in matrices:
-                    matrix_rows.append(_matrix_row(name, _as_2d(name, base[name]),
-                                                   _as_matrix(name, delta[name]), top_k, t, rank,
-                                                   (intruder_top_k, intruder_epsilon)))
-            del base, delta
-            release_freed_memory()
+            rows = layer_rows(tv, layer, by_layer.get(layer, []), options)
+            head_rows += rows.heads
+            neuron_frames += rows.neurons
+            matrix_rows += rows.matrices
+            energies.update(rows.energies)
             bar.update()
-        for name in by_layer.get(None, []):
-            if name in matrices:
-                base, delta = _layer_tensors(tv, [name], device)
-                matrix_rows.append(_matrix_row(name, base[name], delta[name], top_k, t, rank))
-                del base, delta
-                release_freed_memory()
+        matrix_rows += model_rows(tv, by_layer.get(None, []), options)
+    return assemble(spec, head_rows, neuron_frames, matrix_rows, energies, fast=fast,
+                    labels=labels, t=t, info={
+                        "top_k": top_k, "thresholds": t.__dict__, "spec": spec.to_dict(),
+                        "fast": fast, "fast_rank": rank, "device": str(device), "labels": labels,
+                        "null_samples": null_samples, "seed": seed,
+                        "intruders": {"top_k": intruder_top_k, "epsilon": intruder_epsilon},
+                        "metadata": {k: v for k, v in tv.metadata.items()
+                                     if isinstance(v, (str, int, float))},
+                        "seconds": round(time.perf_counter() - started, 3)})
+
+
+def assemble(spec: Any, head_rows: list[dict], neuron_frames: list[pd.DataFrame],
+             matrix_rows: list[dict], energies: dict[tuple[int, str], np.ndarray], *, fast: bool,
+             labels: str, t: Thresholds, info: dict) -> "Analysis":
+    """The :class:`Analysis` of every layer's rows: tables, q-values, labels and summary."""
     heads = pd.DataFrame(head_rows, columns=HEAD_COLUMNS)
     # a mixture-of-experts model's neurons and matrices say whose expert they are
     expert = ["expert"] if spec.n_experts else []
@@ -656,12 +736,6 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
         if labels == "calibrated" and not (fast and table is matrix_table):
             table["label"] = calibrated_labels(table, t)
     summary = _summary(spec, heads, neurons, energies)
-    info = {"top_k": top_k, "thresholds": t.__dict__, "spec": spec.to_dict(),
-            "fast": fast, "fast_rank": rank, "device": str(device), "labels": labels,
-            "null_samples": null_samples, "seed": seed,
-            "intruders": {"top_k": intruder_top_k, "epsilon": intruder_epsilon},
-            "metadata": {k: v for k, v in tv.metadata.items() if isinstance(v, (str, int, float))},
-            "seconds": round(time.perf_counter() - started, 3)}
     return Analysis(heads, neurons, matrix_table, summary, info)
 
 
