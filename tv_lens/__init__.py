@@ -28,6 +28,7 @@ from tv_lens.representations import compare_representations
 from tv_lens.spec import ArchSpec
 from tv_lens.tl_compat import load_hooked
 from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
+from tv_lens.zoo import Zoo, analyze_zoo
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,8 @@ __all__ = [
     # analysis
     "Analysis", "Thresholds", "analyze", "compare_representations", "composition",
     "matrix_spectrum",
+    # model zoos: many fine-tunes of one base
+    "Zoo", "analyze_zoo",
     # reading updates as tokens
     "activation_difference_lens", "domain_score", "read_tokens",
     # SAE latents and TransformerLens 3.x HookedTransformer models

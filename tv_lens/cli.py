@@ -3,6 +3,7 @@
     tv-lens analyze BASE TUNED|ADAPTER --out DIR [--top-k K] [--fast] [--device D] [--dtype T]
                    [--vocab shared] [--allow-pickle] [--prompt TEXT]
     tv-lens demo [--domain medical|math] [--out DIR] [--prompt TEXT]
+    tv-lens zoo BASE TUNED [TUNED …] --out DIR [--workers N] [--ray [ADDRESS]] [--rank R]
 
 Both write the tables and ``DIR/report.html``, one self-contained HTML report. Weights are read
 from the checkpoint files one layer at a time; the output folder appears only once complete.
@@ -48,6 +49,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--domain", default="medical", choices=("medical", "math", "medical_lora"))
     demo.add_argument("--out", type=Path, default=Path("tv_lens_demo_out"))
     _analysis_options(demo)
+    zoo = sub.add_parser("zoo", help="many fine-tunes of one base: per-model tables and the "
+                                     "tables comparing them, each base layer decomposed once")
+    zoo.add_argument("base", help="local checkpoint folder of the base model")
+    zoo.add_argument("tuned", nargs="+", help="local checkpoint folders of its fine-tunes")
+    zoo.add_argument("--out", required=True, type=Path,
+                     help="folder for the tables; finished tasks are kept in it, so running the "
+                          "same command again resumes")
+    zoo.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    zoo.add_argument("--ray", nargs="?", const=True, default=False, metavar="ADDRESS",
+                     help="schedule the per-layer tasks on Ray: a local instance, or the cluster "
+                          "at ADDRESS")
+    zoo.add_argument("--rank", type=int, default=8,
+                     help="update directions per matrix compared between fine-tunes (default 8)")
+    zoo.add_argument("--top-neurons", type=int, default=20,
+                     help="neurons per layer and fine-tune compared between fine-tunes (default 20)")
+    zoo.add_argument("--allow-pickle", action="store_true",
+                     help="read pytorch_model.bin checkpoints (torch.load weights_only=True)")
     return parser
 
 
@@ -112,6 +130,22 @@ def _run_analyze(args: argparse.Namespace) -> None:
     print(f"report: {args.out / 'report.html'} ({size:.1f} MiB, opens offline)")
 
 
+def _run_zoo(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from tv_lens.zoo import analyze_zoo
+
+    zoo = analyze_zoo(args.base, args.tuned, out=args.out, workers=args.workers, ray=args.ray,
+                      rank=args.rank, top_neurons=args.top_neurons,
+                      allow_pickle=args.allow_pickle)
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        print("cosine similarity of the tuning vectors:")
+        print(zoo.similarity.to_string())
+    for name, why in zoo.failed.items():
+        print(f"failed: {name}: {why}")
+    print(f"\n{len(zoo.analyses)} fine-tunes analysed; tables written to {args.out}/")
+
+
 def _device(name: str | None):
     """``--device`` checked: an unknown string or CUDA without a GPU is a clear error."""
     import torch
@@ -163,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({args.top_k}).", file=sys.stderr)
         return 2
     try:
-        {"analyze": _run_analyze, "demo": _run_demo}[args.command](args)
+        {"analyze": _run_analyze, "demo": _run_demo, "zoo": _run_zoo}[args.command](args)
     except TvLensError as exc:
         print(f"tv-lens: error: {exc}", file=sys.stderr)
         return 2

@@ -244,3 +244,33 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page.html(title or f"tv_lens: {names[0]} → {names[1]}"), encoding="utf-8")
     return path
+
+
+def zoo_report(zoo, path: str | Path) -> Path:
+    """A self-contained HTML report of a model zoo: similarity of the fine-tunes and their
+    clusters, shared heads and matrices, and each fine-tune's summary."""
+    from tv_lens import viz
+
+    page = _Page()
+    page.heading("Fine-tunes", "Cosine similarity of whole tuning vectors; clusters join "
+                 "fine-tunes whose average cosine distance stays below 0.5.")
+    page.figure(viz.zoo_similarity(zoo))
+    page.table(zoo.clusters().rename_axis("model").reset_index())
+    if zoo.failed:
+        page.heading("Failed fine-tunes")
+        page.table(pd.DataFrame({"model": list(zoo.failed), "why": list(zoo.failed.values())}))
+    if len(zoo.analyses) >= 2:
+        page.heading("Where they agree", "Per head the smallest cosine over pairs of fine-tunes "
+                     "(high: every fine-tune changed the head alike); per matrix the shared "
+                     "update directions against two random subspaces.")
+        page.figure(viz.zoo_heads(zoo))
+        page.figure(viz.zoo_matrices(zoo))
+        shared = zoo.shared("heads", 0.5)
+        page.parts.append(f"<p class='note'>{len(shared)} heads updated alike by every pair "
+                          "(cosine ≥ 0.5).</p>")
+    page.heading("Each fine-tune", "The summary table of every fine-tune's analysis.")
+    page.table(zoo.summary.query("layer == 'all'"))
+    path = Path(path)
+    path.write_text(page.html(f"tv_lens zoo: {len(zoo.analyses)} fine-tunes of {zoo.info.get('base')}"),
+                    encoding="utf-8")
+    return path

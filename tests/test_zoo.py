@@ -1,0 +1,186 @@
+"""Model zoos: per-fine-tune tables equal separate analyze runs, cross tables against direct
+computations, serial = worker processes = Ray, a failing fine-tune does not lose the others, and
+a killed run resumes to the same tables."""
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+import torch
+
+from conftest import llama_model, perturb
+from tv_lens import ModelPair, analyze
+from tv_lens.zoo import analyze_zoo
+
+FAST = dict(null_samples=20, progress=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def zoo_dirs(save):
+    """A tiny Llama base and three fine-tunes: two sharing most of their update, one not."""
+    base = llama_model()
+    shared = perturb(copy.deepcopy(base), scale=0.03, seed=11)
+    a = perturb(copy.deepcopy(shared), scale=0.01, seed=12)
+    b = perturb(copy.deepcopy(shared), scale=0.01, seed=13)
+    c = perturb(copy.deepcopy(base), scale=0.03, seed=14)
+    return save(base, "zoo_base"), {n: save(m, f"zoo_{n}") for n, m in
+                                    (("a", a), ("b", b), ("c", c))}
+
+
+@pytest.fixture(scope="module")
+def serial(zoo_dirs):
+    base, tuned = zoo_dirs
+    return analyze_zoo(base, {k: str(v) for k, v in tuned.items()}, **FAST)
+
+
+def _vector(base, tuned):
+    return ModelPair.from_pretrained(base, tuned).tuning_vector()
+
+
+def test_each_fine_tunes_tables_equal_a_separate_analyze(zoo_dirs, serial):
+    base, tuned = zoo_dirs
+    for name, folder in tuned.items():
+        alone = analyze(ModelPair.from_pretrained(base, folder), null_samples=20, progress=False)
+        for kind in ("heads", "neurons", "matrices", "summary"):
+            pd.testing.assert_frame_equal(getattr(serial.analyses[name], kind), getattr(alone, kind))
+    long = serial.heads
+    assert list(long.columns[:2]) == ["model", "layer"] and set(long.model) == {"a", "b", "c"}
+
+
+def test_cross_tables_against_direct_computations(zoo_dirs, serial):
+    base, tuned = zoo_dirs
+    tv = {k: _vector(base, v) for k, v in tuned.items()}
+    flat = {k: torch.cat([t[n].double().flatten() for n in t]) for k, t in tv.items()}
+    for a in "abc":
+        for b in "abc":
+            want = float(flat[a] @ flat[b] / (flat[a].norm() * flat[b].norm()))
+            assert serial.similarity.loc[a, b] == pytest.approx(want, abs=1e-10)
+    # a and b share most of their update, c does not: they cluster apart
+    assert serial.similarity.loc["a", "b"] > 0.8 > 0.2 > abs(serial.similarity.loc["a", "c"])
+    clusters = serial.clusters(0.5)
+    assert clusters["a"] == clusters["b"] != clusters["c"]
+    # per head: cosine of the head's own slices
+    spec = tv["a"].spec
+    row = serial.head_similarity.query("layer == 1 and head == 3 and model_a == 'a' and model_b == 'c'")
+    kv = spec.kv_head(3)
+    x, y = ([t[f"blocks.1.attn.{m}"][i].double().flatten() for m, i in
+             (("W_Q", 3), ("W_K", kv), ("W_V", kv), ("W_O", 3))] for t in (tv["a"], tv["c"]))
+    x, y = torch.cat(x), torch.cat(y)
+    assert float(row.cosine.iloc[0]) == pytest.approx(float(x @ y / (x.norm() * y.norm())), abs=1e-10)
+    # per matrix: principal angles of the top-r d_model-side subspaces, against scipy
+    r = serial.info["rank"]
+    row = serial.matrix_similarity.query("layer == 0 and matrix == 'W_out' and model_a == 'a' and model_b == 'b'")
+    sub = {k: np.linalg.svd(tv[k]["blocks.0.mlp.W_out"].double().numpy())[2][:r].T for k in "ab"}
+    angles = scipy.linalg.subspace_angles(sub["a"], sub["b"])
+    assert float(row.shared_dims.iloc[0]) == pytest.approx(float(np.sum(np.cos(angles) ** 2)), abs=1e-6)
+    assert float(row.baseline_shared_dims.iloc[0]) == pytest.approx(r * r / spec.d_model)
+    # neurons: the union of each fine-tune's top updates, cosine of the neuron's slices
+    row = serial.neuron_similarity.iloc[0]
+    n, layer = int(row.neuron), int(row.layer)
+    m = f"blocks.{layer}.mlp."
+    x, y = (torch.cat([t[m + "W_in"][:, n], t[m + "W_gate"][:, n], t[m + "W_out"][n]]).double()
+            for t in (tv[row.model_a], tv[row.model_b]))
+    assert float(row.cosine) == pytest.approx(float(x @ y / (x.norm() * y.norm())), abs=1e-10)
+    shared = serial.shared("matrices", 0.5)
+    assert shared.empty or set(shared.columns) >= {"layer", "matrix", "min_cosine"}
+
+
+def _assert_same(left, right):
+    assert left.failed == right.failed
+    for kind in ("heads", "neurons", "matrices", "summary", "head_similarity",
+                 "matrix_similarity", "neuron_similarity"):
+        pd.testing.assert_frame_equal(getattr(left, kind), getattr(right, kind), check_exact=True)
+    pd.testing.assert_frame_equal(left.similarity, right.similarity, check_exact=True)
+
+
+def test_workers_and_ray_give_identical_tables(zoo_dirs, serial):
+    base, tuned = zoo_dirs
+    tuned = {k: str(v) for k, v in tuned.items()}
+    _assert_same(serial, analyze_zoo(base, tuned, workers=2, **FAST))
+    ray = pytest.importorskip("ray")  # installed with the dev extra
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        _assert_same(serial, analyze_zoo(base, tuned, ray=True, **FAST))
+    finally:
+        ray.shutdown()
+
+
+def test_a_failing_fine_tune_is_reported_and_the_others_finish(zoo_dirs, serial, tmp_path, save):
+    base, tuned = zoo_dirs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tuned["a"] / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((tuned["a"] / "model.safetensors").read_bytes()[:5000])
+    gpt2 = save(__import__("conftest").gpt2_model(), "zoo_gpt2")
+    zoo = analyze_zoo(base, {"a": str(tuned["a"]), "truncated": str(broken), "gpt2": str(gpt2)}, **FAST)
+    assert list(zoo.analyses) == ["a"] and set(zoo.failed) == {"truncated", "gpt2"}
+    assert "model.safetensors" in zoo.failed["truncated"] and "architecture" in zoo.failed["gpt2"]
+    pd.testing.assert_frame_equal(zoo.analyses["a"].heads, serial.analyses["a"].heads)
+
+
+class Killed(BaseException):
+    """The process dying mid-way (pytest reserves KeyboardInterrupt for itself)."""
+
+
+def test_a_killed_run_resumes_to_the_same_tables(zoo_dirs, serial, tmp_path, monkeypatch):
+    import tv_lens.zoo as zoo_module
+
+    base, tuned = zoo_dirs
+    tuned = {k: str(v) for k, v in tuned.items()}
+    real, calls = zoo_module.run_task, []
+
+    def dies_at_layer_1(options, layer):
+        calls.append(layer)
+        if layer == 1:
+            raise Killed
+        return real(options, layer)
+
+    monkeypatch.setattr(zoo_module, "run_task", dies_at_layer_1)
+    with pytest.raises(Killed):
+        analyze_zoo(base, tuned, out=tmp_path / "zoo", **FAST)
+    assert calls == [0, 1]
+    calls.clear()
+    monkeypatch.setattr(zoo_module, "run_task", lambda options, layer: calls.append(layer) or real(options, layer))
+    resumed = analyze_zoo(base, tuned, out=tmp_path / "zoo", **FAST)
+    assert 0 not in calls and 1 in calls  # layer 0 was not computed again
+    _assert_same(serial, resumed)
+    assert (tmp_path / "zoo" / "similarity.csv").is_file()
+
+
+def test_cli_zoo_writes_the_tables(zoo_dirs, tmp_path, capsys):
+    from tv_lens.cli import main
+
+    base, tuned = zoo_dirs
+    assert main(["zoo", str(base), *map(str, tuned.values()), "--out", str(tmp_path / "z"),
+                 "--rank", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "cosine similarity" in printed and "3 fine-tunes analysed" in printed
+    sim = pd.read_csv(tmp_path / "z" / "similarity.csv", index_col=0)
+    assert sim.shape == (3, 3) and np.allclose(np.diag(sim), 1.0)
+    heads = pd.read_csv(tmp_path / "z" / "heads.csv")
+    assert set(heads.model) == {p.name for p in tuned.values()}
+    page = (tmp_path / "z" / "report.html").read_text()
+    assert "Cosine similarity of the fine-tunes" in page and "https://" not in page.split("<body>")[1][:5000]
+    assert main(["zoo", str(base), str(tuned["a"]), str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "z2")]) == 0
+    assert "failed: nope" in capsys.readouterr().out
+    assert main(["zoo", str(base), str(tmp_path / "nope"), "--out", str(tmp_path / "z3")]) == 2
+    assert "Every fine-tune of the zoo failed: nope" in capsys.readouterr().err
+
+
+def test_zoo_figures(serial):
+    from tv_lens import viz
+    from tv_lens.errors import TvLensError
+
+    sim = viz.zoo_similarity(serial)
+    order = list(sim.data[0].x)
+    assert sorted(order) == ["a", "b", "c"] and abs(order.index("a") - order.index("b")) == 1
+    heads = viz.zoo_heads(serial, "min")
+    grid = serial.head_similarity.groupby(["layer", "head"]).cosine.min().unstack("head").to_numpy()
+    assert np.allclose(np.asarray(heads.data[0].z, dtype=float), grid)
+    bars = viz.zoo_matrices(serial)
+    assert {t.name for t in bars.data} == {"a / b", "a / c", "b / c", "random baseline"}
+    with pytest.raises(TvLensError, match="statistic"):
+        viz.zoo_heads(serial, "median")

@@ -1,0 +1,486 @@
+"""Model zoos: many fine-tunes of one base, each base layer decomposed once for all of them.
+
+``analyze_zoo(base, [tuned, …])`` gives every fine-tune's :func:`~tv_lens.analyze` tables (one
+long table per kind with a ``model`` column, equal to separate ``analyze`` runs) and the tables
+that compare fine-tunes with each other:
+
+- ``head_similarity``: per layer, head and pair of fine-tunes, the cosine between the two
+  tuning vectors restricted to the head (its W_Q and W_O slices and the W_K / W_V of its
+  key-value head, flattened together);
+- ``matrix_similarity``: per weight matrix and pair, the cosine of the two updates and the
+  principal angles between their top-``rank`` update subspaces on the ``d_model`` side
+  (``shared_dims`` = Σ cos² θᵢ, from 0 = orthogonal new directions to ``rank`` = the same
+  subspace; ``baseline_shared_dims`` = r_a·r_b/d, its mean for two random subspaces);
+- ``neuron_similarity``: per layer, the ``top_neurons`` neurons with the largest update of
+  each fine-tune (all neurons of all pairs would be hundreds of millions of rows), and for
+  each pair the cosine of the two neuron updates (W_in / W_gate columns and W_out row);
+- ``similarity``: the fine-tune × fine-tune cosine of whole tuning vectors, and ``linkage``
+  (average-linkage hierarchical clustering on ``1 − cosine``), ``clusters(threshold)``.
+
+Execution: the work is one task per layer (plus one for the embeddings). A task reads the base
+layer once, decomposes its matrices once (:func:`~tv_lens.alignment.base_decompositions`) and
+compares every fine-tune's layer with it and with each other, so the cross tables need no
+second pass. Tasks run serially, in ``workers`` local processes, or on Ray (``ray=True`` for a
+local instance, ``ray="ADDRESS"`` for a cluster); only paths and options travel to a task and
+only its tables come back, never whole models. Each finished task is written atomically under
+``out/.zoo-tasks/`` and a re-run of the same zoo picks them up (a killed run resumes); a
+fine-tune that fails (missing or corrupt shard, another architecture) is reported in
+``Zoo.failed`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from tv_lens.alignment import (Analysis, LayerOptions, Thresholds, _as_2d, _matrix_names,
+                               assemble, base_decompositions, layer_rows, model_rows,
+                               names_by_layer)
+from tv_lens.errors import InvalidArgumentError, TvLensError
+from tv_lens.linalg import gram, top_eigenpairs
+
+#: the matrices whose ``d_model`` side is their second axis (they write into the residual)
+_WRITERS = ("W_O", "W_out", "W_E")
+
+
+@dataclass(frozen=True)
+class ZooOptions:
+    """What every task needs: where the checkpoints are and how to analyse them."""
+
+    base: str
+    tuned: dict[str, str]  # name -> checkpoint folder
+    top_k: int = 10
+    tol: float = 1e-6
+    labels: str = "calibrated"
+    level: float = 0.01
+    null_samples: int = 200
+    seed: int = 0
+    rank: int = 8
+    top_neurons: int = 20
+    threads: int | None = None
+    allow_pickle: bool = False
+
+    def layer_options(self) -> LayerOptions:
+        t = Thresholds(tol=self.tol, level=self.level)
+        return LayerOptions(self.top_k, t, None, (10, 0.5), self.null_samples, self.seed,
+                            torch.device("cpu"))
+
+    def key(self) -> str:
+        """A digest of everything that decides a task's result (checkpoint paths included)."""
+        data = {k: v for k, v in asdict(self).items() if k != "threads"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Zoo:
+    """The tables of :func:`analyze_zoo`."""
+
+    analyses: dict[str, Analysis]
+    head_similarity: pd.DataFrame
+    matrix_similarity: pd.DataFrame
+    neuron_similarity: pd.DataFrame
+    similarity: pd.DataFrame
+    failed: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        failed = f", {len(self.failed)} failed" if self.failed else ""
+        return f"Zoo({len(self.analyses)} fine-tunes{failed}: {', '.join(self.analyses)})"
+
+    def _long(self, kind: str) -> pd.DataFrame:
+        frames = [getattr(a, kind).assign(model=name) for name, a in self.analyses.items()]
+        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return out[["model", *[c for c in out.columns if c != "model"]]]
+
+    @property
+    def heads(self) -> pd.DataFrame:
+        """Every fine-tune's heads table, one after the other, with a ``model`` column."""
+        return self._long("heads")
+
+    @property
+    def neurons(self) -> pd.DataFrame:
+        return self._long("neurons")
+
+    @property
+    def matrices(self) -> pd.DataFrame:
+        return self._long("matrices")
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        return self._long("summary")
+
+    @property
+    def linkage(self) -> np.ndarray:
+        """SciPy average-linkage matrix of the fine-tunes on the distance ``1 − cosine``."""
+        from scipy.cluster.hierarchy import linkage
+        from scipy.spatial.distance import squareform
+
+        distance = (1.0 - self.similarity.to_numpy()).clip(min=0)
+        np.fill_diagonal(distance, 0.0)
+        return linkage(squareform(distance, checks=False), method="average")
+
+    def clusters(self, threshold: float = 0.5) -> pd.Series:
+        """Cluster of each fine-tune: groups whose average cosine distance stays below
+        ``threshold`` (``1 − cosine``; 0.5 joins fine-tunes whose vectors have cosine ≥ 0.5)."""
+        from scipy.cluster.hierarchy import fcluster
+
+        names = list(self.similarity.index)
+        if len(names) < 2:
+            return pd.Series(np.ones(len(names), dtype=int), index=names, name="cluster")
+        return pd.Series(fcluster(self.linkage, threshold, criterion="distance"), index=names,
+                         name="cluster")
+
+    def shared(self, kind: str = "heads", min_cosine: float = 0.5) -> pd.DataFrame:
+        """Components every pair of fine-tunes updated in the same direction (cosine ≥
+        ``min_cosine`` for every pair): ``heads`` or ``matrices``."""
+        table = {"heads": self.head_similarity, "matrices": self.matrix_similarity}[kind]
+        keys = [c for c in table.columns if c in ("layer", "head", "matrix", "expert")]
+        if table.empty:
+            return table
+        worst = table.groupby(keys, dropna=False)["cosine"].min().rename("min_cosine")
+        return worst[worst >= min_cosine].reset_index()
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the long tables, the cross tables, ``similarity.csv``, ``clusters.csv``,
+        ``zoo.json`` and ``report.html`` (:func:`tv_lens.reporting.zoo_report`)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind in ("heads", "neurons", "matrices", "summary"):
+            getattr(self, kind).to_csv(folder / f"{kind}.csv", index=False)
+        for kind in ("head_similarity", "matrix_similarity", "neuron_similarity"):
+            getattr(self, kind).to_csv(folder / f"{kind}.csv", index=False)
+        self.similarity.to_csv(folder / "similarity.csv")
+        self.clusters().to_csv(folder / "clusters.csv")
+        (folder / "zoo.json").write_text(json.dumps({"failed": self.failed, "info": self.info},
+                                                    indent=2, default=str))
+        from tv_lens.reporting import zoo_report
+
+        zoo_report(self, folder / "report.html")
+        return folder
+
+
+# --------------------------------------------------------------------------- one task
+def _open(options: ZooOptions) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tuning vector of every fine-tune (or the reason it cannot be read)."""
+    from tv_lens.pair import ModelPair
+
+    vectors, failed = {}, {}
+    for name, path in options.tuned.items():
+        try:
+            pair = ModelPair.from_pretrained(options.base, path, allow_pickle=options.allow_pickle)
+            vectors[name] = pair.tuning_vector()
+        except (TvLensError, OSError) as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return vectors, failed
+
+
+def _head_slices(delta: dict[str, Tensor], spec: Any, layer: int) -> Tensor:
+    """``[n_heads, entries]``: each head's update (W_Q and W_O slices, its kv head's W_K and
+    W_V), flattened, in float64."""
+    a = f"blocks.{layer}.attn."
+    kv = torch.tensor([spec.kv_head(h) for h in range(spec.n_heads)])
+    parts = [delta[a + "W_Q"], delta[a + "W_K"][kv], delta[a + "W_V"][kv], delta[a + "W_O"]]
+    return torch.cat([p.double().reshape(spec.n_heads, -1) for p in parts], dim=1)
+
+
+def _neuron_slices(delta: dict[str, Tensor], prefix: str) -> Tensor:
+    """``[d_mlp, entries]``: each neuron's update (W_in / W_gate columns, W_out row)."""
+    parts = [delta[prefix + m].double().T for m in ("W_in", "W_gate") if prefix + m in delta]
+    return torch.cat(parts + [delta[prefix + "W_out"].double()], dim=1)
+
+
+def _cosines(x: dict[str, Tensor]) -> dict[tuple[str, str], Tensor]:
+    """Row-wise cosine of every pair's ``[units, entries]`` updates (NaN where one is zero)."""
+    norms = {k: v.norm(dim=1) for k, v in x.items()}
+    return {(a, b): (x[a] * x[b]).sum(1) / (norms[a] * norms[b]) for a, b in combinations(x, 2)}
+
+
+def _subspace(D: Tensor, rank: int, right: bool) -> Tensor:
+    """Orthonormal basis ``[side, ≤ rank]`` of the top-``rank`` singular subspace of ``D`` on
+    one side (columns of ``U``, or of ``V`` with ``right``): the top eigenvectors of that
+    side's Gram matrix (:func:`~tv_lens.linalg.top_eigenpairs`, float64)."""
+    A = D.mT if right else D  # its rows are the side wanted
+    values, vectors = top_eigenpairs(gram(A.mT), min(rank, A.shape[0]))
+    keep = values > 1e-24 * values[0] if values.numel() and values[0] > 0 else values < -1
+    return vectors[:, keep]
+
+
+def _matrix_pairs(deltas: dict[str, Tensor], name: str, rank: int) -> list[dict]:
+    """Cosine and principal angles of every pair's update of matrix ``name``."""
+    right = name.rsplit(".", 1)[-1] in _WRITERS
+    bases = {k: _subspace(d, rank, right) for k, d in deltas.items()}
+    flat = {k: d.double().reshape(1, -1) for k, d in deltas.items()}
+    rows = []
+    for (a, b), cos in _cosines(flat).items():
+        Qa, Qb = bases[a], bases[b]
+        angles = torch.linalg.svdvals(Qa.T @ Qb).clamp(max=1.0) if Qa.numel() and Qb.numel() \
+            else torch.zeros(0, dtype=torch.float64)
+        side = Qa.shape[0]  # the d_model side's dimension
+        rows.append(dict(model_a=a, model_b=b, cosine=float(cos[0]),
+                         shared_dims=float(angles.pow(2).sum()), rank=int(min(Qa.shape[1], Qb.shape[1])),
+                         baseline_shared_dims=Qa.shape[1] * Qb.shape[1] / side,
+                         top_cos_angle=float(angles[0]) if angles.numel() else float("nan")))
+    return rows
+
+
+def _dots(deltas: dict[str, Tensor]) -> np.ndarray:
+    """``[K, K]`` dot products of the fine-tunes' updates of one weight (float64 sums)."""
+    keys = list(deltas)
+    out = np.zeros((len(keys), len(keys)))
+    for i, j in combinations(range(len(keys)), 2):
+        out[i, j] = out[j, i] = float(torch.dot(deltas[keys[i]].flatten().double(),
+                                                deltas[keys[j]].flatten().double()))
+    for i, k in enumerate(keys):
+        out[i, i] = float(deltas[k].double().pow(2).sum())
+    return out
+
+
+def run_task(options: ZooOptions, layer: int | None) -> dict:
+    """One layer's work (``None``: the embeddings) for every fine-tune: its analysis rows, the
+    cross tables and the dot products of the updates. Picklable in and out: what a worker or
+    Ray task runs."""
+    threads = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        with torch.no_grad():
+            return _task(options, layer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _task(options: ZooOptions, layer: int | None) -> dict:
+    vectors, failed = _open(options)
+    out: dict[str, Any] = {"layer": layer, "rows": {}, "failed": failed, "models": list(vectors),
+                           "dots": np.zeros((0, 0))}
+    if not vectors:
+        return out
+    first = next(iter(vectors.values()))
+    names = names_by_layer(first).get(layer, [])
+    o = options.layer_options()
+    bases = base_decompositions(first, layer)  # once for every fine-tune
+    for name, tv in list(vectors.items()):
+        try:
+            out["rows"][name] = (model_rows(tv, names, o, bases) if layer is None
+                                 else layer_rows(tv, layer, names, o, bases))
+        except (TvLensError, OSError) as exc:  # e.g. a truncated shard of this fine-tune
+            out["failed"][name] = f"{type(exc).__name__}: {exc}"
+            del vectors[name]
+    out["models"] = list(vectors)
+    # each fine-tune's update of this layer, read once for every comparison below
+    weights = [n for n in names if n in first]
+    out["dots"] = np.zeros((len(vectors), len(vectors)))
+    matrices, rows, deltas = set(_matrix_names(first)), [], {}
+    for name in weights:
+        update = {k: tv[name] for k, tv in vectors.items()}
+        out["dots"] += _dots(update)
+        if name in matrices:
+            rows += [dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None else name,
+                          **r) for r in _matrix_pairs({k: _as_2d(name, d) for k, d in update.items()},
+                                                      name, options.rank)]
+        if layer is not None:
+            for k, d in update.items():
+                deltas.setdefault(k, {})[name] = d
+    out["matrix_similarity"] = pd.DataFrame(rows)
+    if layer is None:
+        return out
+    spec = first.spec
+    heads = _cosines({k: _head_slices(d, spec, layer) for k, d in deltas.items()})
+    out["head_similarity"] = pd.DataFrame(
+        [dict(layer=layer, head=h, model_a=a, model_b=b, cosine=float(c[h]))
+         for (a, b), c in heads.items() for h in range(spec.n_heads)])
+    out["neuron_similarity"] = _neuron_pairs(deltas, spec, layer, options.top_neurons)
+    return out
+
+
+def _neuron_pairs(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int,
+                  top: int) -> pd.DataFrame:
+    """Pairwise cosines of the union of every fine-tune's ``top`` largest neuron updates."""
+    prefixes = ([(f"blocks.{layer}.mlp.experts.{e}.", e) for e in range(spec.n_experts)]
+                if spec.n_experts else []) + [(f"blocks.{layer}.mlp.", None)]
+    rows = []
+    for prefix, expert in prefixes:
+        if prefix + "W_out" not in next(iter(deltas.values())):
+            continue
+        slices = {k: _neuron_slices(d, prefix) for k, d in deltas.items()}
+        chosen = sorted(set().union(*(torch.topk(s.norm(dim=1), min(top, s.shape[0])).indices.tolist()
+                                      for s in slices.values())))
+        for (a, b), c in _cosines({k: s[chosen] for k, s in slices.items()}).items():
+            rows += [dict(layer=layer, expert=expert, neuron=n, model_a=a, model_b=b,
+                          cosine=float(v)) for n, v in zip(chosen, c.tolist())]
+    frame = pd.DataFrame(rows)
+    if not spec.n_experts and not frame.empty:
+        frame = frame.drop(columns="expert")
+    return frame
+
+
+# --------------------------------------------------------------------------- running tasks
+def _atomic_pickle(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _execute(options: ZooOptions, layers: list[int | None], store: Path | None, workers: int,
+             ray: Any, progress: bool) -> dict[int | None, dict]:
+    """Every task's result: read from ``store`` where a run finished it, computed otherwise
+    (and then stored), serially, in worker processes or on Ray."""
+    from tqdm.auto import tqdm
+
+    done: dict[int | None, dict] = {}
+    path = (lambda layer: store / f"{'embed' if layer is None else f'L{layer}'}.pkl") if store else None
+    for layer in layers:
+        if path is not None and path(layer).is_file():
+            done[layer] = pickle.loads(path(layer).read_bytes())
+    todo = [layer for layer in layers if layer not in done]
+
+    def finished(layer, result):
+        done[layer] = result
+        if path is not None:
+            _atomic_pickle(result, path(layer))
+        bar.update()
+
+    with tqdm(total=len(layers), initial=len(done), desc="zoo tasks", disable=not progress) as bar:
+        if ray:
+            _on_ray(options, todo, ray, finished)
+        elif workers > 1:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(run_task, options, layer): layer for layer in todo}
+                for future in cf.as_completed(futures):
+                    finished(futures[future], future.result())
+        else:
+            for layer in todo:
+                finished(layer, run_task(options, layer))
+    return done
+
+
+def _on_ray(options: ZooOptions, todo: list, address: Any, finished) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise TvLensError("ray=... needs Ray: pip install 'tv-lens[ray]' (or pip install ray).") from None
+    if not ray.is_initialized():
+        kwargs = {"address": address} if isinstance(address, str) else {"num_cpus": os.cpu_count()}
+        ray.init(**kwargs, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(run_task)
+    futures = {task.remote(options, layer): layer for layer in todo}
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        finished(futures[ready[0]], ray.get(ready[0]))
+
+
+def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | dict[str, str], *,
+                out: str | os.PathLike | None = None, workers: int = 1, ray: bool | str = False,
+                rank: int = 8, top_neurons: int = 20, top_k: int = 10, tol: float = 1e-6,
+                labels: str = "calibrated", level: float = 0.01, null_samples: int = 200,
+                seed: int = 0, threads: int | None = None, allow_pickle: bool = False,
+                progress: bool = True) -> Zoo:
+    """:func:`~tv_lens.analyze` of every fine-tune of ``base`` and the tables comparing them
+    (module docstring), each base layer decomposed once.
+
+    Args:
+        base: the base checkpoint folder.
+        tuned: fine-tune checkpoint folders (named by folder name) or ``{name: folder}``.
+        out: a folder for finished tasks (``out/.zoo-tasks/``, reused by a re-run of the same
+            zoo: a killed run resumes) and the tables (:meth:`Zoo.save`); ``None`` keeps
+            everything in memory.
+        workers: local worker processes (1: serial in this process).
+        ray: ``True`` for a local Ray instance (or the one already initialised), an address
+            string for a cluster; tasks are scheduled per layer.
+        rank: update directions per matrix compared between fine-tunes (principal angles).
+        top_neurons: neurons per layer and fine-tune compared between fine-tunes.
+        threads: torch threads per task (default: as set; give the same value to get
+            bit-identical tables from serial, worker and Ray runs).
+        top_k, tol, labels, level, null_samples, seed: as for :func:`~tv_lens.analyze`
+            (exact mode).
+    """
+    if isinstance(tuned, dict):
+        models = {str(k): str(v) for k, v in tuned.items()}
+    else:
+        models = {Path(p).name: str(p) for p in tuned}
+        if len(models) < len(tuned):
+            raise InvalidArgumentError("Two fine-tunes have the same folder name; pass "
+                                       "tuned={name: folder} to name them apart.")
+    if not models:
+        raise InvalidArgumentError("analyze_zoo needs at least one fine-tune.")
+    if workers < 1 or rank < 1 or top_neurons < 1:
+        raise InvalidArgumentError(f"workers, rank and top_neurons must be at least 1, got "
+                                   f"{workers}, {rank}, {top_neurons}.")
+    options = ZooOptions(str(base), models, top_k, tol, labels, level, null_samples, seed, rank,
+                         top_neurons, threads, allow_pickle)
+    from tv_lens.pair import ModelPair
+
+    probe = ModelPair.from_pretrained(base, base, allow_pickle=allow_pickle).tuning_vector()
+    layers: list[int | None] = [*range(probe.spec.n_layers), None]
+    store = Path(out) / ".zoo-tasks" / options.key() if out is not None else None
+    results = _execute(options, layers, store, workers, ray, progress)
+    zoo = _assemble(options, probe.spec, results)
+    if out is not None:
+        zoo.save(out)
+    return zoo
+
+
+def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -> Zoo:
+    # layer order, whatever order the tasks finished in: sums come out bit for bit the same
+    results = dict(sorted(results.items(), key=lambda x: (x[0] is None, x[0] or 0)))
+    failed: dict[str, str] = {}
+    for result in results.values():
+        failed.update(result["failed"])
+    ok = [name for name in options.tuned if name not in failed]
+    if not ok:
+        raise TvLensError("Every fine-tune of the zoo failed: " + "; ".join(
+            f"{name}: {why}" for name, why in failed.items()))
+    analyses = {}
+    o = options.layer_options()
+    for name in ok:
+        heads, neurons, matrices, energies = [], [], [], {}
+        for layer in range(spec.n_layers):
+            rows = results[layer]["rows"][name]
+            heads += rows.heads
+            neurons += rows.neurons
+            matrices += rows.matrices
+            energies.update(rows.energies)
+        matrices += results[None]["rows"][name]
+        analyses[name] = assemble(spec, heads, neurons, matrices, energies, fast=False,
+                                  labels=options.labels, t=o.t,
+                                  info={"top_k": options.top_k, "labels": options.labels,
+                                        "spec": spec.to_dict(), "zoo": True})
+    dots = np.zeros((len(ok), len(ok)))
+    for result in results.values():
+        index = [result["models"].index(n) for n in ok]
+        dots += result["dots"][np.ix_(index, index)]
+    norms = np.sqrt(np.diag(dots))
+    similarity = pd.DataFrame(dots / np.outer(norms, norms), index=ok, columns=ok)
+
+    def cross(kind: str) -> pd.DataFrame:
+        frames = [r[kind] for r in results.values() if kind in r and not r[kind].empty]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if not table.empty:
+            table = table[table.model_a.isin(ok) & table.model_b.isin(ok)].reset_index(drop=True)
+            if "layer" in table:
+                table["layer"] = table["layer"].astype("Int64")
+        return table
+
+    return Zoo(analyses, cross("head_similarity"), cross("matrix_similarity"),
+               cross("neuron_similarity"), similarity, failed,
+               {"base": options.base, "models": options.tuned, "rank": options.rank,
+                "top_neurons": options.top_neurons})
