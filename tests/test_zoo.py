@@ -184,3 +184,28 @@ def test_zoo_figures(serial):
     assert {t.name for t in bars.data} == {"a / b", "a / c", "b / c", "random baseline"}
     with pytest.raises(TvLensError, match="statistic"):
         viz.zoo_heads(serial, "median")
+
+
+def test_base_decompositions_are_cached_under_the_bases_content_hash(zoo_dirs, serial, tmp_path,
+                                                                      monkeypatch, save):
+    """A second zoo of the same base reads every base decomposition from the cache (no
+    decomposition computed) and gives the same tables; a changed base gets its own entry."""
+    import tv_lens.alignment as alignment
+    from tv_lens.zoo import content_hash
+
+    base, tuned = zoo_dirs
+    tuned = {k: str(v) for k, v in tuned.items()}
+    first = analyze_zoo(base, tuned, cache=tmp_path / "cache", **FAST)
+    _assert_same(serial, first)
+    entries = list((tmp_path / "cache" / content_hash(base)).iterdir())
+    assert len(entries) == 3  # two layers and the embeddings
+
+    def no_base_decomposition(*args, **kwargs):
+        raise AssertionError("the base was decomposed again")
+
+    monkeypatch.setattr(alignment, "base_decompositions", no_base_decomposition)
+    monkeypatch.setattr("tv_lens.zoo.base_decompositions", no_base_decomposition)
+    _assert_same(serial, analyze_zoo(base, {"a": tuned["a"], "b": tuned["b"], "c": tuned["c"]},
+                                     cache=tmp_path / "cache", **FAST))
+    other = save(perturb(llama_model(), scale=1e-3, seed=5), "zoo_other_base")
+    assert content_hash(other) != content_hash(base)
