@@ -209,3 +209,21 @@ def test_base_decompositions_are_cached_under_the_bases_content_hash(zoo_dirs, s
                                      cache=tmp_path / "cache", **FAST))
     other = save(perturb(llama_model(), scale=1e-3, seed=5), "zoo_other_base")
     assert content_hash(other) != content_hash(base)
+
+
+def test_randomized_subspace_matches_the_exact_one_on_a_trained_like_spectrum():
+    """Above EXACT_SUBSPACE_UP_TO the zoo finds top-r update subspaces by a randomized range
+    finder: on a power-law spectrum (σ_i ∝ i^−0.7, like trained weights) it recovers the exact
+    top-8 subspace to Σ cos² θ within 1e-3 of 8."""
+    from tv_lens.zoo import EXACT_SUBSPACE_UP_TO, _subspace
+
+    g = torch.Generator().manual_seed(0)
+    n, m = EXACT_SUBSPACE_UP_TO + 88, 900
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
+    S = torch.arange(1, n + 1, dtype=torch.float64) ** -0.7
+    D = (U * S) @ V.T
+    for right, want in ((False, U[:, :8]), (True, V[:, :8])):
+        got = _subspace(D, 8, right=right)
+        shared = float(torch.linalg.svdvals(got.T @ want).pow(2).sum())
+        assert got.shape[1] == 8 and shared > 8 - 1e-3, (right, shared)

@@ -497,7 +497,7 @@ def _summary(spec: Any, heads: pd.DataFrame, neurons: pd.DataFrame,
 
 
 # --------------------------------------------------------------------------- entry point
-def _layer_tensors(tv: TuningVector, names: list[str], device: Any) -> tuple[dict, dict]:
+def layer_tensors(tv: TuningVector, names: list[str], device: Any) -> tuple[dict, dict]:
     """One layer's base weights and updates (factors where the vector has them and no dense
     form is needed: attention heads slice their weights densely, d_model × d_head each)."""
     base, delta = {}, {}
@@ -556,11 +556,13 @@ def base_decompositions(tv: TuningVector, layer: int | None,
 
 
 def layer_rows(tv: TuningVector, layer: int, names: list[str], o: LayerOptions,
-               bases: dict[str, GramSVD] | None = None) -> LayerRows:
+               bases: dict[str, GramSVD] | None = None,
+               tensors: tuple[dict, dict] | None = None) -> LayerRows:
     """Heads, neurons and matrices rows of one layer (``bases``: the layer's
-    :func:`base_decompositions`, computed once for a zoo of fine-tunes)."""
+    :func:`base_decompositions`, computed once for a zoo of fine-tunes; ``tensors``: the
+    layer's :func:`layer_tensors`, read already by a caller that needs them too)."""
     names = [n for n in names if ".attn." in n or ".mlp." in n]
-    base, delta = _layer_tensors(tv, names, o.device)
+    base, delta = tensors if tensors is not None else layer_tensors(tv, names, o.device)
     spec = tv.spec
     out = LayerRows(_head_rows(spec, layer, base, delta, o.t, o.null_samples, o.seed),
                     _neuron_rows(spec, layer, base, delta, o.t), [],
@@ -583,7 +585,7 @@ def model_rows(tv: TuningVector, names: list[str], o: LayerOptions,
     matrices = set(_matrix_names(tv))
     for name in names:
         if name in matrices:
-            base, delta = _layer_tensors(tv, [name], o.device)
+            base, delta = layer_tensors(tv, [name], o.device)
             rows.append(_matrix_row(name, base[name], delta[name], o.top_k, o.t, o.fast_rank,
                                     base=(bases or {}).get(name)))
             del base, delta

@@ -47,8 +47,9 @@ import torch
 from torch import Tensor
 
 from tv_lens.alignment import (Analysis, LayerOptions, Thresholds, _as_2d, _matrix_names,
-                               assemble, base_decompositions, layer_rows, model_rows,
-                               names_by_layer)
+                               assemble, base_decompositions, layer_rows, layer_tensors,
+                               model_rows, names_by_layer)
+from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, _tall, gram, top_eigenpairs
 
@@ -210,14 +211,29 @@ def _cosines(x: dict[str, Tensor]) -> dict[tuple[str, str], Tensor]:
     return {(a, b): (x[a] * x[b]).sum(1) / (norms[a] * norms[b]) for a, b in combinations(x, 2)}
 
 
-def _subspace(D: Tensor, rank: int, right: bool) -> Tensor:
+#: up to this side dimension the subspace is exact (Gram eigenvectors); above it randomized
+EXACT_SUBSPACE_UP_TO = 512
+
+
+def _subspace(D: Tensor, rank: int, right: bool, power_iterations: int = 4) -> Tensor:
     """Orthonormal basis ``[side, ≤ rank]`` of the top-``rank`` singular subspace of ``D`` on
-    one side (columns of ``U``, or of ``V`` with ``right``): the top eigenvectors of that
-    side's Gram matrix (:func:`~tv_lens.linalg.top_eigenpairs`, float64)."""
-    A = D.mT if right else D  # its rows are the side wanted
-    values, vectors = top_eigenpairs(gram(A.mT), min(rank, A.shape[0]))
-    keep = values > 1e-24 * values[0] if values.numel() and values[0] > 0 else values < -1
-    return vectors[:, keep]
+    one side (columns of ``U``, or of ``V`` with ``right``). Up to
+    :data:`EXACT_SUBSPACE_UP_TO` the top eigenvectors of that side's Gram matrix; above it a
+    seeded randomized range finder (``rank + 10`` probes, ``power_iterations`` power
+    iterations: a few thin products instead of a ``d_model``-sized eigendecomposition per
+    fine-tune and matrix; its accuracy is tested against the exact subspace)."""
+    A = (D.mT if right else D).double()  # its rows are the side wanted
+    if A.shape[0] <= EXACT_SUBSPACE_UP_TO:
+        values, vectors = top_eigenpairs(gram(A.mT), min(rank, A.shape[0]))
+        keep = values > 1e-24 * values[0] if values.numel() and values[0] > 0 else values < -1
+        return vectors[:, keep]
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(A @ torch.randn(A.shape[1], rank + 10, generator=g, dtype=A.dtype)).Q
+    for _ in range(power_iterations):
+        Q = torch.linalg.qr(A @ (A.mT @ Q)).Q
+    small, S, _ = torch.linalg.svd(Q.mT @ A, full_matrices=False)
+    keep = int((S[:rank] > 1e-12 * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    return (Q @ small)[:, :keep]
 
 
 def _matrix_pairs(deltas: dict[str, Tensor], name: str, rank: int) -> list[dict]:
@@ -238,16 +254,15 @@ def _matrix_pairs(deltas: dict[str, Tensor], name: str, rank: int) -> list[dict]
     return rows
 
 
-def _dots(deltas: dict[str, Tensor]) -> np.ndarray:
-    """``[K, K]`` dot products of the fine-tunes' updates of one weight (float64 sums)."""
-    keys = list(deltas)
-    out = np.zeros((len(keys), len(keys)))
-    for i, j in combinations(range(len(keys)), 2):
-        out[i, j] = out[j, i] = float(torch.dot(deltas[keys[i]].flatten().double(),
-                                                deltas[keys[j]].flatten().double()))
-    for i, k in enumerate(keys):
-        out[i, i] = float(deltas[k].double().pow(2).sum())
-    return out
+def _dots(deltas: dict[str, Tensor], chunk: int = 1 << 22) -> np.ndarray:
+    """``[K, K]`` dot products of the fine-tunes' updates of one weight: float64 Gram matrices
+    of ``[K, chunk]`` slices, summed."""
+    flat = [d.reshape(-1) for d in deltas.values()]
+    out = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for start in range(0, flat[0].numel(), chunk):
+        block = torch.stack([f[start:start + chunk] for f in flat]).double()
+        out += block @ block.T
+    return out.numpy()
 
 
 def run_task(options: ZooOptions, layer: int | None) -> dict:
@@ -274,37 +289,43 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
     names = names_by_layer(first).get(layer, [])
     o = options.layer_options()
     bases = _base_decompositions(options, first, layer)  # once for every fine-tune
+    weights = [n for n in names if n in first]
+    deltas: dict[str, dict[str, Tensor]] = {}  # fine-tune -> its update of this layer, dense
     for name, tv in list(vectors.items()):
         try:
-            out["rows"][name] = (model_rows(tv, names, o, bases) if layer is None
-                                 else layer_rows(tv, layer, names, o, bases))
+            if layer is None:
+                out["rows"][name] = model_rows(tv, names, o, bases)
+                deltas[name] = {n: tv[n] for n in weights}
+            else:  # read once: for its own rows and for the comparisons below
+                base, delta = layer_tensors(tv, [n for n in weights if ".attn." in n or ".mlp." in n],
+                                            o.device)
+                out["rows"][name] = layer_rows(tv, layer, names, o, bases, (base, delta))
+                deltas[name] = {n: d.dense() if isinstance(d, LowRank) else d for n, d in delta.items()}
+                deltas[name].update({n: tv[n] for n in weights if n not in delta})  # norms
+                del base, delta
         except (TvLensError, OSError) as exc:  # e.g. a truncated shard of this fine-tune
             out["failed"][name] = f"{type(exc).__name__}: {exc}"
             del vectors[name]
     out["models"] = list(vectors)
-    # each fine-tune's update of this layer, read once for every comparison below
-    weights = [n for n in names if n in first]
     out["dots"] = np.zeros((len(vectors), len(vectors)))
-    matrices, rows, deltas = set(_matrix_names(first)), [], {}
+    matrices, rows = set(_matrix_names(first)), []
     for name in weights:
-        update = {k: tv[name] for k, tv in vectors.items()}
+        update = {k: deltas[k][name] for k in vectors}
         out["dots"] += _dots(update)
         if name in matrices:
             rows += [dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None else name,
                           **r) for r in _matrix_pairs({k: _as_2d(name, d) for k, d in update.items()},
                                                       name, options.rank)]
-        if layer is not None:
-            for k, d in update.items():
-                deltas.setdefault(k, {})[name] = d
     out["matrix_similarity"] = pd.DataFrame(rows)
     if layer is None:
         return out
     spec = first.spec
-    heads = _cosines({k: _head_slices(d, spec, layer) for k, d in deltas.items()})
+    heads = _cosines({k: _head_slices(deltas[k], spec, layer) for k in vectors})
     out["head_similarity"] = pd.DataFrame(
         [dict(layer=layer, head=h, model_a=a, model_b=b, cosine=float(c[h]))
          for (a, b), c in heads.items() for h in range(spec.n_heads)])
-    out["neuron_similarity"] = _neuron_pairs(deltas, spec, layer, options.top_neurons)
+    out["neuron_similarity"] = _neuron_pairs({k: deltas[k] for k in vectors}, spec, layer,
+                                             options.top_neurons)
     return out
 
 
