@@ -200,9 +200,11 @@ def _head_slices(delta: dict[str, Tensor], spec: Any, layer: int) -> Tensor:
 
 
 def _neuron_slices(delta: dict[str, Tensor], prefix: str) -> Tensor:
-    """``[d_mlp, entries]``: each neuron's update (W_in / W_gate columns, W_out row)."""
-    parts = [delta[prefix + m].double().T for m in ("W_in", "W_gate") if prefix + m in delta]
-    return torch.cat(parts + [delta[prefix + "W_out"].double()], dim=1)
+    """``[d_mlp, entries]``: each neuron's update (W_in / W_gate columns, W_out row), in the
+    updates' dtype (callers take the rows they compare to float64: exact, and no float64 copy
+    of every neuron)."""
+    parts = [delta[prefix + m].T for m in ("W_in", "W_gate") if prefix + m in delta]
+    return torch.cat(parts + [delta[prefix + "W_out"]], dim=1)
 
 
 def _cosines(x: dict[str, Tensor]) -> dict[tuple[str, str], Tensor]:
@@ -339,9 +341,10 @@ def _neuron_pairs(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int,
         if prefix + "W_out" not in next(iter(deltas.values())):
             continue
         slices = {k: _neuron_slices(d, prefix) for k, d in deltas.items()}
-        chosen = sorted(set().union(*(torch.topk(s.norm(dim=1), min(top, s.shape[0])).indices.tolist()
+        chosen = sorted(set().union(*(torch.topk(s.norm(dim=1, dtype=torch.float64),
+                                                 min(top, s.shape[0])).indices.tolist()
                                       for s in slices.values())))
-        for (a, b), c in _cosines({k: s[chosen] for k, s in slices.items()}).items():
+        for (a, b), c in _cosines({k: s[chosen].double() for k, s in slices.items()}).items():
             rows += [dict(layer=layer, expert=expert, neuron=n, model_a=a, model_b=b,
                           cosine=float(v)) for n, v in zip(chosen, c.tolist())]
     frame = pd.DataFrame(rows)
