@@ -17,7 +17,8 @@ from tv_lens import ModelPair, TuningVector
 from tv_lens.alignment import analyze, calibrated_labels
 from tv_lens.cli import main
 from tv_lens.linalg import align_circuits, cluster_ids, core_shares
-from tv_lens.nulls import block_counts, circuit_null, cluster_counts, haar_share_moments, neuron_moments
+from tv_lens.nulls import (_same_cluster, _shared_draws, _unit_shares, block_counts, circuit_null,
+                            cluster_counts, haar_share_moments, neuron_moments)
 from tv_lens.sources import ModelWeights
 from tv_lens.stats import NullMoments, beta_sf, bh_adjust
 
@@ -127,6 +128,45 @@ def test_head_null_matches_dense_perturbations():
     for brute, null in ((sub, sub_null), (amp, amp_null)):
         assert float(brute.mean()) == pytest.approx(float(null.mean[0]), rel=0.03)
         assert float(brute.var()) == pytest.approx(float(null.var[0]), rel=0.12)
+
+
+def _dense_shares(frame, c, d, s):
+    """The head null's shares of each draw straight from its definition: ``A = Ra + cX``,
+    ``B = Rbᵀ + dY``, ``‖ΔC‖² = ‖M‖² + tr(A Wf Aᵀ) + tr(Bᵀ We B) + tr(We Wf)``, every share's
+    numerator as the masked block of ``M`` in its bases."""
+    Ra, Rb, ua, ub, u, vh = (getattr(frame, n).double() for n in ("Ra", "Rb", "ua", "ub", "u", "vh"))
+    X, Y, We, Wf = (x.double() for x in (s.X, s.Y, s.We, s.Wf))
+    A, B = Ra + c * X, Rb.T + d * Y
+    M = c * X @ Rb.T + A @ (d * Y)
+    total = (M.pow(2).sum((1, 2)) + ((A @ (d * d * Wf)) * A).sum((1, 2))
+             + (((c * c * We) @ B) * B).sum((1, 2)) + (c * c * d * d * We * Wf).sum((1, 2)))
+    read_write = frame.read[:, None] & frame.write[None, :]
+    sub = ((ua.T @ M @ ub) * read_write).pow(2).sum((1, 2))
+    amp = ((u.T @ M @ vh.T) * _same_cluster(frame)).pow(2).sum((1, 2))
+    return sub / total, amp / total
+
+
+@pytest.mark.parametrize("degenerate", [False, True], ids=["generic", "rank-deficient-equal-values"])
+def test_head_null_shares_reduce_exactly(degenerate):
+    """The null's per-draw shares (products of draws shared by a layer's heads, ``‖M‖²`` for a
+    full-rank frame, the diagonal for distinct values) equal the dense definition."""
+    g = torch.Generator().manual_seed(3)
+    m, k = 40, 6
+    L = torch.randn(1, m, k, generator=g, dtype=torch.float64)
+    Rt = torch.randn(1, k, m, generator=g, dtype=torch.float64)
+    if degenerate:  # read side of rank 5, circuit singular values (2, 2, 1, 1, 1)
+        Qa = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+        Qb = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+        L = (Qa * torch.tensor([2.0, 2, 1, 1, 1, 0], dtype=torch.float64))[None]
+        Rt = Qb.T[None]
+    frame = align_circuits(L, Rt, torch.zeros_like(L), torch.zeros_like(Rt)).frames[0]
+    assert bool(frame.read.all()) != degenerate
+    assert (len(frame.ids) == len(set(frame.ids.tolist()))) != degenerate
+    draws = _shared_draws(frame, 64, [0, 1, 2])
+    for c, d in ((0.7, 1.3), (2.0, 0.1)):
+        got = _unit_shares(frame, c, d, draws)
+        for x, want in zip(got, _dense_shares(frame, c, d, draws)):
+            torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- labels

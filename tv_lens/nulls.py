@@ -21,7 +21,8 @@ One null per unit kind (``shared/METHODS.md``, "Labels (calibrated against a nul
 Seeds are derived from the unit's name, so results do not depend on processing order or on how
 many units run together. The heads of one layer share the draws of their circuit kind (seed
 ``(seed, layer, circuit)``): common random numbers, so each head's null is still an unbiased
-Monte Carlo estimate, and the draws (half the cost) are made once per layer instead of per head.
+Monte Carlo estimate, and the draws and their products with each other are made once per layer
+instead of per head (a head then costs three ``[samples·k, k] × [k, k]`` products).
 """
 
 from __future__ import annotations
@@ -157,52 +158,92 @@ def _draws(frame: CircuitFrame, samples: int, seed: list[int]) -> tuple[Tensor, 
     return X, Y, We, Wf, norm_L, norm_R
 
 
+@dataclass(frozen=True)
+class _SharedDraws:
+    """One seed's draws, each scaled to a unit-norm ``dL`` (``X``, ``We``) and ``dRt`` (``Y``,
+    ``Wf``), with the products every unit of that seed needs (float32 ``[S, k, k]``; the
+    inner products ``⟨·,·⟩`` per sample in float64)."""
+
+    X: Tensor
+    Y: Tensor
+    Yt: Tensor  # Yᵀ, contiguous
+    We: Tensor
+    Wf: Tensor
+    XY: Tensor  # X Y
+    XWf: Tensor  # X Wf
+    WeY: Tensor  # We Y
+    XWf_X: Tensor  # ⟨X Wf, X⟩
+    WeY_Y: Tensor  # ⟨We Y, Y⟩
+    We_Wf: Tensor  # ⟨We, Wf⟩
+
+
+def _shared_draws(frame: CircuitFrame, samples: int, seed: list[int]) -> _SharedDraws:
+    X, Y, We, Wf, norm_L, norm_R = _draws(frame, samples, seed)
+    a, b = (1 / norm_L).float()[:, None, None], (1 / norm_R).float()[:, None, None]
+    X, Y, We, Wf = X * a, Y * b, We * a**2, Wf * b**2
+    XWf, WeY = X @ Wf, We @ Y
+    return _SharedDraws(X, Y, Y.mT.contiguous(), We, Wf, X @ Y, XWf, WeY, _inner(XWf, X), _inner(WeY, Y),
+                        _inner(We, Wf))
+
+
+def _inner(a: Tensor, b: Tensor) -> Float[Tensor, " samples"]:
+    """``⟨a_s, b_s⟩`` per sample (``b`` may be one ``[k, k]`` matrix for every sample)."""
+    return (a * b).sum((-1, -2)).double()
+
+
+def _times(P: Tensor, Q: Tensor) -> Tensor:
+    """``P_s @ Q`` for every sample ``s`` as one GEMM (``P`` ``[S, k, k]`` contiguous)."""
+    return (P.reshape(-1, P.shape[-1]) @ Q).view(P.shape[0], P.shape[1], Q.shape[-1])
+
+
+def _unit_shares(frame: CircuitFrame, c: float, d: float, s: _SharedDraws) -> tuple[Tensor, Tensor]:
+    """One circuit's ``(subspace_share, amplification_share)`` per sample, for ``dL`` of norm
+    ``c`` and ``dRt`` of norm ``d``: ``A = Ra + cX``, ``B = Rbᵀ + dY`` and
+    ``M = c X Rbᵀ + d Ra Y + c d X Y`` (module docstring). ``‖ΔC‖²`` is expanded so that only
+    ``M`` needs per-unit ``k³`` products: ``tr(A Wf Aᵀ) = ⟨RaᵀRa, Wf⟩ + 2c⟨X Wf, Ra⟩ +
+    c²⟨X Wf, X⟩`` (``d²`` times), likewise ``tr(Bᵀ We B)``. Where every read/write direction is
+    kept (the usual case) the subspace share's numerator is ``‖M‖²``, and where the base
+    circuit's singular values are distinct the amplification share needs only the diagonal of
+    ``uᵀ M vhᵀ``."""
+    Ra, Rb, u, vh = (getattr(frame, n).float().cpu() for n in ("Ra", "Rb", "u", "vh"))
+    M = _times(s.X, c * Rb.T) + _times(s.Yt, d * Ra.T).mT + (c * d) * s.XY
+    M2 = M.pow(2).sum((-1, -2)).double()
+    total = (M2 + d * d * (_inner(s.Wf, Ra.T @ Ra) + 2 * c * _inner(s.XWf, Ra) + c * c * s.XWf_X)
+             + c * c * (_inner(s.We, Rb.T @ Rb) + 2 * d * _inner(s.WeY, Rb.T) + d * d * s.WeY_Y)
+             + (c * d) ** 2 * s.We_Wf)
+    if bool(frame.read.all()) and bool(frame.write.all()):
+        sub = M2
+    else:
+        mask = (frame.read[:, None] & frame.write[None, :]).cpu()
+        ua, ub = frame.ua.float().cpu(), frame.ub.float().cpu()
+        sub = ((ua.T @ M @ ub) * mask).pow(2).sum((-1, -2)).double()
+    same = _same_cluster(frame)
+    if bool(torch.equal(same, torch.eye(same.shape[0], dtype=torch.bool))):
+        amp = (_times(M, vh.T) * u).sum(-2).double().pow(2).sum(-1)
+    else:
+        amp = ((u.T @ M @ vh.T) * same).pow(2).sum((-1, -2)).double()
+    return sub / total, amp / total
+
+
 def circuit_nulls(frames: list[CircuitFrame], norms_L: list[float], norms_R: list[float],
-                  samples: int, seeds: list[list[int]], batch: int = 2
-                  ) -> list[tuple[NullMoments, NullMoments]]:
+                  samples: int, seeds: list[list[int]]) -> list[tuple[NullMoments, NullMoments]]:
     """Monte Carlo null of each circuit's ``(subspace_share, amplification_share)`` when its
     ``L`` and ``Rt`` move by uniformly random directions of norms ``norms_L[i]``,
     ``norms_R[i]``: the sample mean and variance of each share over ``samples`` draws seeded by
     ``seeds[i]`` (so a unit's result does not depend on which others run with it). Units given
     the same seed (and of the same sizes) share their Gaussian draws: common random numbers,
-    each unit's moments still an unbiased estimate, drawn once. Draws are float32 (the
-    Monte Carlo error, ~``1/√samples`` of a standard deviation, dwarfs rounding); circuits run
-    ``batch`` at a time. Cost: ~60 ms per circuit at ``d_head = 64`` and 200 samples on two
-    CPU cores, about half of it drawing Gaussians."""
+    each unit's moments still an unbiased estimate, drawn once, and the products of draws with
+    draws computed once (:func:`_unit_shares`). Draws are float32 (the Monte Carlo error,
+    ~``1/√samples`` of a standard deviation, dwarfs rounding). Cost at ``d_head = 64`` and 200
+    samples on two CPU cores: ~10 ms per circuit plus ~60 ms per seed."""
+    cache: dict[tuple, _SharedDraws] = {}
     out = []
-    cache: dict[tuple, tuple[Tensor, ...]] = {}  # units with the same seed share their draws
-
-    def draws_of(i: int) -> tuple[Tensor, ...]:
-        f = frames[i]
-        key = (*seeds[i], f.Ra.shape[0], f.m, f.n)
+    for frame, c, d, seed in zip(frames, norms_L, norms_R, seeds):
+        key = (*seed, frame.Ra.shape[0], frame.m, frame.n)
         if key not in cache:
-            cache[key] = _draws(f, samples, seeds[i])
-        return cache[key]
-
-    for start in range(0, len(frames), batch):
-        chunk = range(start, min(start + batch, len(frames)))
-        draws = [draws_of(i) for i in chunk]
-        alpha = torch.stack([torch.tensor(norms_L[i], dtype=torch.float64) / d[4]
-                             for i, d in zip(chunk, draws)]).float()
-        beta = torch.stack([torch.tensor(norms_R[i], dtype=torch.float64) / d[5]
-                            for i, d in zip(chunk, draws)]).float()
-        a2, b2 = alpha[..., None, None], beta[..., None, None]
-        X = torch.stack([d[0] for d in draws]) * a2
-        Y = torch.stack([d[1] for d in draws]) * b2
-        We = torch.stack([d[2] for d in draws]) * a2**2
-        Wf = torch.stack([d[3] for d in draws]) * b2**2
-        f = [frames[i] for i in chunk]
-        stack = lambda name: torch.stack([getattr(x, name).float().cpu() for x in f])[:, None]  # noqa: E731
-        Ra, Rb, ua, ub, u, vh = (stack(n) for n in ("Ra", "Rb", "ua", "ub", "u", "vh"))
-        A, B = Ra + X, Rb.mT + Y  # [a, ⊥] = A f, [⊥, b] = e B, [⊥, ⊥] = e f
-        M = X @ Rb.mT + A @ Y  # = X Rbᵀ + Ra Y + X Y, without cancellation
-        total = (M.pow(2).sum((-1, -2)) + ((A @ Wf) * A).sum((-1, -2))
-                 + ((We @ B) * B).sum((-1, -2)) + (We * Wf.mT).sum((-1, -2))).double()
-        sub_mask = torch.stack([(x.read[:, None] & x.write[None, :]).cpu() for x in f])[:, None]
-        sub = ((ua.mT @ M @ ub) * sub_mask).pow(2).sum((-1, -2)).double() / total
-        amp_mask = torch.stack([_same_cluster(x) for x in f])[:, None]
-        amp = ((u.mT @ M @ vh.mT) * amp_mask).pow(2).sum((-1, -2)).double() / total
-        out += [(_moments(sub[j]), _moments(amp[j])) for j in range(len(f))]
+            cache[key] = _shared_draws(frame, samples, seed)
+        sub, amp = _unit_shares(frame, c, d, cache[key])
+        out.append((_moments(sub), _moments(amp)))
     return out
 
 
