@@ -250,9 +250,17 @@ def _unit_products(w: Tensor, d: Tensor | LowRank, axis: int) -> tuple[Tensor, T
 
 
 def _slice_dots(a: Tensor, b: Tensor, axis: int) -> Tensor:
-    """``⟨a_n, b_n⟩`` per slice along ``axis``, in float64 (an einsum over columns is 10×
-    slower than this multiply-and-sum)."""
-    return (a * b).sum(dim=1 - axis).double()
+    """``⟨a_n, b_n⟩`` per slice along ``axis``, as float64. Rows (``axis=0``): one product,
+    or ``vector_norm`` for a norm² (8× faster); columns: summed over blocks of 256 rows, whose
+    temporaries stay in cache (3–4× faster than one full product; an einsum is 10× slower)."""
+    if axis == 0:
+        if a is b:
+            return torch.linalg.vector_norm(a, dim=1).double().pow(2)
+        return (a * b).sum(dim=1).double()
+    out = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], 256):
+        out += (a[i:i + 256] * b[i:i + 256]).sum(dim=0)
+    return out
 
 
 def _mlp_prefixes(spec: Any, layer: int) -> list[tuple[str, int | None]]:
