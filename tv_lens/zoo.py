@@ -218,38 +218,43 @@ EXACT_SUBSPACE_UP_TO = 512
 
 
 def _subspace(D: Tensor, rank: int, right: bool, power_iterations: int = 4) -> Tensor:
-    """Orthonormal basis ``[side, ≤ rank]`` of the top-``rank`` singular subspace of ``D`` on
-    one side (columns of ``U``, or of ``V`` with ``right``). Up to
-    :data:`EXACT_SUBSPACE_UP_TO` the top eigenvectors of that side's Gram matrix; above it a
-    seeded randomized range finder (``rank + 10`` probes, ``power_iterations`` power
-    iterations: a few thin products instead of a ``d_model``-sized eigendecomposition per
-    fine-tune and matrix; its accuracy is tested against the exact subspace)."""
-    A = (D.mT if right else D).double()  # its rows are the side wanted
+    """Orthonormal basis ``[side, ≤ rank]`` (float64) of the top-``rank`` singular subspace of
+    ``D`` on one side (columns of ``U``, or of ``V`` with ``right``). Up to
+    :data:`EXACT_SUBSPACE_UP_TO` the top eigenvectors of that side's Gram matrix (float64);
+    above it a seeded randomized range finder in float32 (``rank + 10`` probes,
+    ``power_iterations`` power iterations: a few thin products instead of a ``d_model``-sized
+    eigendecomposition per fine-tune and matrix, and no float64 copy of ``D``; its accuracy is
+    tested against the exact subspace)."""
+    A = D.mT if right else D  # its rows are the side wanted
     if A.shape[0] <= EXACT_SUBSPACE_UP_TO:
-        values, vectors = top_eigenpairs(gram(A.mT), min(rank, A.shape[0]))
+        values, vectors = top_eigenpairs(gram(A.mT.double()), min(rank, A.shape[0]))
         keep = values > 1e-24 * values[0] if values.numel() and values[0] > 0 else values < -1
         return vectors[:, keep]
+    A = A.float()
     g = torch.Generator().manual_seed(0)
-    Q = torch.linalg.qr(A @ torch.randn(A.shape[1], rank + 10, generator=g, dtype=A.dtype)).Q
+    Q = torch.linalg.qr(A @ torch.randn(A.shape[1], rank + 10, generator=g).to(A.device)).Q
     for _ in range(power_iterations):
         Q = torch.linalg.qr(A @ (A.mT @ Q)).Q
     small, S, _ = torch.linalg.svd(Q.mT @ A, full_matrices=False)
-    keep = int((S[:rank] > 1e-12 * S[0]).sum()) if S.numel() and S[0] > 0 else 0
-    return (Q @ small)[:, :keep]
+    keep = int((S[:rank] > 1e-6 * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    return torch.linalg.qr((Q @ small)[:, :keep].double()).Q  # re-orthonormalised in float64
 
 
-def _matrix_pairs(deltas: dict[str, Tensor], name: str, rank: int) -> list[dict]:
-    """Cosine and principal angles of every pair's update of matrix ``name``."""
+def _matrix_pairs(deltas: dict[str, Tensor], dots: np.ndarray, name: str, rank: int) -> list[dict]:
+    """Cosine (from ``dots``, the updates' ``[K, K]`` dot products) and principal angles of
+    every pair's update of matrix ``name``."""
     right = name.rsplit(".", 1)[-1] in _WRITERS
     bases = {k: _subspace(d, rank, right) for k, d in deltas.items()}
-    flat = {k: d.double().reshape(1, -1) for k, d in deltas.items()}
+    index = {k: i for i, k in enumerate(deltas)}
     rows = []
-    for (a, b), cos in _cosines(flat).items():
+    for a, b in combinations(deltas, 2):
         Qa, Qb = bases[a], bases[b]
+        i, j = index[a], index[b]
+        cos = dots[i, j] / (dots[i, i] * dots[j, j]) ** 0.5 if dots[i, i] * dots[j, j] > 0 else float("nan")
         angles = torch.linalg.svdvals(Qa.T @ Qb).clamp(max=1.0) if Qa.numel() and Qb.numel() \
             else torch.zeros(0, dtype=torch.float64)
         side = Qa.shape[0]  # the d_model side's dimension
-        rows.append(dict(model_a=a, model_b=b, cosine=float(cos[0]),
+        rows.append(dict(model_a=a, model_b=b, cosine=float(cos),
                          shared_dims=float(angles.pow(2).sum()), rank=int(min(Qa.shape[1], Qb.shape[1])),
                          baseline_shared_dims=Qa.shape[1] * Qb.shape[1] / side,
                          top_cos_angle=float(angles[0]) if angles.numel() else float("nan")))
@@ -313,11 +318,12 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
     matrices, rows = set(_matrix_names(first)), []
     for name in weights:
         update = {k: deltas[k][name] for k in vectors}
-        out["dots"] += _dots(update)
+        dots = _dots(update)
+        out["dots"] += dots
         if name in matrices:
             rows += [dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None else name,
                           **r) for r in _matrix_pairs({k: _as_2d(name, d) for k, d in update.items()},
-                                                      name, options.rank)]
+                                                      dots, name, options.rank)]
     out["matrix_similarity"] = pd.DataFrame(rows)
     if layer is None:
         return out
