@@ -89,6 +89,17 @@ def test_cross_tables_against_direct_computations(zoo_dirs, serial):
     x, y = (torch.cat([t[m + "W_in"][:, n], t[m + "W_gate"][:, n], t[m + "W_out"][n]]).double()
             for t in (tv[row.model_a], tv[row.model_b]))
     assert float(row.cosine) == pytest.approx(float(x @ y / (x.norm() * y.norm())), abs=1e-10)
+    # ... compared for exactly the union of each fine-tune's top-N neurons by update norm
+    top = FAST.get("top_neurons", 20)
+    for layer in range(spec.n_layers):
+        m = f"blocks.{layer}.mlp."
+        want = set()
+        for t in tv.values():
+            norms = (t[m + "W_in"].double().pow(2).sum(0) + t[m + "W_gate"].double().pow(2).sum(0)
+                     + t[m + "W_out"].double().pow(2).sum(1))
+            want |= set(torch.topk(norms, top).indices.tolist())
+        assert set(serial.neuron_similarity.query("layer == @layer").neuron) == want
+        assert len(serial.neuron_similarity.query("layer == @layer")) == 3 * len(want)
     shared = serial.shared("matrices", 0.5)
     assert shared.empty or set(shared.columns) >= {"layer", "matrix", "min_cosine"}
 

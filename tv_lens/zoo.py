@@ -47,8 +47,8 @@ import torch
 from torch import Tensor
 
 from tv_lens.alignment import (Analysis, LayerOptions, Thresholds, _as_2d, _matrix_names,
-                               assemble, base_decompositions, layer_rows, layer_tensors,
-                               model_rows, names_by_layer)
+                               _neuron_norm2, assemble, base_decompositions, layer_rows,
+                               layer_tensors, model_rows, names_by_layer)
 from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, _tall, gram, top_eigenpairs
@@ -190,27 +190,39 @@ def _open(options: ZooOptions) -> tuple[dict[str, Any], dict[str, str]]:
     return vectors, failed
 
 
-def _head_slices(delta: dict[str, Tensor], spec: Any, layer: int) -> Tensor:
-    """``[n_heads, entries]``: each head's update (W_Q and W_O slices, its kv head's W_K and
-    W_V), flattened, in float64."""
+def _head_dots(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int) -> Tensor:
+    """``[n_heads, K, K]`` dot products of the K fine-tunes' head updates (each head's W_Q and
+    W_O slices, its kv head's W_K and W_V), summed in float64 one weight and head at a time
+    (never a float64 copy of every head of every fine-tune)."""
     a = f"blocks.{layer}.attn."
     kv = torch.tensor([spec.kv_head(h) for h in range(spec.n_heads)])
-    parts = [delta[a + "W_Q"], delta[a + "W_K"][kv], delta[a + "W_V"][kv], delta[a + "W_O"]]
-    return torch.cat([p.double().reshape(spec.n_heads, -1) for p in parts], dim=1)
+    out = torch.zeros(spec.n_heads, len(deltas), len(deltas), dtype=torch.float64)
+    for weight, index in (("W_Q", None), ("W_K", kv), ("W_V", kv), ("W_O", None)):
+        for h in range(spec.n_heads):
+            i = h if index is None else int(index[h])
+            block = torch.stack([d[a + weight][i].reshape(-1) for d in deltas.values()]).double()
+            out[h] += block @ block.T
+    return out
 
 
-def _neuron_slices(delta: dict[str, Tensor], prefix: str) -> Tensor:
-    """``[d_mlp, entries]``: each neuron's update (W_in / W_gate columns, W_out row), in the
-    updates' dtype (callers take the rows they compare to float64: exact, and no float64 copy
-    of every neuron)."""
-    parts = [delta[prefix + m].T for m in ("W_in", "W_gate") if prefix + m in delta]
-    return torch.cat(parts + [delta[prefix + "W_out"]], dim=1)
+def _cosines_from_dots(dots: Tensor, names: list[str]) -> dict[tuple[str, str], Tensor]:
+    """Every pair's cosine per unit from ``[units, K, K]`` dot products (NaN where one is 0)."""
+    norms = dots.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+    return {(a, b): dots[:, i, j] / (norms[:, i] * norms[:, j])
+            for (i, a), (j, b) in combinations(enumerate(names), 2)}
 
 
-def _cosines(x: dict[str, Tensor]) -> dict[tuple[str, str], Tensor]:
-    """Row-wise cosine of every pair's ``[units, entries]`` updates (NaN where one is zero)."""
-    norms = {k: v.norm(dim=1) for k, v in x.items()}
-    return {(a, b): (x[a] * x[b]).sum(1) / (norms[a] * norms[b]) for a, b in combinations(x, 2)}
+def _neuron_slices(delta: dict[str, Tensor], prefix: str, rows: list[int]) -> Tensor:
+    """``[len(rows), entries]``: the update of each neuron in ``rows`` (its W_in / W_gate
+    columns, its W_out row), in float64."""
+    parts = [delta[prefix + m][:, rows].T for m in ("W_in", "W_gate") if prefix + m in delta]
+    return torch.cat(parts + [delta[prefix + "W_out"][rows]], dim=1).double()
+
+
+def _neuron_norm2s(delta: dict[str, Tensor], prefix: str) -> Tensor:
+    """Squared norm of every neuron's update (W_in / W_gate columns, W_out row), float64."""
+    return sum((_neuron_norm2(delta[prefix + m], 1) for m in ("W_in", "W_gate") if prefix + m in delta),
+               _neuron_norm2(delta[prefix + "W_out"], 0))
 
 
 #: up to this side dimension the subspace is exact (Gram eigenvectors); above it randomized
@@ -328,7 +340,7 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
     if layer is None:
         return out
     spec = first.spec
-    heads = _cosines({k: _head_slices(deltas[k], spec, layer) for k in vectors})
+    heads = _cosines_from_dots(_head_dots({k: deltas[k] for k in vectors}, spec, layer), list(vectors))
     out["head_similarity"] = pd.DataFrame(
         [dict(layer=layer, head=h, model_a=a, model_b=b, cosine=float(c[h]))
          for (a, b), c in heads.items() for h in range(spec.n_heads)])
@@ -346,11 +358,11 @@ def _neuron_pairs(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int,
     for prefix, expert in prefixes:
         if prefix + "W_out" not in next(iter(deltas.values())):
             continue
-        slices = {k: _neuron_slices(d, prefix) for k, d in deltas.items()}
-        chosen = sorted(set().union(*(torch.topk(s.norm(dim=1, dtype=torch.float64),
-                                                 min(top, s.shape[0])).indices.tolist()
-                                      for s in slices.values())))
-        for (a, b), c in _cosines({k: s[chosen].double() for k, s in slices.items()}).items():
+        norms = [_neuron_norm2s(d, prefix) for d in deltas.values()]
+        chosen = sorted(set().union(*(torch.topk(n, min(top, n.numel())).indices.tolist()
+                                      for n in norms)))
+        slices = torch.stack([_neuron_slices(d, prefix, chosen) for d in deltas.values()], dim=1)
+        for (a, b), c in _cosines_from_dots(slices @ slices.mT, list(deltas)).items():
             rows += [dict(layer=layer, expert=expert, neuron=n, model_a=a, model_b=b,
                           cosine=float(v)) for n, v in zip(chosen, c.tolist())]
     frame = pd.DataFrame(rows)
