@@ -178,12 +178,13 @@ class _SharedDraws:
 
 
 def _shared_draws(frame: CircuitFrame, samples: int, seed: list[int]) -> _SharedDraws:
+    """:func:`_draws` of one seed, normalised per sample, with their products."""
     X, Y, We, Wf, norm_L, norm_R = _draws(frame, samples, seed)
     a, b = (1 / norm_L).float()[:, None, None], (1 / norm_R).float()[:, None, None]
     X, Y, We, Wf = X * a, Y * b, We * a**2, Wf * b**2
     XWf, WeY = X @ Wf, We @ Y
-    return _SharedDraws(X, Y, Y.mT.contiguous(), We, Wf, X @ Y, XWf, WeY, _inner(XWf, X), _inner(WeY, Y),
-                        _inner(We, Wf))
+    return _SharedDraws(X, Y, Y.mT.contiguous(), We, Wf, X @ Y, XWf, WeY,
+                        _inner(XWf, X), _inner(WeY, Y), _inner(We, Wf))
 
 
 def _inner(a: Tensor, b: Tensor) -> Float[Tensor, " samples"]:

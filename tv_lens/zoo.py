@@ -221,7 +221,8 @@ def _neuron_slices(delta: dict[str, Tensor], prefix: str, rows: list[int]) -> Te
 
 def _neuron_norm2s(delta: dict[str, Tensor], prefix: str) -> Tensor:
     """Squared norm of every neuron's update (W_in / W_gate columns, W_out row), float64."""
-    return sum((_neuron_norm2(delta[prefix + m], 1) for m in ("W_in", "W_gate") if prefix + m in delta),
+    inputs = [m for m in ("W_in", "W_gate") if prefix + m in delta]
+    return sum((_neuron_norm2(delta[prefix + m], 1) for m in inputs),
                _neuron_norm2(delta[prefix + "W_out"], 0))
 
 
@@ -257,16 +258,13 @@ def _matrix_pairs(deltas: dict[str, Tensor], dots: np.ndarray, name: str, rank: 
     every pair's update of matrix ``name``."""
     right = name.rsplit(".", 1)[-1] in _WRITERS
     bases = {k: _subspace(d, rank, right) for k, d in deltas.items()}
-    index = {k: i for i, k in enumerate(deltas)}
     rows = []
-    for a, b in combinations(deltas, 2):
+    for (a, b), cos in _cosines_from_dots(torch.from_numpy(dots)[None], list(deltas)).items():
         Qa, Qb = bases[a], bases[b]
-        i, j = index[a], index[b]
-        cos = dots[i, j] / (dots[i, i] * dots[j, j]) ** 0.5 if dots[i, i] * dots[j, j] > 0 else float("nan")
         angles = torch.linalg.svdvals(Qa.T @ Qb).clamp(max=1.0) if Qa.numel() and Qb.numel() \
             else torch.zeros(0, dtype=torch.float64)
         side = Qa.shape[0]  # the d_model side's dimension
-        rows.append(dict(model_a=a, model_b=b, cosine=float(cos),
+        rows.append(dict(model_a=a, model_b=b, cosine=float(cos[0]),
                          shared_dims=float(angles.pow(2).sum()), rank=int(min(Qa.shape[1], Qb.shape[1])),
                          baseline_shared_dims=Qa.shape[1] * Qb.shape[1] / side,
                          top_cos_angle=float(angles[0]) if angles.numel() else float("nan")))
@@ -340,7 +338,8 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
     if layer is None:
         return out
     spec = first.spec
-    heads = _cosines_from_dots(_head_dots({k: deltas[k] for k in vectors}, spec, layer), list(vectors))
+    head_dots = _head_dots({k: deltas[k] for k in vectors}, spec, layer)
+    heads = _cosines_from_dots(head_dots, list(vectors))
     out["head_similarity"] = pd.DataFrame(
         [dict(layer=layer, head=h, model_a=a, model_b=b, cosine=float(c[h]))
          for (a, b), c in heads.items() for h in range(spec.n_heads)])
