@@ -200,8 +200,7 @@ def _head_dots(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int) -> T
     for weight, index in (("W_Q", None), ("W_K", kv), ("W_V", kv), ("W_O", None)):
         for h in range(spec.n_heads):
             i = h if index is None else int(index[h])
-            block = torch.stack([d[a + weight][i].reshape(-1) for d in deltas.values()]).double()
-            out[h] += block @ block.T
+            out[h] += _gram_of([d[a + weight][i] for d in deltas.values()])
     return out
 
 
@@ -271,15 +270,15 @@ def _matrix_pairs(deltas: dict[str, Tensor], dots: np.ndarray, name: str, rank: 
     return rows
 
 
-def _dots(deltas: dict[str, Tensor], chunk: int = 1 << 22) -> np.ndarray:
-    """``[K, K]`` dot products of the fine-tunes' updates of one weight: float64 Gram matrices
-    of ``[K, chunk]`` slices, summed."""
-    flat = [d.reshape(-1) for d in deltas.values()]
+def _gram_of(updates: list[Tensor], chunk: int = 1 << 22) -> Tensor:
+    """``[K, K]`` dot products of K same-shaped updates: float64 Gram matrices of
+    ``[K, chunk]`` slices of the flattened updates, summed."""
+    flat = [d.reshape(-1) for d in updates]
     out = torch.zeros(len(flat), len(flat), dtype=torch.float64)
     for start in range(0, flat[0].numel(), chunk):
         block = torch.stack([f[start:start + chunk] for f in flat]).double()
         out += block @ block.T
-    return out.numpy()
+    return out
 
 
 def run_task(options: ZooOptions, layer: int | None) -> dict:
@@ -323,12 +322,13 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
         except (TvLensError, OSError) as exc:  # e.g. a truncated shard of this fine-tune
             out["failed"][name] = f"{type(exc).__name__}: {exc}"
             del vectors[name]
+            deltas.pop(name, None)
     out["models"] = list(vectors)
     out["dots"] = np.zeros((len(vectors), len(vectors)))
     matrices, rows = set(_matrix_names(first)), []
     for name in weights:
-        update = {k: deltas[k][name] for k in vectors}
-        dots = _dots(update)
+        update = {k: d[name] for k, d in deltas.items()}
+        dots = _gram_of(list(update.values())).numpy()
         out["dots"] += dots
         if name in matrices:
             rows += [dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None else name,
@@ -338,13 +338,12 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
     if layer is None:
         return out
     spec = first.spec
-    head_dots = _head_dots({k: deltas[k] for k in vectors}, spec, layer)
+    head_dots = _head_dots(deltas, spec, layer)
     heads = _cosines_from_dots(head_dots, list(vectors))
     out["head_similarity"] = pd.DataFrame(
         [dict(layer=layer, head=h, model_a=a, model_b=b, cosine=float(c[h]))
          for (a, b), c in heads.items() for h in range(spec.n_heads)])
-    out["neuron_similarity"] = _neuron_pairs({k: deltas[k] for k in vectors}, spec, layer,
-                                             options.top_neurons)
+    out["neuron_similarity"] = _neuron_pairs(deltas, spec, layer, options.top_neurons)
     return out
 
 
