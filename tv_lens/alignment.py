@@ -50,6 +50,7 @@ from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shar
 from tv_lens.nulls import (CIRCUIT_CODES, block_counts, circuit_nulls, cluster_counts,
                            haar_share_moments, neuron_moments)
 from tv_lens.stats import NullMoments, bh_adjust
+from tv_lens.table_io import write_csv
 from tv_lens.sources import layer_of
 from tv_lens.vector import TuningVector
 
@@ -157,7 +158,7 @@ class Analysis:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("heads", "neurons", "matrices", "summary"):
-            getattr(self, name).to_csv(folder / f"{name}.csv", index=False)
+            write_csv(getattr(self, name), folder / f"{name}.csv")
         payload = {"info": self.info,
                    "summary": json.loads(self.summary.to_json(orient="records"))}
         (folder / "summary.json").write_text(json.dumps(payload, indent=2))

@@ -52,6 +52,7 @@ from tv_lens.alignment import (Analysis, LayerOptions, Thresholds, _as_2d, _matr
 from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, _tall, gram, top_eigenpairs
+from tv_lens.table_io import write_csv
 
 #: the matrices whose ``d_model`` side is their second axis (they write into the residual)
 _WRITERS = ("W_O", "W_out", "W_E")
@@ -161,10 +162,9 @@ class Zoo:
         ``zoo.json`` and ``report.html`` (:func:`tv_lens.reporting.zoo_report`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for kind in ("heads", "neurons", "matrices", "summary"):
-            getattr(self, kind).to_csv(folder / f"{kind}.csv", index=False)
-        for kind in ("head_similarity", "matrix_similarity", "neuron_similarity"):
-            getattr(self, kind).to_csv(folder / f"{kind}.csv", index=False)
+        for kind in ("heads", "neurons", "matrices", "summary", "head_similarity",
+                     "matrix_similarity", "neuron_similarity"):
+            write_csv(getattr(self, kind), folder / f"{kind}.csv")
         self.similarity.to_csv(folder / "similarity.csv")
         self.clusters().to_csv(folder / "clusters.csv")
         (folder / "zoo.json").write_text(json.dumps({"failed": self.failed, "info": self.info},
