@@ -112,3 +112,30 @@ def test_top_eigenpairs_krylov_equals_eigh(monkeypatch):
         np.testing.assert_allclose((got * ref_vecs).sum(0).abs().numpy(), 1.0, atol=1e-6)
     small_vals, _ = top_eigenpairs(W.T @ W, 5)  # n ≤ 1024: the full eigh
     torch.testing.assert_close(small_vals, torch.linalg.eigvalsh(W.T @ W).flip(0)[:5])
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "power law"])
+def test_top_eigenpairs_skips_krylov_on_a_flat_top(monkeypatch, spectrum):
+    """With ``start_values`` flat past the top k (like a random matrix's top), no Krylov space
+    is grown (one tridiagonal reduction instead); with a power-law top it is. Same pairs either
+    way."""
+    from tv_lens import linalg
+
+    g = torch.Generator().manual_seed(1)
+    U, _, Vh = torch.linalg.svd(torch.randn(600, 300, generator=g, dtype=torch.float64),
+                                full_matrices=False)
+    S = (torch.linspace(1.0, 0.8, 300, dtype=torch.float64) if spectrum == "flat"
+         else torch.arange(1, 301, dtype=torch.float64) ** -0.7)
+    W = U @ torch.diag(S) @ Vh
+    G = W.T @ W
+    evals, vecs = torch.linalg.eigh(G)
+    ref_vals, ref_vecs = evals.flip(0)[:10], vecs.flip(1)[:, :10]
+    grown = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda x: grown.append(x.shape) or qr(x))
+    vals, got = linalg.top_eigenpairs(G, 10, start=vecs.flip(1), start_values=evals.flip(0),
+                                      krylov_above=100, max_dim=200)
+    assert bool(grown) == (spectrum == "power law")
+    assert linalg._flat_top(evals.flip(0), 10, 20) == (spectrum == "flat")
+    torch.testing.assert_close(vals, ref_vals, rtol=1e-10, atol=0)
+    np.testing.assert_allclose((got * ref_vecs).sum(0).abs().numpy(), 1.0, atol=1e-6)

@@ -293,6 +293,17 @@ def test_partial_eigh_matches_full_eigh(dtype, n, k):
     torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e3 * tol)
 
 
+def test_partial_eigh_top_values_only():
+    """``all_values=False``: the top k eigenvalues (from the selected-vector solve) and the
+    same vectors as with every eigenvalue."""
+    G = rand(80, 40, seed=5).T @ rand(80, 40, seed=5)
+    vals, vecs = linalg.partial_eigh(G, 6)
+    top, top_vecs = linalg.partial_eigh(G, 6, all_values=False)
+    assert vals.shape == (40,) and top.shape == (6,)
+    torch.testing.assert_close(top, vals[:6], rtol=1e-12, atol=0)
+    torch.testing.assert_close(top_vecs, vecs, rtol=0, atol=0)
+
+
 def test_partial_eigh_without_scipy_is_the_full_eigh(monkeypatch):
     import builtins
 

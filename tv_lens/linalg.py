@@ -66,9 +66,10 @@ def gram(A: Float[Tensor, "m n"], B: Float[Tensor, "m p"] | None = None,
         for bi, rows in enumerate(blocks):
             cols = slice(rows.start, n)
             out[rows, cols] += (a[:, rows].T @ a[:, cols]).double()
-    if blocks is not None:
-        upper = torch.triu(out)
-        out = upper + torch.triu(out, diagonal=1).T
+    for rows in blocks or ():  # mirror the upper triangle below it (exactly symmetric)
+        diag = out[rows, rows]
+        out[rows, rows] = diag.triu() + diag.triu(1).T
+        out[rows.stop:, rows] = out[rows, rows.stop:].T
     return out
 
 
@@ -293,7 +294,8 @@ def cluster_ids(S: Float[Tensor, "r"], rtol: float = 1e-4) -> Tensor:
 
 
 def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = None,
-                   tol: float = 1e-7, max_dim: int | None = None,
+                   start_values: Tensor | None = None, tol: float = 1e-7,
+                   max_dim: int | None = None,
                    krylov_above: int = FLOAT64_UP_TO) -> tuple[Tensor, Tensor]:
     """The ``k`` largest eigenvalues (descending) and eigenvectors ``[n, k]`` of a symmetric
     positive semi-definite ``G``, in float64.
@@ -306,7 +308,10 @@ def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = No
     :func:`partial_eigh`. Measured at n = 2048 on two CPU cores: 0.06 s instead of the ``eigh``'s 0.64 s for
     a power-law spectrum (σ_i ∝ i^−0.7, like trained weights); where the top of the spectrum is
     as flat as a random matrix's (it would need ~460 directions) the attempt stops at 80 and
-    costs ~0.2 s on top of the ``eigh``."""
+    costs ~0.1 s on top of the :func:`partial_eigh`. ``start_values`` (descending eigenvalues
+    of a nearby matrix, e.g. the base's ``S²``) let that case go straight to
+    :func:`partial_eigh`: a top so flat that ``λ_(k+11) > 0.9 λ_k`` (a Gaussian matrix's
+    top at n = 2048 has 0.97; a power-law spectrum σ_i ∝ i^−0.7 has 0.35)."""
     n = G.shape[0]
     k = min(k, n)
     G = G.double()
@@ -314,6 +319,8 @@ def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = No
         evals, vecs = torch.linalg.eigh(G)
         return evals.flip(0)[:k], vecs.flip(1)[:, :k]
     p = min(n, k + 10)
+    if start_values is not None and _flat_top(start_values, k, p):
+        return partial_eigh(G.to(work_dtype(n)), k, all_values=False)
     max_dim = max_dim or min(n // 4, 4 * p)
     g = torch.Generator(device="cpu").manual_seed(0)
     block = torch.randn(n, p, generator=g, dtype=torch.float64).to(G.device)
@@ -341,16 +348,29 @@ def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = No
         last = int(keep.sum())
         K = torch.cat([K, q[:, keep]], dim=1)
         GK = torch.cat([GK, G @ q[:, keep]], dim=1)
-    evals, vecs = partial_eigh(G.to(work_dtype(n)), k)
-    return evals[:k], vecs
+    return partial_eigh(G.to(work_dtype(n)), k, all_values=False)
 
 
-def partial_eigh(G: Float[Tensor, "n n"], k: int) -> tuple[Tensor, Tensor]:
-    """Every eigenvalue (descending) and the top ``k`` eigenvectors (``[n, k]``) of a symmetric
-    ``G``, float64, from one tridiagonal reduction: LAPACK ``sytrd`` (scipy) in ``G``'s dtype,
-    the tridiagonal eigenvalues and selected vectors in float64 (scipy), and the reflectors
-    applied to those vectors only (``torch.ormqr``). 0.35 s at n = 2048 in float32 on two CPU
-    cores against 0.84 s for a full ``eigh`` and 0.29 s for ``eigvalsh`` alone. Without scipy
+#: ``λ_(k+11) / λ_k`` above which :func:`top_eigenpairs` does not try a Krylov space
+FLAT_TOP = 0.9
+
+
+def _flat_top(values: Tensor, k: int, p: int) -> bool:
+    """Whether descending eigenvalues ``values`` are too flat past the top ``k`` for a block
+    Krylov space of block size ``p`` to separate them within its budget."""
+    if values.numel() <= p or not float(values[k - 1]) > 0:
+        return False
+    return float(values[p]) > FLAT_TOP * float(values[k - 1])
+
+
+def partial_eigh(G: Float[Tensor, "n n"], k: int, *,
+                 all_values: bool = True) -> tuple[Tensor, Tensor]:
+    """Every eigenvalue (descending; only the top ``k`` with ``all_values=False``) and the top
+    ``k`` eigenvectors (``[n, k]``) of a symmetric ``G``, float64, from one tridiagonal
+    reduction: LAPACK ``sytrd`` (scipy) in ``G``'s dtype, the tridiagonal eigenvalues and
+    selected vectors in float64 (scipy), and the reflectors applied to those vectors only
+    (``torch.ormqr``). 0.35 s at n = 2048 in float32 on two CPU cores against 0.84 s for a full
+    ``eigh`` and 0.29 s for ``eigvalsh`` alone (every eigenvalue: 0.06 s of it). Without scipy
     or off the CPU: a full ``eigh``."""
     n = G.shape[0]
     k = min(k, n)
@@ -367,8 +387,8 @@ def partial_eigh(G: Float[Tensor, "n n"], k: int) -> tuple[Tensor, Tensor]:
             if info == 0:
                 d, e = d.astype("float64"), e.astype("float64")
                 try:
-                    evals = eigvalsh_tridiagonal(d, e)[::-1].copy()
-                    vecs = eigh_tridiagonal(d, e, select="i", select_range=(n - k, n - 1))[1]
+                    top, vecs = eigh_tridiagonal(d, e, select="i", select_range=(n - k, n - 1))
+                    evals = (eigvalsh_tridiagonal(d, e) if all_values else top)[::-1].copy()
                 except LinAlgError:
                     evals = None
                 if evals is not None:
@@ -378,7 +398,7 @@ def partial_eigh(G: Float[Tensor, "n n"], k: int) -> tuple[Tensor, Tensor]:
                     X[1:] = torch.ormqr(C[1:, :-1], torch.from_numpy(tau).double(), X[1:])
                     return torch.from_numpy(evals), X
     evals, vecs = torch.linalg.eigh(G)
-    return evals.double().flip(0), vecs.double().flip(1)[:, :k]
+    return evals.double().flip(0)[:n if all_values else k], vecs.double().flip(1)[:, :k]
 
 
 def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
@@ -398,7 +418,8 @@ def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
     """
     if overlap.tuned_gram is None:
         raise InvalidArgumentError("intruder_count needs the exact-mode Grams (not available with --fast).")
-    evals, vecs = top_eigenpairs(overlap.tuned_gram, top_k, start=base.V, krylov_above=krylov_above)
+    evals, vecs = top_eigenpairs(overlap.tuned_gram, top_k, start=base.V,
+                                 start_values=base.S.pow(2), krylov_above=krylov_above)
     k = int((evals > 1e-12 * evals[0].clamp(min=0)).sum())
     v_t, s_t = vecs[:, :k], evals[:k].clamp(min=0).sqrt()
     # the output side is Wt's short side (V) unless W was transposed to make it tall
