@@ -33,6 +33,8 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> None:
 def _arrow_columns(table: pd.DataFrame) -> pd.DataFrame | None:
     """``table`` with the columns pyarrow would write unlike pandas pre-formatted as text, or
     ``None`` when it holds anything this writer does not handle."""
+    if isinstance(table.columns, pd.MultiIndex):
+        return None  # pandas writes one header line per level
     names = [str(c) for c in table.columns]
     if any(ch in name for name in names for ch in _NEEDS_QUOTES) or len(set(names)) < len(names):
         return None
