@@ -113,11 +113,36 @@ def test_matrix_overlap_against_explicit_svds(shape):
     ov = matrix_overlap(gram_svd(W), D, k=3)
     # singular pairs are defined up to a joint sign flip: compare sign-invariant quantities
     core = U.T @ D @ Vh.T
-    torch.testing.assert_close(ov.core.abs(), core.abs(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ov.core.dense().abs(), core.abs(), rtol=0, atol=1e-9)
     torch.testing.assert_close(ov.core.diagonal(), core.diagonal(), rtol=0, atol=1e-9)
     torch.testing.assert_close(ov.left.abs(), (U.T @ P[:, :3]).abs(), rtol=0, atol=1e-7)
     torch.testing.assert_close(ov.right.abs(), (Vh @ Qh[:3].T).abs(), rtol=0, atol=1e-7)
     torch.testing.assert_close(ov.delta_S, torch.linalg.svdvals(D), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_core_product_blocks_and_shares_equal_the_dense_core(transpose):
+    """The unmultiplied core (exact mode) against its dense form, on a base with clusters of
+    equal singular values: blocks, diagonal, and the shares computed from them."""
+    U = torch.linalg.qr(rand(14, 10, seed=41)).Q
+    V = torch.linalg.qr(rand(10, 10, seed=42)).Q
+    S = torch.tensor([3.0, 3.0, 2.0, 2.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.2], dtype=torch.float64)
+    W = (U * S) @ V.T
+    W, D = (W.T, 0.3 * rand(10, 14, seed=43)) if transpose else (W, 0.3 * rand(14, 10, seed=43))
+    base = gram_svd(W)
+    ov = matrix_overlap(base, D, k=3)
+    ids = cluster_ids(base.S)
+    assert isinstance(ov.core, linalg.CoreProduct) and ov.core.transposed == transpose
+    assert torch.bincount(ids).max() == 3  # the clusters the block path must handle
+    dense = ov.core.dense()
+    explicit = linalg.dense_svd(W)  # the same singular vectors, made explicit
+    torch.testing.assert_close(dense, explicit.U.T @ D @ explicit.V, rtol=0, atol=1e-10)
+    rows, cols = torch.tensor([4, 0, 7]), torch.tensor([2, 9])
+    torch.testing.assert_close(ov.core.block(rows, cols), dense[rows][:, cols], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ov.core.diagonal(), dense.diagonal(), rtol=0, atol=1e-12)
+    got = linalg.core_shares(ov.core, base.S, ov.energy, ids)
+    want = linalg.core_shares(dense, base.S, ov.energy, ids)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
 def test_isotropic_baselines_by_monte_carlo():
@@ -161,6 +186,30 @@ def test_dense_svd_matches_lapack(shape):
 # ------------------------------------------------------------------ scale: batched, float32, fast
 from tv_lens import linalg  # noqa: E402
 from tv_lens.lazy import LowRank  # noqa: E402
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_align_circuits_shared_factors_equal_expanded(side):
+    """Grouped-query attention: a factor shared by several heads, passed once with the heads'
+    rows, gives what passing it once per head gives."""
+    heads = torch.tensor([0, 0, 1, 1, 2, 2])
+    shared = (rand(3, D, K, seed=5), 0.3 * rand(3, D, K, seed=6))
+    own = (rand(6, K, D, seed=7), 0.3 * rand(6, K, D, seed=8))
+    if side == "right":
+        shared, own = tuple(x.mT for x in shared), tuple(x.mT for x in own)
+        L, dL, Rt, dRt = own[0], own[1], shared[0], shared[1]
+        grouped = linalg.align_circuits(L, Rt, dL, dRt, right_heads=heads)
+        expanded = linalg.align_circuits(L, Rt[heads], dL, dRt[heads])
+    else:
+        L, dL, Rt, dRt = shared[0], shared[1], own[0], own[1]
+        grouped = linalg.align_circuits(L, Rt, dL, dRt, left_heads=heads)
+        expanded = linalg.align_circuits(L[heads], Rt, dL[heads], dRt)
+    assert len(grouped.core) == 6
+    np.testing.assert_allclose(grouped.delta_norm, expanded.delta_norm, rtol=1e-12)
+    np.testing.assert_allclose(grouped.subspace, expanded.subspace, rtol=1e-12)
+    assert grouped.read_rank == expanded.read_rank and grouped.write_rank == expanded.write_rank
+    for a, b in zip(grouped.core, expanded.core):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_align_circuits_matches_align_per_head():
@@ -263,7 +312,7 @@ def test_low_rank_overlap_equals_dense():
         base = gram_svd(M)
         a, b = matrix_overlap(base, factors, 3), matrix_overlap(base, factors.dense(), 3)
         np.testing.assert_allclose(a.delta_S.numpy(), b.delta_S[:3].numpy(), rtol=1e-8)
-        torch.testing.assert_close(a.core, b.core, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(a.core.dense(), b.core.dense(), rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(a.left.abs(), b.left.abs(), rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(a.right.abs(), b.right.abs(), rtol=1e-6, atol=1e-8)
         assert math.isclose(a.energy, b.energy, rel_tol=1e-10)

@@ -176,14 +176,19 @@ def _head_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, 
     W = {k: base[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
     D = {k: delta[a + k] for k in ("W_Q", "W_K", "W_V", "W_O")}
     kv = torch.tensor([spec.kv_head(h) for h in range(spec.n_heads)], device=W["W_V"].device)
-    circuits = {  # circuit = L @ Rt per head, with the updates dL, dRt
-        "OV": (W["W_V"][kv], W["W_O"], D["W_V"][kv], D["W_O"]),
-        "QK": (W["W_Q"], W["W_K"][kv].mT, D["W_Q"], D["W_K"][kv].mT),
-    }
+    # circuit = L @ Rt per head, with the updates dL, dRt; a key-value head's W_V / W_K is passed
+    # once for the heads that share it (rows by `kv`)
+    circuits = {"OV": ((W["W_V"], W["W_O"], D["W_V"], D["W_O"]), dict(left_heads=kv)),
+                "QK": ((W["W_Q"], W["W_K"].mT, D["W_Q"], D["W_K"].mT), dict(right_heads=kv))}
     m, n = spec.d_model, spec.d_model
-    by_circuit = {c: align_circuits(*factors) for c, factors in circuits.items()}
-    factor_norms = {c: tuple(torch.linalg.vector_norm(x, dim=(1, 2), dtype=torch.float64).cpu()
-                             for x in f[2:]) for c, f in circuits.items()}
+    by_circuit = {c: align_circuits(*factors, **heads) for c, (factors, heads) in circuits.items()}
+
+    def head_norms(x: Tensor, heads: Tensor | None) -> Tensor:
+        norms = torch.linalg.vector_norm(x, dim=(1, 2), dtype=torch.float64).cpu()
+        return norms if heads is None else norms[heads.cpu()]
+
+    factor_norms = {c: (head_norms(f[2], h.get("left_heads")),
+                        head_norms(f[3], h.get("right_heads"))) for c, (f, h) in circuits.items()}
     rows, pending = [], []  # pending: (row index, circuit, head) of changed circuits to test
     for head in range(spec.n_heads):
         for circuit, al in by_circuit.items():
@@ -406,7 +411,8 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     is_new = match < t.intruder
     is_amp = (~is_new) & (left_idx == right_idx)
     total = overlap.energy
-    top_share = float(overlap.core[:r_used, :r_used].pow(2).sum()) / total
+    top = slice(0, r_used)
+    top_share = float(overlap.core.block(top, top).pow(2).sum()) / total
     amp, scale = core_shares(overlap.core, base.S, total, ids,
                              base.energy if base.partial else None)
     new_share = 1.0 - top_share

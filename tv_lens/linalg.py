@@ -60,12 +60,11 @@ def gram(A: Float[Tensor, "m n"], B: Float[Tensor, "m p"] | None = None,
     blocks = [slice(j, min(n, j + -(-n // 4))) for j in range(0, n, -(-n // 4))] if B is None else None
     for i in range(0, A.shape[0], _CHUNK_ROWS):
         a = A[i:i + _CHUNK_ROWS].to(dtype)
-        if blocks is None:
-            out += (a.T @ B[i:i + _CHUNK_ROWS].to(dtype)).double()
+        if blocks is None:  # (add_ promotes into float64: no float64 temporary)
+            out.add_(a.T @ B[i:i + _CHUNK_ROWS].to(dtype))
             continue
-        for bi, rows in enumerate(blocks):
-            cols = slice(rows.start, n)
-            out[rows, cols] += (a[:, rows].T @ a[:, cols]).double()
+        for rows in blocks:
+            out[rows, rows.start:].add_(a[:, rows].T @ a[:, rows.start:])
     for rows in blocks or ():  # mirror the upper triangle below it (exactly symmetric)
         diag = out[rows, rows]
         out[rows, rows] = diag.triu() + diag.triu(1).T
@@ -197,11 +196,50 @@ def dense_svd(W: Float[Tensor, "m n"], rtol: float = 1e-6) -> FactoredSVD:
 
 
 @dataclass(frozen=True)
+class CoreProduct:
+    """``Uᵀ Δ V`` (``[r, r]``) kept as the product ``diag(row_scale) · left · right`` of an
+    ``[r, p]`` and a ``[p, r]`` factor (``right=None``: ``left`` is the whole core;
+    ``transposed``: the core is that product's transpose). The tables need only its diagonal,
+    a top-left block and the blocks of clusters of equal singular values: ``O(p·r)`` for the
+    diagonal and ``O(p·b²)`` per ``b``-sized block, against the ``O(p·r²)`` of the whole
+    (:meth:`dense`). Results are float64 (the products run in the factors' dtype)."""
+
+    left: Float[Tensor, "r p"]
+    right: Float[Tensor, "p r"] | None = None
+    row_scale: Float[Tensor, "r"] | None = None
+    transposed: bool = False
+
+    def _block(self, rows: Tensor | slice, cols: Tensor | slice) -> Tensor:
+        left = self.left[rows]
+        out = (left[:, cols] if self.right is None else left @ self.right[:, cols]).double()
+        return out if self.row_scale is None else out * self.row_scale[rows, None]
+
+    def block(self, rows: Tensor | slice, cols: Tensor | slice) -> Float[Tensor, "a b"]:
+        """``core[rows][:, cols]``."""
+        return self._block(cols, rows).T if self.transposed else self._block(rows, cols)
+
+    def diagonal(self) -> Float[Tensor, "r"]:
+        if self.right is None:
+            diag = self.left.diagonal().double()
+        else:
+            diag = (self.left * self.right.T).sum(1).double()
+        return diag if self.row_scale is None else diag * self.row_scale
+
+    def dense(self) -> Float[Tensor, "r r"]:
+        """The whole core."""
+        return self.block(slice(None), slice(None))
+
+    def transpose(self) -> CoreProduct:
+        return CoreProduct(self.left, self.right, self.row_scale, not self.transposed)
+
+
+@dataclass(frozen=True)
 class MatrixOverlap:
     """An update ``Δ`` of a dense base ``W`` seen in ``W``'s singular bases.
 
     Attributes:
-        core: ``Uᵀ Δ V`` (``[r, r]``), ``U, V`` the base's singular vectors.
+        core: ``Uᵀ Δ V`` (``[r, r]``, unmultiplied: :class:`CoreProduct`), ``U, V`` the base's
+            singular vectors.
         delta_S: the non-null singular values of Δ (all of them unless ``partial``).
         left: ``Uᵀ P_k`` (``[r, k]``), P_k the top-k left singular vectors of Δ.
         right: ``Vᵀ Q_k`` (``[r, k]``), Q_k the top-k right singular vectors of Δ.
@@ -211,7 +249,7 @@ class MatrixOverlap:
         tuned_cross: ``(Wt + Δt)ᵀ Wt`` (exact mode), for the tuned matrix's long-side vectors.
     """
 
-    core: Float[Tensor, "r r"]
+    core: CoreProduct
     delta_S: Float[Tensor, "rd"]
     left: Float[Tensor, "r k"]
     right: Float[Tensor, "r k"]
@@ -231,8 +269,8 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
                    delta: GramSVD | None = None) -> MatrixOverlap:
     """Everything the per-matrix table needs, without ``m``-sized singular vectors of the base.
 
-    - dense Δ, exact: three ``m·n²`` products, ``Uᵀ Δ V = S⁻¹ Vᵀ (Wtᵀ Δt) V`` and
-      ``Uᵀ P = S⁻¹ Vᵀ (Wtᵀ Δt) Q S_Δ⁻¹``;
+    - dense Δ, exact: three ``m·n²`` products and one ``n³``, ``Uᵀ Δ V = S⁻¹ Vᵀ (Wtᵀ Δt) V``
+      (the last product left to :class:`CoreProduct`) and ``Uᵀ P = S⁻¹ Vᵀ (Wtᵀ Δt) Q S_Δ⁻¹``;
     - Δ given as factors (:class:`~tv_lens.lazy.LowRank`, rank r): Δ's exact SVD from the factors
       and ``m·n·r`` products, never the dense Δ;
     - ``fast_rank`` (dense Δ): Δ's top singular triplets by :func:`randomized_svd` and products
@@ -245,7 +283,7 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         delta = factored_svd(L, R, rtol)
         P, Q, S_d = delta.U[:, :k], delta.V[:, :k], delta.S[:k]
         WtL = gram(base.Wt, L, torch.float64)  # [n, r]
-        core = ((base.V.T @ WtL) @ (R @ base.V)) / base.S[:, None]
+        core = CoreProduct(base.V.T @ WtL, R @ base.V, 1.0 / base.S)
         left_t = (base.V.T @ gram(base.Wt, P, torch.float64)) / base.S[:, None]
         out = (core, delta.S, left_t, base.V.T @ Q, frob2_factored(L, R), False)
         if base.gram is not None:
@@ -257,7 +295,7 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         Q, S_d = delta.V[:, :k], delta.S[:k]
         U_b = (base.Wt.float() @ base.V.float()) / base.S.float()  # [m, r_b]: the top U only
         DtV = Dt.float() @ base.V.float()
-        core = (U_b.T @ DtV).double()
+        core = CoreProduct((U_b.T @ DtV).double())
         P = (Dt.float() @ Q.float()) / S_d.float()
         left_t = (U_b.T @ P).double()
         out = (core, delta.S, left_t, base.V.T @ Q, delta.energy, True)
@@ -269,7 +307,7 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         V = base.V.to(wd)
         cross = gram(base.Wt, Dt)  # Wtᵀ Δt: [n, n]
         VtC = V.T @ cross.to(wd)  # [r, n]
-        core = (VtC @ V).double() / base.S[:, None]
+        core = CoreProduct(VtC, V, 1.0 / base.S)  # never multiplied out: O(n³) saved
         left_t = (VtC @ Q.to(wd)).double() / base.S[:, None] / S_d
         out = (core, delta.S, left_t, base.V.T @ Q, delta.energy, False)
         if base.gram is not None:
@@ -280,7 +318,7 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         G, C, G_d = grams  # (Wt + Δt)ᵀ(Wt + Δt) = G + C + Cᵀ + G_d;  (Wt + Δt)ᵀ Wt = G + Cᵀ
         tuned = (G + C + C.T + G_d, G + C.T)
     if base.transposed:
-        return MatrixOverlap(core.T, delta_S, right_t, left_t, energy, partial, *tuned)
+        return MatrixOverlap(core.transpose(), delta_S, right_t, left_t, energy, partial, *tuned)
     return MatrixOverlap(core, delta_S, left_t, right_t, energy, partial, *tuned)
 
 
@@ -460,18 +498,32 @@ class Alignment:
     baseline_amplification_share: float
 
 
-def core_shares(core: Float[Tensor, "r r"], S: Float[Tensor, "r"], total: float,
+def core_shares(core: Float[Tensor, "r r"] | CoreProduct, S: Float[Tensor, "r"], total: float,
                 ids: Tensor, base_energy: float | None = None) -> tuple[float, float]:
     """Amplification share ``Σ_C ‖core[C, C]‖² / total`` and signed scale
     ``Σ_C σ̄_C tr(core[C, C]) / Σσ²`` of an update whose base-basis core is ``core``
     (``base_energy`` replaces ``Σσ²`` when ``S`` holds only the top singular values)."""
-    same = ids[:, None] == ids[None, :]
-    amp = float((core.pow(2) * same).sum()) / total
+    diagonal = core.diagonal()
+    if isinstance(core, CoreProduct):
+        amp = _cluster_energy(core, ids, diagonal) / total
+    else:
+        amp = float((core.pow(2) * (ids[:, None] == ids[None, :])).sum()) / total
     n = int(ids.max()) + 1
     mean_S = torch.zeros(n, dtype=S.dtype, device=S.device).index_add_(0, ids, S)
     mean_S = mean_S / torch.bincount(ids, minlength=n).to(S.dtype)
     norm = S.pow(2).sum() if base_energy is None else base_energy
-    return amp, float((mean_S[ids] * core.diagonal()).sum() / norm)
+    return amp, float((mean_S[ids] * diagonal).sum() / norm)
+
+
+def _cluster_energy(core: CoreProduct, ids: Tensor, diagonal: Tensor) -> float:
+    """``Σ_C ‖core[C, C]‖²``: singleton clusters from the ``diagonal``, the others block by
+    block."""
+    sizes = torch.bincount(ids)
+    energy = float(diagonal[sizes[ids] == 1].pow(2).sum())
+    for cluster in torch.nonzero(sizes > 1).flatten().tolist():
+        members = torch.nonzero(ids == cluster).flatten()
+        energy += float(core.block(members, members).pow(2).sum())
+    return energy
 
 
 def align(A: Float[Tensor, "m k"], B: Float[Tensor, "k n"], base: FactoredSVD,
@@ -517,9 +569,10 @@ class CircuitAlignments:
     frames: list[CircuitFrame]
 
 
-def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
-                   dL: Float[Tensor, "h m k"], dRt: Float[Tensor, "h k n"],
-                   rtol: float = 1e-6) -> CircuitAlignments:
+def align_circuits(L: Float[Tensor, "hl m k"], Rt: Float[Tensor, "hr k n"],
+                   dL: Float[Tensor, "hl m k"], dRt: Float[Tensor, "hr k n"],
+                   rtol: float = 1e-6, *, left_heads: Tensor | None = None,
+                   right_heads: Tensor | None = None) -> CircuitAlignments:
     """Batched, exact :func:`align` of every head's circuit update at once (``d_model``-sized
     products in :func:`work_dtype`, everything ``k × k`` in float64).
 
@@ -528,22 +581,35 @@ def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
     ``Qa ua``, ``Qb ub`` (``ua``, ``ub`` singular vectors of ``Ra``, ``Rb``; null directions
     dropped at ``rtol``), the base circuit is ``(Qa u) s (Qb vhᵀ)ᵀ`` with ``u s vh = Ra Rbᵀ``,
     so ``Uᵀ ΔC V = uᵀ M vhᵀ``. Cost: two batched QRs and ``O(m·k²)`` products per head.
+
+    Heads that share a factor (grouped-query attention: a key-value head's ``W_V`` on the OV
+    side, its ``W_K`` on the QK side) pass it once: ``left_heads`` / ``right_heads`` (``[h]``)
+    give the row of ``L, dL`` / ``Rt, dRt`` each head uses, and everything of that side alone
+    (its QR, its products with its update, its Grams) is computed once per shared factor.
     """
     wd = work_dtype(L.shape[1])  # float32 above d_model 1024; k × k results in float64
     L, Rt, dL, dRt = (x.to(wd) for x in (L, Rt, dL, dRt))
     Qa, Ra = torch.linalg.qr(L)
     Qb, Rb = torch.linalg.qr(Rt.mT)
     X, Y = Qa.mT @ dL, dRt @ Qb
-    M = X @ Rb.mT + Ra @ Y + X @ Y
     Rt2 = Rt + dRt
-    Ra, Rb, M = Ra.double(), Rb.double(), M.double()
 
-    def inner(P: Tensor, Q: Tensor, R: Tensor, T: Tensor) -> Tensor:
-        return ((P.mT @ Q).double() * (R @ T.mT).double()).sum((-1, -2))
+    def gram(P: Tensor, Q: Tensor) -> Tensor:
+        return (P.mT @ Q).double()
 
     # ‖ΔC‖² = ‖L2 Rt2 − L Rt‖²; the difference of squares cancels badly in float32, so it is
     # taken in float64 from k × k Grams: ‖ΔC‖² = ‖dL Rt2 + L dRt‖² expanded
-    total = (inner(dL, dL, Rt2, Rt2) + 2 * inner(dL, L, Rt2, dRt) + inner(L, L, dRt, dRt)).clamp(min=0)
+    left = [Ra, X, gram(dL, dL), gram(dL, L), gram(L, L)]
+    right = [Rb, Y, gram(Rt2.mT, Rt2.mT), gram(Rt2.mT, dRt.mT), gram(dRt.mT, dRt.mT)]
+    if left_heads is not None:
+        left = [x[left_heads] for x in left]
+    if right_heads is not None:
+        right = [x[right_heads] for x in right]
+    (Ra, X, dLdL, dLL, LL), (Rb, Y, R2R2, R2dR, dRdR) = left, right
+    M = X @ Rb.mT + Ra @ Y + X @ Y
+    Ra, Rb, M = Ra.double(), Rb.double(), M.double()
+    total = ((dLdL * R2R2).sum((-1, -2)) + 2 * (dLL * R2dR).sum((-1, -2))
+             + (LL * dRdR).sum((-1, -2))).clamp(min=0)
     ua, sa, _ = torch.linalg.svd(Ra)
     ub, sb, _ = torch.linalg.svd(Rb)
     read = sa > rtol * sa[:, :1]
@@ -554,7 +620,7 @@ def align_circuits(L: Float[Tensor, "h m k"], Rt: Float[Tensor, "h k n"],
     core = u.mT @ M @ vh.mT
     out = CircuitAlignments([], [], [], [], [], [], [])
     m, n = L.shape[1], Rt.shape[2]
-    for h in range(L.shape[0]):
+    for h in range(M.shape[0]):
         keep = s[h] > 1e-9 * s[h, 0] if s[h, 0] > 0 else torch.zeros_like(s[h], dtype=torch.bool)
         out.frames.append(CircuitFrame(Ra[h], Rb[h], ua[h], ub[h], read[h], write[h], u[h], vh[h],
                                        keep, cluster_ids(s[h][keep]), m, n))
