@@ -120,3 +120,26 @@ def test_an_unknown_fused_order_is_refused():
         return tuple(_linear(w, b) for w, b in zip(module.qkv.weight.chunk(3), module.qkv.bias.chunk(3)))
 
     assert _fused_layout(blocks_split, "qkv", spec, candidates) == candidates[0]
+
+
+@pytest.mark.parametrize("shape,pattern,sizes", [
+    ((48, 20), "(h dh) d -> h d dh", dict(dh=8)),  # W_Q: one slab per head
+    ((20, 48), "d (h dh) -> h dh d", dict(dh=8)),  # W_O
+    ((37, 20), "m d -> d m", {}),  # W_in: slabs of source rows, a partial last one
+    ((20, 37), "d m -> m d", {}),  # W_out
+    ((37, 20), "v d -> v d", {}),  # contiguous already: converted in one pass
+])
+def test_contiguous_copy_in_slabs_equals_one_pass(monkeypatch, shape, pattern, sizes):
+    """Reading a transposed checkpoint tensor in slabs gives the one-pass copy's values and
+    a contiguous tensor of the asked dtype, whatever the slab size."""
+    import einops
+
+    from tv_lens import layout
+
+    view = einops.rearrange(torch.randn(shape).bfloat16(), pattern, **sizes)
+    expected = torch.empty(view.shape).copy_(view)
+    for slab in (1, 7, 64, 1 << 17):
+        monkeypatch.setattr(layout, "_SLAB", slab)
+        got = layout.contiguous_copy(view, torch.float32)
+        assert got.is_contiguous() and got.dtype == torch.float32
+        assert torch.equal(got, expected), slab
