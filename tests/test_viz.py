@@ -180,3 +180,29 @@ def test_token_readouts_in_figure_hovers(pair, analysis):
     cloud = viz.neurons(analysis, "out", tokens=tokens)
     assert any("tokens: write:" in h for t in cloud.data for h in t.text)
     assert top_token_text(tokens, "L9H9.OV") == ""
+
+
+def test_hover_text_column_by_column_equals_row_by_row():
+    """Hover texts built column by column read each value as ``iterrows`` gives it: floats to 4
+    significant digits, integers, booleans and missing values as text, strings escaped."""
+    import html
+
+    import pandas as pd
+
+    from tv_lens.viz.figures import _hover
+
+    mixed = pd.DataFrame({"layer": [1, 2, 100000], "share": [0.123456, np.nan, 1e-9],
+                          "token": ["<b>&", "z", None], "flag": [True, False, True],
+                          "expert": pd.array([1, None, 3], dtype="Int64")})
+
+    def row_by_row(rows, columns):
+        def fmt(v):
+            return f"{v:.4g}" if isinstance(v, (float, np.floating)) else html.escape(str(v))
+        return ["<br>".join(f"{c}: {fmt(r[c])}" for c in columns if c in rows.columns)
+                for _, r in rows.iterrows()]
+
+    for frame in (mixed, mixed[["layer", "share"]], mixed.iloc[:0], mixed.iloc[[2, 0]]):
+        columns = ["share", "nope", *frame.columns]
+        assert _hover(frame, columns) == row_by_row(frame, columns)
+    assert _hover(mixed, ["token"])[0] == "token: &lt;b&gt;&amp;"
+    assert _hover(mixed, ["nope"]) == ["", "", ""]

