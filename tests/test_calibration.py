@@ -169,6 +169,28 @@ def test_head_null_shares_reduce_exactly(degenerate):
             torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-7)
 
 
+def test_head_nulls_of_a_batch_equal_each_alone():
+    """Circuits run together (sharing a seed's draws, their frame products batched) get the
+    moments each gets alone; units of another seed or size are kept apart."""
+    from tv_lens.nulls import circuit_nulls
+
+    g = torch.Generator().manual_seed(4)
+    frames = []
+    for k in (5, 5, 5, 3):
+        L = torch.randn(1, 30, k, generator=g, dtype=torch.float64)
+        Rt = torch.randn(1, k, 30, generator=g, dtype=torch.float64)
+        frames.append(align_circuits(L, Rt, torch.zeros_like(L), torch.zeros_like(Rt)).frames[0])
+    norms_L, norms_R = [0.5, 1.0, 2.0, 0.7], [1.5, 0.2, 1.0, 0.9]
+    seeds = [[0, 1, 0], [0, 1, 0], [0, 2, 0], [0, 1, 0]]
+    together = circuit_nulls(frames, norms_L, norms_R, 128, seeds)
+    for i, moments in enumerate(together):
+        alone = circuit_null(frames[i], norms_L[i], norms_R[i], 128, seeds[i])
+        for got, want in zip(moments, alone):
+            torch.testing.assert_close(got.mean, want.mean, rtol=1e-5, atol=0)
+            torch.testing.assert_close(got.var, want.var, rtol=1e-4, atol=0)
+    assert float(together[0][0].mean) != pytest.approx(float(together[1][0].mean), rel=1e-3)
+
+
 # --------------------------------------------------------------------------- labels
 def _bigger_llama(seed=0):
     return llama_model(seed, hidden_size=64, intermediate_size=256, num_hidden_layers=4,

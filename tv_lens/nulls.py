@@ -161,17 +161,24 @@ def _draws(frame: CircuitFrame, samples: int, seed: list[int]) -> tuple[Tensor, 
 @dataclass(frozen=True)
 class _SharedDraws:
     """One seed's draws, each scaled to a unit-norm ``dL`` (``X``, ``We``) and ``dRt`` (``Y``,
-    ``Wf``), with the products every unit of that seed needs (float32 ``[S, k, k]``; the
-    inner products ``⟨·,·⟩`` per sample in float64)."""
+    ``Wf``), with the products every unit of that seed needs (float32; the inner products
+    ``⟨·,·⟩`` per sample in float64).
+
+    ``Xi``, ``XYi`` hold ``X``, ``X Y`` row by row across samples (``[k·S, k]``, row ``(i, s)``
+    = row ``i`` of sample ``s``) and ``Yi`` holds ``Y`` as ``[k, S·k]`` (``Y_1 … Y_S`` side by
+    side), so that a unit's ``X Rbᵀ``, ``Ra Y`` and ``X Y`` come out in one layout
+    ``[k, S, k]`` from one GEMM each, added in place."""
 
     X: Tensor
     Y: Tensor
-    Yt: Tensor  # Yᵀ, contiguous
     We: Tensor
     Wf: Tensor
     XY: Tensor  # X Y
     XWf: Tensor  # X Wf
     WeY: Tensor  # We Y
+    Xi: Tensor
+    Yi: Tensor
+    XYi: Tensor
     XWf_X: Tensor  # ⟨X Wf, X⟩
     WeY_Y: Tensor  # ⟨We Y, Y⟩
     We_Wf: Tensor  # ⟨We, Wf⟩
@@ -182,8 +189,14 @@ def _shared_draws(frame: CircuitFrame, samples: int, seed: list[int]) -> _Shared
     X, Y, We, Wf, norm_L, norm_R = _draws(frame, samples, seed)
     a, b = (1 / norm_L).float()[:, None, None], (1 / norm_R).float()[:, None, None]
     X, Y, We, Wf = X * a, Y * b, We * a**2, Wf * b**2
-    XWf, WeY = X @ Wf, We @ Y
-    return _SharedDraws(X, Y, Y.mT.contiguous(), We, Wf, X @ Y, XWf, WeY,
+    XWf, WeY, XY = X @ Wf, We @ Y, X @ Y
+    k = X.shape[-1]
+
+    def rows_across_samples(t: Tensor) -> Tensor:
+        return t.transpose(0, 1).reshape(k * samples, k)
+
+    return _SharedDraws(X, Y, We, Wf, XY, XWf, WeY, rows_across_samples(X),
+                        Y.transpose(0, 1).reshape(k, samples * k), rows_across_samples(XY),
                         _inner(XWf, X), _inner(WeY, Y), _inner(We, Wf))
 
 
@@ -192,37 +205,54 @@ def _inner(a: Tensor, b: Tensor) -> Float[Tensor, " samples"]:
     return (a * b).sum((-1, -2)).double()
 
 
-def _times(P: Tensor, Q: Tensor) -> Tensor:
-    """``P_s @ Q`` for every sample ``s`` as one GEMM (``P`` ``[S, k, k]`` contiguous)."""
-    return (P.reshape(-1, P.shape[-1]) @ Q).view(P.shape[0], P.shape[1], Q.shape[-1])
+def _frame_inners(frames: list[CircuitFrame], s: _SharedDraws) -> Float[Tensor, "4 samples units"]:
+    """The four inner products of :func:`_unit_shares`' ``‖ΔC‖²`` that pair a draw with one
+    unit's frame, ``⟨Wf, RaᵀRa⟩``, ``⟨X Wf, Ra⟩``, ``⟨We, RbᵀRb⟩``, ``⟨We Y, Rbᵀ⟩``, for every
+    unit of one seed at once (one ``[S, k²] × [k², units]`` product each)."""
+    Ra = torch.stack([f.Ra.float().cpu() for f in frames])
+    Rb = torch.stack([f.Rb.float().cpu() for f in frames])
+    samples = s.X.shape[0]
+    pairs = ((s.Wf, Ra.mT @ Ra), (s.XWf, Ra), (s.We, Rb.mT @ Rb), (s.WeY, Rb.mT))
+    return torch.stack([draw.reshape(samples, -1) @ unit.reshape(len(frames), -1).T
+                        for draw, unit in pairs]).double()
 
 
-def _unit_shares(frame: CircuitFrame, c: float, d: float, s: _SharedDraws) -> tuple[Tensor, Tensor]:
+def _unit_shares(frame: CircuitFrame, c: float, d: float, s: _SharedDraws,
+                 inners: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One circuit's ``(subspace_share, amplification_share)`` per sample, for ``dL`` of norm
     ``c`` and ``dRt`` of norm ``d``: ``A = Ra + cX``, ``B = Rbᵀ + dY`` and
     ``M = c X Rbᵀ + d Ra Y + c d X Y`` (module docstring). ``‖ΔC‖²`` is expanded so that only
     ``M`` needs per-unit ``k³`` products: ``tr(A Wf Aᵀ) = ⟨RaᵀRa, Wf⟩ + 2c⟨X Wf, Ra⟩ +
-    c²⟨X Wf, X⟩`` (``d²`` times), likewise ``tr(Bᵀ We B)``. Where every read/write direction is
-    kept (the usual case) the subspace share's numerator is ``‖M‖²``, and where the base
-    circuit's singular values are distinct the amplification share needs only the diagonal of
-    ``uᵀ M vhᵀ``."""
+    c²⟨X Wf, X⟩`` (``d²`` times), likewise ``tr(Bᵀ We B)`` (``inners``: this unit's column of
+    :func:`_frame_inners`, computed here without it). Where every read/write direction is kept
+    (the usual case) the subspace share's numerator is ``‖M‖²``, and where the base circuit's
+    singular values are distinct the amplification share needs only the diagonal of
+    ``uᵀ M vhᵀ``. ``M`` is held as ``[k, S, k]`` (:class:`_SharedDraws`)."""
     Ra, Rb, u, vh = (getattr(frame, n).float().cpu() for n in ("Ra", "Rb", "u", "vh"))
-    M = _times(s.X, c * Rb.T) + _times(s.Yt, d * Ra.T).mT + (c * d) * s.XY
-    M2 = M.pow(2).sum((-1, -2)).double()
-    total = (M2 + d * d * (_inner(s.Wf, Ra.T @ Ra) + 2 * c * _inner(s.XWf, Ra) + c * c * s.XWf_X)
-             + c * c * (_inner(s.We, Rb.T @ Rb) + 2 * d * _inner(s.WeY, Rb.T) + d * d * s.WeY_Y)
-             + (c * d) ** 2 * s.We_Wf)
+    k, samples = Ra.shape[0], s.X.shape[0]
+    if inners is None:
+        inners = _frame_inners([frame], s)[:, :, 0]
+    M = torch.addmm(s.XYi, s.Xi, Rb.T, beta=c * d, alpha=c)  # c X Rbᵀ + c d X Y
+    M.view(k, samples * k).addmm_(Ra, s.Yi, alpha=d)  # + d Ra Y
+    M3 = M.view(k, samples, k)
+    M2 = M3.pow(2).sum((0, 2)).double()
+    wf_ra, xwf_ra, we_rb, wey_rb = inners
+    total = (M2 + d * d * (wf_ra + 2 * c * xwf_ra + c * c * s.XWf_X)
+             + c * c * (we_rb + 2 * d * wey_rb + d * d * s.WeY_Y) + (c * d) ** 2 * s.We_Wf)
     if bool(frame.read.all()) and bool(frame.write.all()):
         sub = M2
     else:
         mask = (frame.read[:, None] & frame.write[None, :]).cpu()
         ua, ub = frame.ua.float().cpu(), frame.ub.float().cpu()
-        sub = ((ua.T @ M @ ub) * mask).pow(2).sum((-1, -2)).double()
+        read_write = (ua.T @ (M @ ub).view(k, -1)).view(k, samples, k)  # uaᵀ M ub
+        sub = (read_write * mask[:, None, :]).pow(2).sum((0, 2)).double()
     same = _same_cluster(frame)
+    right = (M @ vh.T).view(k, samples, k)  # M vhᵀ
     if bool(torch.equal(same, torch.eye(same.shape[0], dtype=torch.bool))):
-        amp = (_times(M, vh.T) * u).sum(-2).double().pow(2).sum(-1)
+        amp = (right * u[:, None, :]).sum(0).double().pow(2).sum(-1)
     else:
-        amp = ((u.T @ M @ vh.T) * same).pow(2).sum((-1, -2)).double()
+        rotated = (u.T @ right.view(k, -1)).view(k, samples, k)  # uᵀ M vhᵀ
+        amp = (rotated * same[:, None, :]).pow(2).sum((0, 2)).double()
     return sub / total, amp / total
 
 
@@ -236,15 +266,17 @@ def circuit_nulls(frames: list[CircuitFrame], norms_L: list[float], norms_R: lis
     each unit's moments still an unbiased estimate, drawn once, and the products of draws with
     draws computed once (:func:`_unit_shares`). Draws are float32 (the Monte Carlo error,
     ~``1/√samples`` of a standard deviation, dwarfs rounding). Cost at ``d_head = 64`` and 200
-    samples on two CPU cores: ~10 ms per circuit plus ~60 ms per seed."""
-    cache: dict[tuple, _SharedDraws] = {}
-    out = []
-    for frame, c, d, seed in zip(frames, norms_L, norms_R, seeds):
-        key = (*seed, frame.Ra.shape[0], frame.m, frame.n)
-        if key not in cache:
-            cache[key] = _shared_draws(frame, samples, seed)
-        sub, amp = _unit_shares(frame, c, d, cache[key])
-        out.append((_moments(sub), _moments(amp)))
+    samples on two CPU cores: ~8 ms per circuit plus ~35 ms per seed."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (frame, seed) in enumerate(zip(frames, seeds)):
+        groups.setdefault((*seed, frame.Ra.shape[0], frame.m, frame.n), []).append(i)
+    out: list[tuple[NullMoments, NullMoments] | None] = [None] * len(frames)
+    for members in groups.values():
+        draws = _shared_draws(frames[members[0]], samples, seeds[members[0]])
+        inners = _frame_inners([frames[i] for i in members], draws)
+        for column, i in enumerate(members):
+            sub, amp = _unit_shares(frames[i], norms_L[i], norms_R[i], draws, inners[:, :, column])
+            out[i] = (_moments(sub), _moments(amp))
     return out
 
 
