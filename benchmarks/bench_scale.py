@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py --out /tmp/bench_scale            # ~35 min on 2 CPU cores
     python benchmarks/bench_scale.py --out DIR --shape llama2-7b --device cuda --only exact
+    python benchmarks/bench_scale.py --out DIR2 --base-spectrum power --only exact fast naive
 
 Steps (each measured in its own subprocess, wall time and peak RSS, all in one run):
 
@@ -67,10 +68,26 @@ def _gen(key: str, seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((zlib.crc32(key.encode()) + 7919 * seed) % 2**31)
 
 
-def base_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+#: ``--base-spectrum power``: singular values ∝ i^(−POWER), like trained weights' decaying spectra
+POWER = 0.5
+
+
+def base_tensor(key: str, shape: tuple[int, ...], spectrum: str = "gaussian") -> torch.Tensor:
+    """A base weight: iid Gaussian (``spectrum="gaussian"``: the flattest top a matrix has, the
+    hardest case for a Krylov eigensolver), or (``"power"``) Haar-random singular vectors with
+    singular values ∝ i^(−POWER) and the Gaussian matrix's expected Frobenius norm."""
     if key.endswith("norm.weight"):
         return torch.ones(shape)
-    return torch.randn(shape, generator=_gen(key)) * STD
+    if spectrum == "gaussian" or len(shape) != 2:
+        return torch.randn(shape, generator=_gen(key)) * STD
+    g = _gen(key)
+    m, n = shape
+    r = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
+    S = torch.arange(1, r + 1, dtype=torch.float32) ** -POWER
+    S *= STD * (m * n) ** 0.5 / S.norm()
+    return (U * S) @ V.T
 
 
 def planted(shape: dict) -> dict[str, str]:
@@ -164,22 +181,22 @@ def write_lora(folder: Path, shape: dict, rank: int = 16) -> dict[str, tuple[tor
     return factors
 
 
-def generate(out: Path, shape: dict) -> None:
+def generate(out: Path, shape: dict, spectrum: str = "gaussian", lora: bool = True) -> None:
     all_keys = keys(shape)
     if not (out / "base" / "config.json").exists():
-        write_checkpoint(out / "base", shape, lambda k: base_tensor(k, all_keys[k]))
+        write_checkpoint(out / "base", shape, lambda k: base_tensor(k, all_keys[k], spectrum))
 
     def tuned(k: str) -> torch.Tensor:
-        W = base_tensor(k, all_keys[k])
+        W = base_tensor(k, all_keys[k], spectrum)
         return W + planted_update(k, W, shape)
 
     if not (out / "tuned" / "config.json").exists():
         write_checkpoint(out / "tuned", shape, tuned)
-    if not (out / "merged" / "config.json").exists():
+    if lora and not (out / "merged" / "config.json").exists():
         factors = write_lora(out / "adapter", shape)
 
         def merged(k: str) -> torch.Tensor:
-            W = base_tensor(k, all_keys[k])
+            W = base_tensor(k, all_keys[k], spectrum)
             if k in factors:
                 A, B = factors[k]
                 W = W.to(torch.bfloat16).float() + 2.0 * (B @ A)
@@ -296,14 +313,18 @@ def main() -> None:
     parser.add_argument("--shape", default="tinyllama-1.1b", choices=list(SHAPES))
     parser.add_argument("--naive-layers", type=int, default=2)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--base-spectrum", default="gaussian", choices=["gaussian", "power"],
+                        help="the base's weights: iid Gaussian (default) or singular values "
+                             f"∝ i^-{POWER} (decaying like trained weights'); use a fresh --out")
     parser.add_argument("--only", nargs="+", default=["exact", "fast", "naive", "io", "lora"],
                         choices=["exact", "fast", "naive", "io", "lora"])
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     out = args.out
     t0 = time.perf_counter()
-    generate(out, shape)
-    results: dict = {"shape": args.shape, **shape, "generate_s": time.perf_counter() - t0,
+    generate(out, shape, args.base_spectrum, lora="lora" in args.only)
+    results: dict = {"shape": args.shape, **shape, "base_spectrum": args.base_spectrum,
+                     "generate_s": time.perf_counter() - t0,
                      "cpus": os.cpu_count(), "torch": torch.__version__,
                      "torch_threads": torch.get_num_threads(), "device": args.device or "cpu"}
     dev = ["--device", args.device] if args.device else []
