@@ -83,6 +83,25 @@ def test_degenerate_singular_values_use_cluster_subspaces():
     assert math.isclose(float(best[0]), 1.0, rel_tol=1e-9)
 
 
+def test_clusters_of_a_dense_spectrum_stay_narrow():
+    """A dense, smoothly decaying spectrum (σ_i ∝ i^−0.5: tail gaps far below ``rtol · σ_max``)
+    is not chained into one cluster: none spans more than ``rtol · σ_max``, and a random update
+    of such a base reads as unaligned (amplification share near its baseline), as it does
+    on distinct well-separated values."""
+    n, rtol = 512, 1e-4
+    S = torch.arange(1, n + 1, dtype=torch.float64) ** -0.5
+    ids = cluster_ids(S, rtol)
+    for c in range(int(ids.max()) + 1):
+        members = S[ids == c]
+        assert float(members.max() - members.min()) <= rtol * float(S[0])
+    assert int(torch.bincount(ids).max()) <= 4 and torch.equal(ids, torch.sort(ids).values)
+    U, V = (torch.linalg.qr(rand(n, n, seed=s)).Q for s in (21, 22))
+    base = dense_svd((U * S) @ V.T)
+    A, B = rand(n, 2, seed=23), rand(2, n, seed=24)
+    al = align(A, B, base, U[:, :8], V[:, :8])
+    assert al.baseline_amplification_share < 0.01 and al.amplification_share < 0.02
+
+
 def test_spectrum_stats_against_numpy():
     W = rand(10, 7, seed=9)
     s = np.linalg.svd(W.numpy(), compute_uv=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -323,12 +324,21 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
 
 
 def cluster_ids(S: Float[Tensor, "r"], rtol: float = 1e-4) -> Tensor:
-    """Cluster id of each singular value (descending ``S``): consecutive values whose gap is
-    below ``rtol · σ_max`` share a cluster. Ids are ``0, 1, …`` in order."""
+    """Cluster id of each singular value (descending ``S``): taken greedily from the top, a
+    cluster holds the values within ``rtol · σ_max`` of its largest one, so none spans more
+    than that. (Chaining every gap below ``rtol · σ_max`` instead merges a dense spectrum's
+    whole tail into one cluster — for σ_i ∝ i^−0.5 at n = 2048 the last ~1 750 values — and
+    makes any update look "amplified" within it.) Ids are ``0, 1, …`` in order."""
     if S.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=S.device)
-    gaps = ((S[:-1] - S[1:]).abs() > rtol * S[0]).long()
-    return torch.cat([torch.zeros(1, dtype=torch.long, device=S.device), torch.cumsum(gaps, 0)])
+    values = S.detach().double().cpu().numpy()
+    tol, top = rtol * values[0], values[0]
+    ids, cluster = np.empty(len(values), dtype=np.int64), 0
+    for i, value in enumerate(values.tolist()):
+        if top - value > tol:
+            cluster, top = cluster + 1, value
+        ids[i] = cluster
+    return torch.from_numpy(ids).to(S.device)
 
 
 def top_eigenpairs(G: Float[Tensor, "n n"], k: int, *, start: Tensor | None = None,
