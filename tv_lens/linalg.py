@@ -527,11 +527,12 @@ def core_shares(core: Float[Tensor, "r r"] | CoreProduct, S: Float[Tensor, "r"],
 
 def _cluster_energy(core: CoreProduct, ids: Tensor, diagonal: Tensor) -> float:
     """``Σ_C ‖core[C, C]‖²``: singleton clusters from the ``diagonal``, the others block by
-    block."""
+    block (``ids`` as :func:`cluster_ids` numbers them: each cluster a run of indices)."""
     sizes = torch.bincount(ids)
     energy = float(diagonal[sizes[ids] == 1].pow(2).sum())
+    counts, ends = sizes.tolist(), torch.cumsum(sizes, 0).tolist()
     for cluster in torch.nonzero(sizes > 1).flatten().tolist():
-        members = torch.nonzero(ids == cluster).flatten()
+        members = slice(ends[cluster] - counts[cluster], ends[cluster])
         energy += float(core.block(members, members).pow(2).sum())
     return energy
 
@@ -604,13 +605,14 @@ def align_circuits(L: Float[Tensor, "hl m k"], Rt: Float[Tensor, "hr k n"],
     X, Y = Qa.mT @ dL, dRt @ Qb
     Rt2 = Rt + dRt
 
-    def gram(P: Tensor, Q: Tensor) -> Tensor:
+    def batched_gram(P: Tensor, Q: Tensor) -> Tensor:
         return (P.mT @ Q).double()
 
     # ‖ΔC‖² = ‖L2 Rt2 − L Rt‖²; the difference of squares cancels badly in float32, so it is
     # taken in float64 from k × k Grams: ‖ΔC‖² = ‖dL Rt2 + L dRt‖² expanded
-    left = [Ra, X, gram(dL, dL), gram(dL, L), gram(L, L)]
-    right = [Rb, Y, gram(Rt2.mT, Rt2.mT), gram(Rt2.mT, dRt.mT), gram(dRt.mT, dRt.mT)]
+    left = [Ra, X, batched_gram(dL, dL), batched_gram(dL, L), batched_gram(L, L)]
+    right = [Rb, Y, batched_gram(Rt2.mT, Rt2.mT), batched_gram(Rt2.mT, dRt.mT),
+             batched_gram(dRt.mT, dRt.mT)]
     if left_heads is not None:
         left = [x[left_heads] for x in left]
     if right_heads is not None:
