@@ -140,9 +140,10 @@ def test_matrix_overlap_against_explicit_svds(shape):
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_core_product_blocks_and_shares_equal_the_dense_core(transpose):
+def test_core_product_blocks_and_shares_equal_the_dense_core(transpose, monkeypatch):
     """The unmultiplied core (exact mode) against its dense form, on a base with clusters of
-    equal singular values: blocks, diagonal, and the shares computed from them."""
+    equal singular values: blocks, entries, diagonal, and the shares computed from them (small
+    clusters read entry by entry, and block by block)."""
     U = torch.linalg.qr(rand(14, 10, seed=41)).Q
     V = torch.linalg.qr(rand(10, 10, seed=42)).Q
     S = torch.tensor([3.0, 3.0, 2.0, 2.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.2], dtype=torch.float64)
@@ -158,10 +159,14 @@ def test_core_product_blocks_and_shares_equal_the_dense_core(transpose):
     torch.testing.assert_close(dense, explicit.U.T @ D @ explicit.V, rtol=0, atol=1e-10)
     rows, cols = torch.tensor([4, 0, 7]), torch.tensor([2, 9])
     torch.testing.assert_close(ov.core.block(rows, cols), dense[rows][:, cols], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ov.core.entries(rows, torch.tensor([2, 9, 9])),
+                               dense[rows, torch.tensor([2, 9, 9])], rtol=0, atol=1e-12)
     torch.testing.assert_close(ov.core.diagonal(), dense.diagonal(), rtol=0, atol=1e-12)
-    got = linalg.core_shares(ov.core, base.S, ov.energy, ids)
     want = linalg.core_shares(dense, base.S, ov.energy, ids)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    for entrywise_up_to in (16, 1):
+        monkeypatch.setattr(linalg, "_ENTRYWISE_UP_TO", entrywise_up_to)
+        got = linalg.core_shares(ov.core, base.S, ov.energy, ids)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
 def test_isotropic_baselines_by_monte_carlo():

@@ -419,7 +419,7 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     tall = (max(m, n), min(m, n))
     row.update(_matrix_tests(overlap, ids, r_used, *tall, (top_share, amp)))
     row["n_intruders"] = (intruder_count(base, overlap, *intruders)[0]
-                          if linear and overlap.tuned_gram is not None else float("nan"))
+                          if linear and overlap.grams is not None else float("nan"))
     row.update(n_new_directions=int(is_new.sum()), n_amplified_directions=int(is_amp.sum()),
                top_match=float(match[0]), mean_match=float(match.mean()),
                top_subspace_share=top_share, amplification_share=amp, new_share=new_share,

@@ -219,6 +219,16 @@ class CoreProduct:
         """``core[rows][:, cols]``."""
         return self._block(cols, rows).T if self.transposed else self._block(rows, cols)
 
+    def entries(self, rows: Tensor, cols: Tensor) -> Float[Tensor, "p"]:
+        """``core[rows[i], cols[i]]`` for each ``i`` (``O(p)`` per entry)."""
+        if self.transposed:
+            rows, cols = cols, rows
+        if self.right is None:
+            out = self.left[rows, cols].double()
+        else:
+            out = (self.left[rows] * self.right.T[cols]).sum(1).double()
+        return out if self.row_scale is None else out * self.row_scale[rows]
+
     def diagonal(self) -> Float[Tensor, "r"]:
         if self.right is None:
             diag = self.left.diagonal().double()
@@ -246,8 +256,9 @@ class MatrixOverlap:
         right: ``Vᵀ Q_k`` (``[r, k]``), Q_k the top-k right singular vectors of Δ.
         energy: ``‖Δ‖_F²`` (exact in every mode).
         partial: ``delta_S`` holds only Δ's top singular values (``--fast``).
-        tuned_gram: ``(Wt + Δt)ᵀ (Wt + Δt)`` in the base's tall orientation (exact mode).
-        tuned_cross: ``(Wt + Δt)ᵀ Wt`` (exact mode), for the tuned matrix's long-side vectors.
+        grams: ``(G, C, G_d) = (Wtᵀ Wt, Wtᵀ Δt, Δtᵀ Δt)`` in the base's tall orientation, float64
+            (exact mode; ``None`` otherwise); the tuned matrix's Gram is formed from them on
+            access only (:attr:`tuned_gram`).
     """
 
     core: CoreProduct
@@ -256,8 +267,18 @@ class MatrixOverlap:
     right: Float[Tensor, "r k"]
     energy: float
     partial: bool = False
-    tuned_gram: Tensor | None = None
-    tuned_cross: Tensor | None = None
+    grams: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def tuned_gram(self) -> Float[Tensor, "n n"] | None:
+        """``(Wt + Δt)ᵀ (Wt + Δt) = G + C + Cᵀ + G_d`` (exact mode; formed on each access)."""
+        if self.grams is None:
+            return None
+        G, C, G_d = self.grams
+        out = C + C.T
+        out += G
+        out += G_d
+        return out
 
 
 def _tall_factors(D: LowRank, transposed: bool) -> tuple[Tensor, Tensor]:
@@ -278,7 +299,7 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
       with ``m·n·(rank + k)`` cost; with a ``partial`` base only its top directions are used
       (``delta``: Δ's randomized SVD when the caller already has it).
     """
-    grams: tuple[Tensor, Tensor, Tensor | None] | None = None
+    grams: tuple[Tensor, Tensor, Tensor] | None = None
     if isinstance(D, LowRank):
         L, R = (f.double() for f in _tall_factors(D, base.transposed))
         delta = factored_svd(L, R, rtol)
@@ -295,9 +316,10 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         delta = delta or randomized_svd(Dt, max(fast_rank or 0, k))
         Q, S_d = delta.V[:, :k], delta.S[:k]
         U_b = (base.Wt.float() @ base.V.float()) / base.S.float()  # [m, r_b]: the top U only
-        DtV = Dt.float() @ base.V.float()
+        VQ = torch.cat([base.V, Q], 1).float()  # one pass over Δ for both products
+        DtV, DtQ = (Dt.float() @ VQ).split([base.V.shape[1], Q.shape[1]], 1)
         core = CoreProduct((U_b.T @ DtV).double())
-        P = (Dt.float() @ Q.float()) / S_d.float()
+        P = DtQ / S_d.float()
         left_t = (U_b.T @ P).double()
         out = (core, delta.S, left_t, base.V.T @ Q, delta.energy, True)
     else:
@@ -314,13 +336,10 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         if base.gram is not None:
             grams = (base.gram, cross, delta.gram)
     core, delta_S, left_t, right_t, energy, partial = out
-    tuned = (None, None)
-    if not partial and base.gram is not None:
-        G, C, G_d = grams  # (Wt + Δt)ᵀ(Wt + Δt) = G + C + Cᵀ + G_d;  (Wt + Δt)ᵀ Wt = G + Cᵀ
-        tuned = (G + C + C.T + G_d, G + C.T)
+    grams = None if partial else grams
     if base.transposed:
-        return MatrixOverlap(core.transpose(), delta_S, right_t, left_t, energy, partial, *tuned)
-    return MatrixOverlap(core, delta_S, left_t, right_t, energy, partial, *tuned)
+        return MatrixOverlap(core.transpose(), delta_S, right_t, left_t, energy, partial, grams)
+    return MatrixOverlap(core, delta_S, left_t, right_t, energy, partial, grams)
 
 
 def cluster_ids(S: Float[Tensor, "r"], rtol: float = 1e-4) -> Tensor:
@@ -464,7 +483,7 @@ def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
     started from the base's); long-side vectors only through
     ``u'ᵀ u_i = v'ᵀ (Wt + Δt)ᵀ Wt v_i / (s' σ_i)``, never formed.
     """
-    if overlap.tuned_gram is None:
+    if overlap.grams is None:
         raise InvalidArgumentError("intruder_count needs the exact-mode Grams (not available with --fast).")
     evals, vecs = top_eigenpairs(overlap.tuned_gram, top_k, start=base.V,
                                  start_values=base.S.pow(2), krylov_above=krylov_above)
@@ -475,7 +494,8 @@ def intruder_count(base: GramSVD, overlap: MatrixOverlap, top_k: int = 10,
     if short_side:
         cos = (base.V.T @ v_t).abs()
     else:
-        cos = (base.V.T @ (overlap.tuned_cross.T @ v_t)).abs() / base.S[:, None] / s_t[None, :]
+        G, C, _ = overlap.grams  # (Wt + Δt)ᵀ Wt = G + Cᵀ, applied without forming it
+        cos = (base.V.T @ (G @ v_t + C @ v_t)).abs() / base.S[:, None] / s_t[None, :]
     best = cos.max(dim=0).values if cos.numel() else torch.zeros(k, dtype=torch.float64)
     return int((best < epsilon).sum()), best
 
@@ -525,14 +545,27 @@ def core_shares(core: Float[Tensor, "r r"] | CoreProduct, S: Float[Tensor, "r"],
     return amp, float((mean_S[ids] * diagonal).sum() / norm)
 
 
+#: Clusters up to this size are read entry by entry, all at once; larger ones block by block.
+_ENTRYWISE_UP_TO = 16
+
+
 def _cluster_energy(core: CoreProduct, ids: Tensor, diagonal: Tensor) -> float:
-    """``Σ_C ‖core[C, C]‖²``: singleton clusters from the ``diagonal``, the others block by
-    block (``ids`` as :func:`cluster_ids` numbers them: each cluster a run of indices)."""
+    """``Σ_C ‖core[C, C]‖²``: singleton clusters from the ``diagonal``, small ones from their
+    entries gathered in one product (a dense spectrum has hundreds of 2–4-sized clusters), large
+    ones block by block (``ids`` as :func:`cluster_ids` numbers them: each cluster a run)."""
     sizes = torch.bincount(ids)
-    energy = float(diagonal[sizes[ids] == 1].pow(2).sum())
-    counts, ends = sizes.tolist(), torch.cumsum(sizes, 0).tolist()
-    for cluster in torch.nonzero(sizes > 1).flatten().tolist():
-        members = slice(ends[cluster] - counts[cluster], ends[cluster])
+    size_of = sizes[ids]
+    energy = float(diagonal[size_of == 1].pow(2).sum())
+    starts = torch.cumsum(sizes, 0) - sizes
+    small = torch.nonzero((size_of > 1) & (size_of <= _ENTRYWISE_UP_TO)).flatten()
+    if small.numel():
+        width = size_of[small]
+        rows = small.repeat_interleave(width)  # every (row, col) pair of each cluster
+        first = (torch.cumsum(width, 0) - width).repeat_interleave(width)
+        offset = torch.arange(rows.numel(), device=ids.device) - first
+        energy += float(core.entries(rows, starts[ids[rows]] + offset).pow(2).sum())
+    for cluster in torch.nonzero(sizes > _ENTRYWISE_UP_TO).flatten().tolist():
+        members = slice(int(starts[cluster]), int(starts[cluster] + sizes[cluster]))
         energy += float(core.block(members, members).pow(2).sum())
     return energy
 
