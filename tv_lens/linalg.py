@@ -629,7 +629,7 @@ def align_circuits(L: Float[Tensor, "hl m k"], Rt: Float[Tensor, "hr k n"],
     Heads that share a factor (grouped-query attention: a key-value head's ``W_V`` on the OV
     side, its ``W_K`` on the QK side) pass it once: ``left_heads`` / ``right_heads`` (``[h]``)
     give the row of ``L, dL`` / ``Rt, dRt`` each head uses, and everything of that side alone
-    (its QR, its products with its update, its Grams) is computed once per shared factor.
+    (its QR and SVD, its products with its update, its Grams) is computed once per shared factor.
     """
     wd = work_dtype(L.shape[1])  # float32 above d_model 1024; k × k results in float64
     L, Rt, dL, dRt = (x.to(wd) for x in (L, Rt, dL, dRt))
@@ -643,20 +643,20 @@ def align_circuits(L: Float[Tensor, "hl m k"], Rt: Float[Tensor, "hr k n"],
 
     # ‖ΔC‖² = ‖L2 Rt2 − L Rt‖²; the difference of squares cancels badly in float32, so it is
     # taken in float64 from k × k Grams: ‖ΔC‖² = ‖dL Rt2 + L dRt‖² expanded
-    left = [Ra, X, batched_gram(dL, dL), batched_gram(dL, L), batched_gram(L, L)]
-    right = [Rb, Y, batched_gram(Rt2.mT, Rt2.mT), batched_gram(Rt2.mT, dRt.mT),
-             batched_gram(dRt.mT, dRt.mT)]
+    # (each factor's own singular frame, its read or write basis, also once per shared factor)
+    left = [Ra, X, *torch.linalg.svd(Ra.double())[:2], batched_gram(dL, dL), batched_gram(dL, L),
+            batched_gram(L, L)]
+    right = [Rb, Y, *torch.linalg.svd(Rb.double())[:2], batched_gram(Rt2.mT, Rt2.mT),
+             batched_gram(Rt2.mT, dRt.mT), batched_gram(dRt.mT, dRt.mT)]
     if left_heads is not None:
         left = [x[left_heads] for x in left]
     if right_heads is not None:
         right = [x[right_heads] for x in right]
-    (Ra, X, dLdL, dLL, LL), (Rb, Y, R2R2, R2dR, dRdR) = left, right
+    (Ra, X, ua, sa, dLdL, dLL, LL), (Rb, Y, ub, sb, R2R2, R2dR, dRdR) = left, right
     M = X @ Rb.mT + Ra @ Y + X @ Y
     Ra, Rb, M = Ra.double(), Rb.double(), M.double()
     total = ((dLdL * R2R2).sum((-1, -2)) + 2 * (dLL * R2dR).sum((-1, -2))
              + (LL * dRdR).sum((-1, -2))).clamp(min=0)
-    ua, sa, _ = torch.linalg.svd(Ra)
-    ub, sb, _ = torch.linalg.svd(Rb)
     read = sa > rtol * sa[:, :1]
     write = sb > rtol * sb[:, :1]
     sub_core = (ua.mT @ M @ ub) * read[:, :, None] * write[:, None, :]
