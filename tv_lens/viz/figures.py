@@ -36,7 +36,7 @@ def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
 def _hover(rows: pd.DataFrame, columns: list[str]) -> list[str]:
     """One hover text per row: ``column: value`` lines, numbers to 4 significant digits.
     Values are read as ``rows.iterrows()`` would give them (one dtype for the whole frame),
-    column by column: 20 000 neurons in 0.2 s instead of 4 s row by row."""
+    column by column: 20 000 neurons in 0.34 s instead of 3.5 s row by row."""
     def fmt(v):  # strings (token names) are escaped: plotly reads hover text as markup
         return f"{v:.4g}" if isinstance(v, (float, np.floating)) else html.escape(str(v))
     values, position = rows.to_numpy(), {c: i for i, c in enumerate(rows.columns)}
