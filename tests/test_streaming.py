@@ -73,6 +73,23 @@ def test_reads_are_bounded_to_what_is_asked(llama_dirs, monkeypatch):
     assert reads == []  # arithmetic and select are lazy too
 
 
+def test_plain_checkpoints_skip_the_conversion_rules(llama_dirs, monkeypatch):
+    """A checkpoint stored under the in-memory names (Llama here) is read without importing
+    transformers' conversion rules (seconds of imports); renamed or per-expert checkpoints use
+    them (GPT-NeoX, Mixtral: ``test_families.py``)."""
+    import tv_lens.checkpoints as checkpoints
+
+    def refuse(config):
+        raise AssertionError("conversion rules consulted")
+
+    monkeypatch.setattr(checkpoints, "_conversions", refuse)
+    weights = CheckpointWeights(llama_dirs[0])
+    assert weights.slots["blocks.0.attn.W_Q"].hf_key == "model.layers.0.self_attn.q_proj.weight"
+    monkeypatch.undo()  # the rules rename nothing here: skipping them changed nothing
+    keys = weights.checkpoint.keys()
+    assert checkpoints.in_memory_names(keys, checkpoints.read_config(llama_dirs[0])) == {}
+
+
 def test_lazy_vector_keeps_the_api(llama_dirs, tmp_path):
     pair = ModelPair.from_pretrained(*llama_dirs)
     tv = pair.tuning_vector()

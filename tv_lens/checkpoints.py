@@ -314,11 +314,7 @@ class CheckpointWeights(SlotWeights):
         self.checkpoint = Checkpoint(self.folder, allow_pickle=allow_pickle)
         self.device = torch.device(device) if device is not None else None
         keys = self.checkpoint.keys()
-        config = _config_or_empty(self.folder)
-        stored = in_memory_names(keys, config)
-        slots = stored_expert_slots(layout(self.spec, keys | set(stored)), keys | set(stored), config)
-        self.slots: dict[str, Slot] = {s.tl_name: replace(s, hf_key=stored.get(s.hf_key, s.hf_key))
-                                       for s in slots}
+        self.slots: dict[str, Slot] = {s.tl_name: s for s in self._slots(keys)}
         self._check_everything_read(keys)
         missing = [s.hf_key for s in self.slots.values() if s.hf_key not in keys]
         if missing:
@@ -330,6 +326,20 @@ class CheckpointWeights(SlotWeights):
                 "Is it a complete checkpoint of that architecture?"
             )
         self._check_shapes()
+
+    def _slots(self, keys: set[str]) -> list[Slot]:
+        """The layout's slots pointed at the stored keys. ``transformers``'s conversion rules
+        (renamed keys, one tensor per expert; importing them costs seconds) are consulted only
+        where the layout does not find every tensor it reads, and every stored tensor, under
+        the names models hold in memory."""
+        slots = layout(self.spec, keys)
+        read = {s.hf_key for s in slots}
+        if read <= keys and (self.spec.family != "adapter" or keys <= read):
+            return slots
+        config = _config_or_empty(self.folder)
+        stored = in_memory_names(keys, config)
+        slots = stored_expert_slots(layout(self.spec, keys | set(stored)), keys | set(stored), config)
+        return [replace(s, hf_key=stored.get(s.hf_key, s.hf_key)) for s in slots]
 
     def _check_everything_read(self, keys: set[str]) -> None:
         """A derived layout must read every tensor of the checkpoint: one it does not know
