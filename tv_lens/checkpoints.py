@@ -18,6 +18,7 @@ import json
 import re
 import os
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -126,6 +127,7 @@ class Checkpoint:
         self._where: dict[str, str] = {}  # key -> file name
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
         self._cache_size = cache
+        self._lock = threading.RLock()  # the cache and the loaded pickle shard, across threads
         self.pickle = False
         if (self.folder / SAFETENSORS_INDEX).is_file():
             self._index(SAFETENSORS_INDEX)
@@ -186,6 +188,10 @@ class Checkpoint:
             self._where = dict.fromkeys(self._load_pickle(found), found)
 
     def _load_pickle(self, name: str) -> dict[str, Tensor]:
+        with self._lock:
+            return self._load_pickle_locked(name)
+
+    def _load_pickle_locked(self, name: str) -> dict[str, Tensor]:
         if name not in self._files:
             path = self.folder / name
             if not path.is_file():
@@ -215,17 +221,21 @@ class Checkpoint:
         return self._files[self._where[key]].entries[key][0]
 
     def read(self, key: str) -> Tensor:
-        """The tensor stored under ``key`` (CPU, stored dtype)."""
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        name = self._where[key]
-        tensor = (self._load_pickle(name)[key].clone() if self.pickle
-                  else self._files[name].read(key))
-        if tensor.numel() * tensor.element_size() <= CACHE_MAX_BYTES:
-            self._cache[key] = tensor
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        """The tensor stored under ``key`` (CPU, stored dtype). Safe to call from several
+        threads; safetensors reads (each with a file handle of its own) then run side by side."""
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            name = self._where[key]
+            tensor = self._load_pickle(name)[key].clone() if self.pickle else None
+        if tensor is None:
+            tensor = self._files[name].read(key)
+        with self._lock:
+            if tensor.numel() * tensor.element_size() <= CACHE_MAX_BYTES:
+                self._cache[key] = tensor
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return tensor
 
 
