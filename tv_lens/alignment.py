@@ -29,6 +29,7 @@ update". The per-matrix table has no such coupling and is the cross-check.
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +54,7 @@ from tv_lens.stats import NullMoments, bh_adjust
 from tv_lens.table_io import write_csv
 from tv_lens.sources import layer_of
 from tv_lens.vector import TuningVector
+from tv_lens.workers import check_workers, ordered_map
 
 LABELS = ("amplified", "dampened", "aligned", "new", "mixed", "unchanged")
 LABEL_MODES = ("calibrated", "fixed")
@@ -575,21 +577,33 @@ def layer_rows(tv: TuningVector, layer: int, names: list[str], o: LayerOptions,
                tensors: tuple[dict, dict] | None = None) -> LayerRows:
     """Heads, neurons and matrices rows of one layer (``bases``: the layer's
     :func:`base_decompositions`, computed once for a zoo of fine-tunes; ``tensors``: the
-    layer's :func:`layer_tensors`, read already by a caller that needs them too)."""
+    layer's :func:`layer_tensors`, read already by a caller that needs them too).
+
+    Memory: one part's weights (attention, then MLP) are held at a time, each weight let go
+    once its matrix row is made, so that several workers (:mod:`tv_lens.workers`) fit."""
     names = [n for n in names if ".attn." in n or ".mlp." in n]
-    base, delta = tensors if tensors is not None else layer_tensors(tv, names, o.device)
-    spec = tv.spec
-    out = LayerRows(_head_rows(spec, layer, base, delta, o.t, o.null_samples, o.seed),
-                    _neuron_rows(spec, layer, base, delta, o.t), [],
-                    {(layer, part): _unit_energies(spec, layer, part, delta) for part in ("attn", "mlp")})
-    matrices = set(_matrix_names(tv))
-    for name in names:
-        if name in matrices:
-            out.matrices.append(_matrix_row(name, _as_2d(name, base[name]), _as_matrix(name, delta[name]),
-                                            o.top_k, o.t, o.fast_rank, o.intruders,
-                                            (bases or {}).get(name)))
-    del base, delta
-    release_freed_memory()
+    spec, matrices = tv.spec, set(_matrix_names(tv))
+    out = LayerRows([], [], [], {})
+    for part in dict.fromkeys(n.split(".")[2] for n in names):  # attn, mlp in stored order
+        part_names = [n for n in names if n.split(".")[2] == part]
+        base, delta = ((tensors[0] | {}, tensors[1] | {}) if tensors is not None
+                       else layer_tensors(tv, part_names, o.device))
+        release_freed_memory()  # the raw reads
+        if part == "attn":
+            out.heads = _head_rows(spec, layer, base, delta, o.t, o.null_samples, o.seed)
+        else:
+            out.neurons = _neuron_rows(spec, layer, base, delta, o.t)
+        out.energies[(layer, part)] = _unit_energies(spec, layer, part, delta)
+        release_freed_memory()
+        for name in part_names:
+            if name in matrices:
+                W, D = base.pop(name), delta.pop(name)
+                out.matrices.append(_matrix_row(name, _as_2d(name, W), _as_matrix(name, D),
+                                                o.top_k, o.t, o.fast_rank, o.intruders,
+                                                (bases or {}).get(name)))
+                del W, D
+                release_freed_memory()
+        del base, delta
     return out
 
 
@@ -612,7 +626,8 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             thresholds: Thresholds | None = None, progress: bool = True, fast: bool = False,
             fast_rank: int = 32, device: str | torch.device | None = None,
             labels: str = "calibrated", level: float | None = None, null_samples: int = 200,
-            seed: int = 0, intruder_top_k: int = 10, intruder_epsilon: float = 0.5) -> "Analysis":
+            seed: int = 0, intruder_top_k: int = 10, intruder_epsilon: float = 0.5,
+            workers: int | None = None) -> "Analysis":
     """Directional-alignment tables for a :class:`~tv_lens.ModelPair` (or a tuning vector with
     base weights attached).
 
@@ -654,13 +669,18 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             per-layer linear weights (``[out, in]`` = TransformerLens ``Wᵀ``) in exact mode;
             NaN for embeddings and with ``fast``. GPT-2's fused ``c_attn`` is split into W_Q,
             W_K, W_V here, so its counts differ from PEFT's count on the fused Conv1D tensor.
+        workers: layers analysed at once, in threads that share torch's CPU threads
+            (:mod:`tv_lens.workers`; default 2 on a CPU with at least two torch threads, 1 on a
+            GPU). Each worker holds one layer; the tables do not depend on it (up to float
+            rounding of BLAS products across thread counts).
 
     Returns:
         :class:`Analysis` with ``heads``, ``neurons``, ``matrices`` and ``summary`` tables.
 
     Memory: weights are read one layer at a time (a pair from ``ModelPair.from_pretrained``
     reads them straight from the checkpoint files), so peak memory is about one layer of the
-    base and of the update plus the work on its largest matrix, whatever the model size. LoRA
+    base and of the update plus the work on its largest matrix per worker, whatever the model
+    size. LoRA
     updates (:meth:`TuningVector.factors`) are analysed from their factors.
 
     Degenerate singular values: where the base has (near-)equal singular values (relative gap
@@ -698,6 +718,7 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
                                    "Shares are fractions: e.g. Thresholds(amplified=0.5, new=0.5).")
     t = replace(t, level=level) if level is not None else t
     device = torch.device(device) if device is not None else torch.device("cpu")
+    workers = check_workers(workers, device)
     rank = fast_rank if fast else None
     spec = tv.spec
     started = time.perf_counter()
@@ -708,10 +729,14 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     by_layer = names_by_layer(tv)
     options = LayerOptions(top_k, t, rank, (intruder_top_k, intruder_epsilon), null_samples, seed,
                            device)
-    # (the bar is closed, its line ended, also when a weight turns out broken mid-way)
-    with torch.no_grad(), tqdm(total=spec.n_layers, desc="analyze layers", disable=not progress) as bar:
-        for layer in range(spec.n_layers):
-            rows = layer_rows(tv, layer, by_layer.get(layer, []), options)
+    def rows_of(layer: int) -> LayerRows:
+        return layer_rows(tv, layer, by_layer.get(layer, []), options)
+
+    # (the bar is closed, its line ended, and layers not yet started are cancelled, also when
+    # a weight turns out broken mid-way)
+    with torch.no_grad(), tqdm(total=spec.n_layers, desc="analyze layers", disable=not progress) as bar, \
+            closing(ordered_map(rows_of, range(spec.n_layers), workers)) as layers:
+        for rows in layers:
             head_rows += rows.heads
             neuron_frames += rows.neurons
             matrix_rows += rows.matrices
@@ -722,7 +747,7 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
                     labels=labels, t=t, info={
                         "top_k": top_k, "thresholds": t.__dict__, "spec": spec.to_dict(),
                         "fast": fast, "fast_rank": rank, "device": str(device), "labels": labels,
-                        "null_samples": null_samples, "seed": seed,
+                        "null_samples": null_samples, "seed": seed, "workers": workers,
                         "intruders": {"top_k": intruder_top_k, "epsilon": intruder_epsilon},
                         "metadata": {k: v for k, v in tv.metadata.items()
                                      if isinstance(v, (str, int, float))},

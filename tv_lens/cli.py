@@ -1,7 +1,7 @@
 """The ``tv-lens`` command. It composes public functions only; all logic lives in the library.
 
     tv-lens analyze BASE TUNED|ADAPTER --out DIR [--top-k K] [--fast] [--device D] [--dtype T]
-                   [--vocab shared] [--allow-pickle] [--prompt TEXT]
+                   [--vocab shared] [--allow-pickle] [--workers N] [--prompt TEXT]
     tv-lens demo [--domain medical|math] [--out DIR] [--prompt TEXT]
     tv-lens zoo BASE TUNED [TUNED …] --out DIR [--workers N] [--ray [ADDRESS]] [--rank R]
 
@@ -87,6 +87,9 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--null-samples", type=int, default=200,
                         help="Monte Carlo draws per head circuit for its null (default 200; 0 "
                              "skips the head tests, only with --labels fixed)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="layers analysed at once, in threads sharing the CPU's (default 2 on "
+                             "a CPU with two or more threads, 1 on a GPU; each holds one layer)")
     parser.add_argument("--prompt", default=None,
                         help="text for the report's attention patterns and per-token effects")
 
@@ -119,7 +122,8 @@ def _run_analyze(args: argparse.Namespace) -> None:
     with staged_folder(args.out) as stage:
         result = analyze(pair, top_k=args.top_k, tol=args.tol, fast=args.fast,
                          fast_rank=args.fast_rank, device=device, labels=args.labels,
-                         level=args.level, null_samples=args.null_samples)
+                         level=args.level, null_samples=args.null_samples,
+                         workers=args.workers)
         result.info.update(command="analyze", tv_lens_version=__version__,
                            torch_version=torch.__version__,
                            arguments={k: str(v) for k, v in vars(args).items()})
