@@ -37,7 +37,8 @@ def test_workers_give_the_same_tables_in_the_same_order(family_dirs, threads):
     assert two.info["workers"] == 3 and one.info["workers"] == 1
     for name in TABLES:
         pd.testing.assert_frame_equal(getattr(one, name), getattr(two, name), check_exact=True)
-    assert list(two.heads.layer.drop_duplicates()) == list(range(pair.tuning_vector().spec.n_layers))
+    n_layers = pair.tuning_vector().spec.n_layers
+    assert list(two.heads.layer.drop_duplicates()) == list(range(n_layers))
     fast = [analyze(pair, progress=False, fast=True, fast_rank=12, workers=w) for w in (1, 2)]
     pd.testing.assert_frame_equal(fast[0].matrices, fast[1].matrices, check_exact=True)
 

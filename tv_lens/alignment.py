@@ -671,8 +671,9 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
             W_K, W_V here, so its counts differ from PEFT's count on the fused Conv1D tensor.
         workers: layers analysed at once, in threads that share torch's CPU threads
             (:mod:`tv_lens.workers`; default 2 on a CPU with at least two torch threads, 1 on a
-            GPU). Each worker holds one layer; the tables do not depend on it (up to float
-            rounding of BLAS products across thread counts).
+            GPU). Each worker holds one layer. The tables do not depend on it beyond float
+            rounding: BLAS rounds differently with another thread count, which moves the
+            clusters of nearly equal singular values of a flat spectrum (README, scale).
 
     Returns:
         :class:`Analysis` with ``heads``, ``neurons``, ``matrices`` and ``summary`` tables.
@@ -680,8 +681,7 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     Memory: weights are read one layer at a time (a pair from ``ModelPair.from_pretrained``
     reads them straight from the checkpoint files), so peak memory is about one layer of the
     base and of the update plus the work on its largest matrix per worker, whatever the model
-    size. LoRA
-    updates (:meth:`TuningVector.factors`) are analysed from their factors.
+    size. LoRA updates (:meth:`TuningVector.factors`) are analysed from their factors.
 
     Degenerate singular values: where the base has (near-)equal singular values (relative gap
     below 1e-4), single singular vectors are arbitrary within their cluster, so amplification
@@ -734,8 +734,8 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
 
     # (the bar is closed, its line ended, and layers not yet started are cancelled, also when
     # a weight turns out broken mid-way)
-    with torch.no_grad(), tqdm(total=spec.n_layers, desc="analyze layers", disable=not progress) as bar, \
-            closing(ordered_map(rows_of, range(spec.n_layers), workers)) as layers:
+    bar = tqdm(total=spec.n_layers, desc="analyze layers", disable=not progress)
+    with torch.no_grad(), bar, closing(ordered_map(rows_of, range(spec.n_layers), workers)) as layers:
         for rows in layers:
             head_rows += rows.heads
             neuron_frames += rows.neurons

@@ -348,7 +348,8 @@ class CheckpointWeights(SlotWeights):
             return slots
         config = _config_or_empty(self.folder)
         stored = in_memory_names(keys, config)
-        slots = stored_expert_slots(layout(self.spec, keys | set(stored)), keys | set(stored), config)
+        known = keys | set(stored)
+        slots = stored_expert_slots(layout(self.spec, known), known, config)
         return [replace(s, hf_key=stored.get(s.hf_key, s.hf_key)) for s in slots]
 
     def _check_everything_read(self, keys: set[str]) -> None:
