@@ -167,6 +167,16 @@ def test_core_product_blocks_and_shares_equal_the_dense_core(transpose, monkeypa
         monkeypatch.setattr(linalg, "_ENTRYWISE_UP_TO", entrywise_up_to)
         got = linalg.core_shares(ov.core, base.S, ov.energy, ids)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    # the top-left block's energy, directly (k ≤ 5) and from the complement (k > 5)
+    assert ov.core.orthogonal_right  # a full-rank base: V is square
+    for k in (1, 4, 6, 9, 10):
+        assert ov.core.leading_energy(k) == pytest.approx(float(dense[:k, :k].pow(2).sum()),
+                                                          rel=1e-12, abs=1e-14)
+    lora = matrix_overlap(base, LowRank(rand(10 if transpose else 14, 2, seed=44),
+                                        rand(2, 14 if transpose else 10, seed=45)), k=2)
+    assert not lora.core.orthogonal_right  # factors: no orthogonal right factor
+    assert lora.core.leading_energy(8) == pytest.approx(
+        float(lora.core.dense()[:8, :8].pow(2).sum()), rel=1e-12)
 
 
 def test_isotropic_baselines_by_monte_carlo():

@@ -413,8 +413,7 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     is_new = match < t.intruder
     is_amp = (~is_new) & (left_idx == right_idx)
     total = overlap.energy
-    top = slice(0, r_used)
-    top_share = float(overlap.core.block(top, top).pow(2).sum()) / total
+    top_share = overlap.core.leading_energy(r_used) / total
     amp, scale = core_shares(overlap.core, base.S, total, ids,
                              base.energy if base.partial else None)
     new_share = 1.0 - top_share

@@ -32,6 +32,7 @@ from tv_lens.errors import InvalidArgumentError
 #: Largest Gram size decomposed in float64 (above it: float32, see the module docstring).
 FLOAT64_UP_TO = 1024
 _CHUNK_ROWS = 8192
+_SYMMETRIC_BLOCKS = 8
 
 
 def work_dtype(n: int) -> torch.dtype:
@@ -57,8 +58,10 @@ def gram(A: Float[Tensor, "m n"], B: Float[Tensor, "m p"] | None = None,
     B_ = A if B is None else B
     n = A.shape[1]
     out = torch.zeros(n, B_.shape[1], dtype=torch.float64, device=A.device)
-    # Aᵀ A is symmetric: compute the blocks on and above the diagonal only (5/8 of the work)
-    blocks = [slice(j, min(n, j + -(-n // 4))) for j in range(0, n, -(-n // 4))] if B is None else None
+    # Aᵀ A is symmetric: compute the blocks on and above the diagonal only, 8 column blocks (9/16
+    # of the work; 4 blocks: 5/8, 8% slower for 5632 × 2048 on one thread, 16: no faster)
+    width = -(-n // _SYMMETRIC_BLOCKS)
+    blocks = [slice(j, min(n, j + width)) for j in range(0, n, width)] if B is None else None
     for i in range(0, A.shape[0], _CHUNK_ROWS):
         a = A[i:i + _CHUNK_ROWS].to(dtype)
         if blocks is None:  # (add_ promotes into float64: no float64 temporary)
@@ -209,6 +212,8 @@ class CoreProduct:
     right: Float[Tensor, "p r"] | None = None
     row_scale: Float[Tensor, "r"] | None = None
     transposed: bool = False
+    #: ``right`` is a square orthogonal matrix (a full-rank base's ``V``): see :meth:`leading_energy`
+    orthogonal_right: bool = False
 
     def _block(self, rows: Tensor | slice, cols: Tensor | slice) -> Tensor:
         left = self.left[rows]
@@ -240,8 +245,24 @@ class CoreProduct:
         """The whole core."""
         return self.block(slice(None), slice(None))
 
+    def leading_energy(self, k: int) -> float:
+        """``‖core[:k, :k]‖_F²``. With an orthogonal square ``right`` and ``k`` past half its
+        width, from the complement: row ``i``'s energy over the first ``k`` columns is
+        ``‖left_i‖² − ‖left_i right[:, k:]‖²``, a ``p × (p − k)`` product instead of ``p × k``
+        (a Gaussian 2048-wide base has ``rank_90`` ≈ 1 500: 2.5× less work)."""
+        top = slice(0, k)
+        if not (self.orthogonal_right and 2 * k > self.right.shape[1]):
+            return float(self.block(top, top).pow(2).sum())
+        left = self.left[top]
+        rest = (left @ self.right[:, k:]).double().pow(2).sum(1)
+        rows = left.double().pow(2).sum(1) - rest
+        if self.row_scale is not None:
+            rows = rows * self.row_scale[top].pow(2)
+        return float(rows.sum())
+
     def transpose(self) -> CoreProduct:
-        return CoreProduct(self.left, self.right, self.row_scale, not self.transposed)
+        return CoreProduct(self.left, self.right, self.row_scale, not self.transposed,
+                           self.orthogonal_right)
 
 
 @dataclass(frozen=True)
@@ -330,7 +351,8 @@ def matrix_overlap(base: GramSVD, D: Float[Tensor, "a b"] | LowRank, k: int,
         V = base.V.to(wd)
         cross = gram(base.Wt, Dt)  # Wtᵀ Δt: [n, n]
         VtC = V.T @ cross.to(wd)  # [r, n]
-        core = CoreProduct(VtC, V, 1.0 / base.S)  # never multiplied out: O(n³) saved
+        core = CoreProduct(VtC, V, 1.0 / base.S,  # never multiplied out: O(n³) saved
+                           orthogonal_right=V.shape[0] == V.shape[1])
         left_t = (VtC @ Q.to(wd)).double() / base.S[:, None] / S_d
         out = (core, delta.S, left_t, base.V.T @ Q, delta.energy, False)
         if base.gram is not None:
