@@ -8,9 +8,10 @@ TinyLlama-sized layer takes ~15% less wall time in exact mode and ~35% less with
 than one layer with two threads (``benchmarks/bench_scale.py``). torch releases the GIL in its
 kernels, so threads suffice, and they share the process's imports and checkpoint headers.
 
-Results come back in order, so tables are the same whatever the number of workers (up to the
-last bits of products that BLAS splits differently across thread counts). Memory: each worker
-holds one layer.
+Results come back in order, so tables are the same whatever the number of workers, up to
+rounding: BLAS splits products differently across thread counts, and where a base's singular
+values are nearly equal that rounding can move a cluster (README, scale: up to 0.8% in a matrix's
+amplification share on a Gaussian base). Memory: each worker holds one layer.
 """
 
 from __future__ import annotations
