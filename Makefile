@@ -25,16 +25,20 @@ VENV_TL3 ?= .venv-tl3
 # $(call install,VENV,EXTRAS): a fresh venv, the CPU torch first, then tv_lens editable. uv
 # (installed into the venv by pip) does the installing, ten times faster than pip; pip takes
 # over wherever uv fails (no network to PyPI, say) and installs torch when its wheel is not on
-# disk (pip honours TORCH_PIP_ARGS and pip.conf).
+# disk (pip honours TORCH_PIP_ARGS and pip.conf). Bytecode is compiled at install time, as pip
+# does and uv does not by default: where PYTHONDONTWRITEBYTECODE is set (CI images, this
+# machine) every start would otherwise compile torch from source again (`import tv_lens` 3.6 s
+# instead of 1.8 s).
 define install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q uv || true
 	$(1)/bin/python -c "import torch" 2>/dev/null || \
 	  { test -n "$(TORCH_WHEEL)" -a -z "$(TORCH_PIP_ARGS)" && \
-	    $(1)/bin/uv pip install -q --python $(1)/bin/python "$(TORCH_WHEEL)"; } || \
+	    $(1)/bin/uv pip install -q --compile-bytecode --python $(1)/bin/python "$(TORCH_WHEEL)"; } || \
 	  $(1)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(1)/bin/uv pip install -q --python $(1)/bin/python -e ".[$(2)]" || \
+	$(1)/bin/uv pip install -q --compile-bytecode --python $(1)/bin/python -e ".[$(2)]" || \
 	  $(1)/bin/python -m pip install -q -e ".[$(2)]"
+	$(1)/bin/python -m compileall -q tv_lens > /dev/null
 	$(1)/bin/python -c "import importlib.metadata as m; print('$(1): torch', m.version('torch'), '/ transformer-lens', m.version('transformer-lens'))"
 	touch $(1)/.tv_lens-installed
 endef
