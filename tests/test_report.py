@@ -57,6 +57,18 @@ def test_weight_only_report_says_what_it_left_out(pair, tmp_path):
     assert "var CircuitsVis" not in text  # no views, no bundle
 
 
+def test_fast_report_draws_the_fast_spectrum(pair, tmp_path, monkeypatch):
+    """A --fast analysis's report draws the top ``fast_rank`` values, as the analysis saw them
+    (no exact decomposition of the most-changed matrix just for the figure)."""
+    calls = []
+    real = tv_lens.alignment.matrix_spectrum
+    monkeypatch.setattr(tv_lens.alignment, "matrix_spectrum",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    analysis = tv_lens.analyze(pair, progress=False, fast=True, fast_rank=12)
+    text = tv_lens.report(analysis, tmp_path / "r.html", pair=pair).read_text()
+    assert calls == [{"fast_rank": 12}] and "the top 12 singular values (--fast)" in text
+
+
 def test_cli_writes_the_report(llama_dirs, tmp_path, capsys):
     assert main(["analyze", str(llama_dirs[0]), str(llama_dirs[1]), "--out", str(tmp_path),
                  "--prompt", "the cat sat"]) == 0

@@ -6,6 +6,7 @@ import torch
 
 import tv_lens
 from tv_lens import ModelPair, TvLensError, viz
+from tv_lens.errors import InvalidArgumentError
 from tv_lens.readouts import ov_tokens
 
 
@@ -81,6 +82,26 @@ def test_summary_spectrum_and_circuit_figures(pair, analysis):
     assert spec_df.match.notna().sum() == 5 and spec_df.attrs["matrix"] == "blocks.1.mlp.W_out"
     fig = viz.spectrum(spec_df)
     assert [t.type for t in fig.data] == ["scatter"] * 3 and fig.layout.yaxis.type == "log"
+
+
+def test_fast_spectrum_is_the_top_of_the_exact_one(pair):
+    """``matrix_spectrum(fast_rank=r)`` (what a --fast report draws) holds only the top ``r``
+    values of Δ (and the range plus probes of W); with ``r`` = the matrix's width the range
+    finder spans everything, and the values and matches equal the exact spectrum's."""
+    name = "blocks.1.mlp.W_out"
+    exact = tv_lens.matrix_spectrum(pair, name, top_k=3)
+    fast = tv_lens.matrix_spectrum(pair, name, top_k=3, fast_rank=6)
+    assert fast.sigma_delta.notna().sum() == 6 < exact.sigma_delta.notna().sum()
+    assert fast.sigma_base.notna().sum() == 6 + 3  # the range plus Δ's 3 probe directions
+    assert fast.match.notna().sum() == 3
+    width = int(min(pair.tuning_vector().base[name].shape))
+    full = tv_lens.matrix_spectrum(pair, name, top_k=3, fast_rank=width)
+    n = exact.sigma_delta.notna().sum()
+    for col in ("sigma_delta", "sigma_base"):  # (a bfloat16 sketch tilts the range by ~1e-3·σ_max)
+        np.testing.assert_allclose(full[col][:n], exact[col][:n], atol=1e-4 * exact[col].max())
+    np.testing.assert_allclose(full.match[:3], exact.match[:3], atol=1e-4)
+    with pytest.raises(InvalidArgumentError, match="fast_rank"):
+        tv_lens.matrix_spectrum(pair, name, fast_rank=0)
 
 
 def test_circuit_edges_are_the_largest_composition_changes(pair, analysis):

@@ -364,6 +364,22 @@ def _matrix_tests(overlap: Any, ids: Tensor, r_used: int, m: int, n: int,
     return {k: v[0] for k, v in _test_fields(tuple(nulls), shares).items()}
 
 
+def _decompose(W: Tensor, D: Tensor | LowRank, top_k: int, fast_rank: int | None,
+               base: GramSVD | None = None, energies: tuple[float, float] | None = None, *,
+               changed: bool = True) -> tuple[GramSVD, GramSVD | None]:
+    """The base's decomposition for :func:`matrix_overlap` (``base`` where the caller has it),
+    and with ``fast_rank`` also Δ's randomized SVD: Δ's top triplets come first, so the base's
+    range finder can be probed with them (every base pair Δ touches is recovered).
+    ``energies``: ``(‖W‖², ‖Δ‖²)`` where the caller has them."""
+    if fast_rank is None:
+        return (base if base is not None else gram_svd(W)), None
+    base_e, delta_e = energies or (None, None)
+    delta = (randomized_svd(D, max(fast_rank, top_k), energy=delta_e)
+             if changed and not isinstance(D, LowRank) else None)
+    probes = delta.V[:, :top_k] if delta is not None else None
+    return randomized_svd(W, fast_rank, probes=probes, energy=base_e), delta
+
+
 def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresholds,
                 fast_rank: int | None = None, intruders: tuple[int, float] = (10, 0.5),
                 base: GramSVD | None = None) -> dict:
@@ -377,16 +393,8 @@ def _matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresh
     row: dict[str, Any] = dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None
                                else name, delta_norm=delta_norm, relative_norm=rel,
                                expert=expert_of(name))
-    # once per matrix; Δ is then read in its singular bases. --fast: Δ's top triplets first,
-    # so the base's range finder can be probed with them (every base pair Δ touches recovered)
-    fast_delta = None
-    if fast_rank is None:
-        base = base if base is not None else gram_svd(W)
-    else:
-        if not isinstance(D, LowRank) and rel >= t.tol:
-            fast_delta = randomized_svd(D, max(fast_rank, top_k), energy=delta_e)
-        probes = fast_delta.V[:, :top_k] if fast_delta is not None else None
-        base = randomized_svd(W, fast_rank, probes=probes, energy=base_e)
+    base, fast_delta = _decompose(W, D, top_k, fast_rank, base, (base_e, delta_e),
+                                  changed=rel >= t.tol)
     base_r = spectrum_stats(base.S, energy=base.energy if base.partial else None)["rank_90"]
     r_used = base.S.numel() if base_r != base_r else base_r  # NaN: rank_90 > the top found
     m, n = W.shape
@@ -780,18 +788,23 @@ def assemble(spec: Any, head_rows: list[dict], neuron_frames: list[pd.DataFrame]
     return Analysis(heads, neurons, matrix_table, summary, info)
 
 
-def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10) -> pd.DataFrame:
+def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10,
+                    fast_rank: int | None = None) -> pd.DataFrame:
     """Singular values of the base matrix W and of its update Δ, with Δ's top ``top_k`` left
     singular directions matched against W's (``match_j = max_i |⟨p_j, u_i⟩|``, METHODS.md
     level 3), for one weight, e.g. ``"blocks.2.mlp.W_out"`` (per-head weights as
     ``[d_model, n·d_head]`` like the matrices table). Computed as the matrices table does
     (:func:`tv_lens.linalg.matrix_overlap`, factors for LoRA targets): one matrix at a time.
+    ``fast_rank``: as ``analyze(fast=True)`` does, only the top ``fast_rank`` singular values
+    of each (randomized SVD; the base's range finder probed with Δ's top directions).
 
     Returns:
         One row per index: ``index, sigma_base, sigma_delta, match, matched_index`` (``match``
         is NaN past ``top_k``); ``attrs["matrix"]`` holds ``name``.
     """
     tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
+    if fast_rank is not None and not (isinstance(fast_rank, int) and fast_rank >= 1):
+        raise InvalidArgumentError(f"fast_rank must be a positive integer or None, got {fast_rank!r}.")
     if name not in tv:
         from tv_lens.errors import TvLensError, close_matches
 
@@ -800,8 +813,8 @@ def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10) -> pd.DataF
         W = _as_2d(name, tv.base[name])
         factors = tv.factors(name)
         D = factors if factors is not None else _as_2d(name, tv[name])
-        base = gram_svd(W)
-        overlap = matrix_overlap(base, D, top_k)
+        base, fast_delta = _decompose(W, D, top_k, fast_rank)
+        overlap = matrix_overlap(base, D, top_k, fast_rank=fast_rank, delta=fast_delta)
         match, index = overlap.left.abs().max(dim=0)
     S, S_d, k = base.S.cpu().numpy(), overlap.delta_S.cpu().numpy(), match.numel()
     n = max(len(S), len(S_d))

@@ -199,9 +199,11 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
         matrices = analysis.matrices.dropna(subset=["layer"])
         name_row = matrices.loc[matrices.relative_norm.idxmax()]
         matrix = f"blocks.{int(name_row.layer)}.{'mlp' if name_row.matrix in ('W_in', 'W_gate', 'W_out') else 'attn'}.{name_row.matrix}"
-        page.heading("Spectrum of the most-changed matrix", f"{matrix}: singular values of W and "
+        fast_rank = info.get("fast_rank") if info.get("fast") else None
+        which = f"the top {fast_rank} singular values (--fast)" if fast_rank else "singular values"
+        page.heading("Spectrum of the most-changed matrix", f"{matrix}: {which} of W and "
                      "Δ; Δ's top directions marked red where they match no direction of W (< 0.5).")
-        page.figure(viz.spectrum(matrix_spectrum(tv, matrix)))
+        page.figure(viz.spectrum(matrix_spectrum(tv, matrix, fast_rank=fast_rank)))
         scores = composition
         edges = "edges = largest changes in head composition."
         if scores is None and tv.spec.n_layers * tv.spec.n_heads <= MAX_COMPOSITION_HEADS:
