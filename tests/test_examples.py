@@ -4,7 +4,18 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _own_grad_mode():
+    """The scripts switch autograd off for their process, as scripts may; the tests after
+    these run in this process, so grad mode is given back."""
+    with torch.enable_grad():
+        yield
 
 
 def test_research_claims_example(capsys, monkeypatch):
