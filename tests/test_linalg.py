@@ -449,3 +449,40 @@ def test_release_freed_memory_where_glibc_has_malloc_trim():
     from tv_lens.memory import release_freed_memory
 
     assert release_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_mm_in_every_layout_against_float64(monkeypatch):
+    """``mm`` (oneDNN on AVX-512 CPUs, else ``@``) on float32 operands of every layout the
+    analysis passes — contiguous, transposed, column slices with an offset (which ``mm`` copies
+    first: oneDNN would re-lay them out element by element) — against a float64 product; and
+    everything it does not take (float64, autograd, batches) is exactly ``@``."""
+    A = rand(700, 300, seed=31).float()
+    B = rand(700, 260, seed=32).float()
+    cases = {"contiguous": (A.T.contiguous(), B), "transposed": (A.T, B),
+             "column slices": (A[:, 40:90].T, B[:, 17:]), "offset rows": (A[5:].T, B[5:]),
+             "skinny, transposed": (A.T, B[:, :20])}
+    for name, (a, b) in cases.items():
+        want = a.double() @ b.double()
+        got = linalg.mm(a, b)
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        assert ((got.double() - want).abs().max() / want.abs().max()) < 1e-5, name
+    a64, b64 = A.double().T, B.double()
+    assert torch.equal(linalg.mm(a64, b64), a64 @ b64)
+    grad = A.T.clone().requires_grad_()
+    assert linalg.mm(grad, B).requires_grad
+    monkeypatch.setattr(linalg, "_ONEDNN", False)  # a CPU without AVX-512: plain @
+    a, b = cases["column slices"]
+    assert torch.equal(linalg.mm(a, b), a @ b)
+
+
+def test_float32_gram_blocks_against_float64():
+    """The float32 Gram (n > 1024: ``work_dtype`` float32; symmetric blocks of uneven width and
+    two row chunks) against float64 products: ~1e-7 relative."""
+    A = rand(9000, 1030, seed=33).float()
+    B = rand(9000, 70, seed=34).float()
+    want = A.double().T @ A.double()
+    got = linalg.gram(A)
+    assert torch.equal(got, got.T)
+    assert (got - want).abs().max() / want.abs().max() < 1e-6
+    want_c = A.double().T @ B.double()
+    assert (linalg.gram(A, B) - want_c).abs().max() / want_c.abs().max() < 1e-6
