@@ -451,6 +451,26 @@ def test_release_freed_memory_where_glibc_has_malloc_trim():
     assert release_freed_memory() is (platform.libc_ver()[0] == "glibc")
 
 
+def test_large_buffers_ask_for_huge_pages(monkeypatch):
+    """``memory.empty``: the whole 2 MiB pages inside a large buffer are advised (and nothing
+    outside it), small buffers are left alone, and without THP it is a plain ``torch.empty``."""
+    from tv_lens import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_madvise", lambda: lambda addr, size, advice: calls.append(
+        (addr, size, advice)))
+    big = memory.empty((3, 5 << 20), torch.float32)
+    assert big.shape == (3, 5 << 20) and big.dtype == torch.float32
+    ((addr, size, advice),) = calls
+    assert advice == 14 and addr % (2 << 20) == 0 and size % (2 << 20) == 0
+    start, stop = big.data_ptr(), big.data_ptr() + big.numel() * 4
+    assert start <= addr and addr + size <= stop and stop - start - size < 2 * (2 << 20)
+    memory.empty((1000,), torch.uint8)
+    assert len(calls) == 1  # below HUGE_FROM: not advised
+    monkeypatch.setattr(memory, "_madvise", lambda: None)
+    assert memory.empty((5 << 20,), torch.uint8).shape == (5 << 20,)
+
+
 def test_mm_in_every_layout_against_float64(monkeypatch):
     """``mm`` (oneDNN on AVX-512 CPUs, else ``@``) on float32 operands of every layout the
     analysis passes — contiguous, transposed, column slices with an offset (which ``mm`` copies

@@ -31,6 +31,7 @@ from torch import Tensor
 from tv_lens.errors import (CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError,
                             PickleCheckpointError)
 from tv_lens.layout import Slot, layout
+from tv_lens.memory import empty
 from tv_lens.sources import SlotWeights, compute_dtype
 from tv_lens.spec import ArchSpec
 
@@ -102,14 +103,14 @@ class SafetensorsFile:
     def read(self, key: str) -> Tensor:
         """The tensor stored under ``key`` (a fresh CPU tensor of the stored dtype)."""
         dtype, shape, begin, end = self.entries[key]
-        buffer = bytearray(end - begin)
+        buffer = empty((end - begin,), torch.uint8)  # (not zeroed first, as a bytearray is)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
-            if f.readinto(buffer) != len(buffer):
+            if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
                 raise _corrupt(self.path, f"reading {key!r} ended early")
-        if not buffer:
+        if not buffer.numel():
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return buffer.view(dtype).reshape(shape)
 
 
 class Checkpoint:

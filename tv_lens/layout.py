@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from tv_lens.spec import ArchSpec
+from tv_lens.memory import empty
 
 
 #: what each size name of a fused tensor's blocks stands for
@@ -184,7 +185,8 @@ def contiguous_copy(view: Tensor, dtype: torch.dtype) -> Tensor:
     ``_SLAB`` consecutive source elements: one strided pass over a whole transposed weight
     misses the cache on every read (measured for a 5632 × 2048 bf16 ``down_proj`` → float32
     ``W_out``: 79 ms in one pass, 62 ms in slabs; the same values)."""
-    out = torch.empty(view.shape, dtype=dtype, device=view.device)
+    out = (empty(view.shape, dtype) if view.device.type == "cpu"
+           else torch.empty(view.shape, dtype=dtype, device=view.device))
     if view.is_contiguous() or view.dim() < 2:
         return out.copy_(view)
     dim = max(range(view.dim()), key=view.stride)
