@@ -43,6 +43,28 @@ def test_workers_give_the_same_tables_in_the_same_order(family_dirs, threads):
     pd.testing.assert_frame_equal(fast[0].matrices, fast[1].matrices, check_exact=True)
 
 
+def test_embeddings_go_first_beside_the_layers(llama_dirs, monkeypatch):
+    """With several workers the embeddings (the largest matrices) start first, beside layer 0,
+    instead of after every layer on their own; their rows still come last."""
+    import tv_lens.alignment as alignment
+
+    seen = []
+
+    def recording(fn, items, workers):
+        seen.append((list(items), workers))
+        return ordered_map(fn, items, workers)
+
+    monkeypatch.setattr(alignment, "ordered_map", recording)
+    pair = ModelPair.from_pretrained(*llama_dirs)
+    two = analyze(pair, progress=False, workers=2)
+    one = analyze(pair, progress=False, workers=1)
+    n = pair.spec.n_layers
+    assert seen == [([None, *range(n)], 2), ([*range(n), None], 1)]
+    for result in (one, two):
+        assert result.matrices.layer.isna().sum() == 2  # W_E and W_U, after the layers
+        assert result.matrices.layer.tail(2).isna().all()
+
+
 def test_ordered_map_runs_side_by_side_in_order():
     started, grad = [], []
     barrier = threading.Barrier(2, timeout=10)

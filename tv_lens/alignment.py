@@ -736,20 +736,29 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     by_layer = names_by_layer(tv)
     options = LayerOptions(top_k, t, rank, (intruder_top_k, intruder_epsilon), null_samples, seed,
                            device)
-    def rows_of(layer: int) -> LayerRows:
+    def rows_of(layer: int | None) -> LayerRows:
+        if layer is None:  # the embeddings
+            return LayerRows([], [], model_rows(tv, by_layer.get(None, []), options), {})
         return layer_rows(tv, layer, by_layer.get(layer, []), options)
 
-    # (the bar is closed, its line ended, and layers not yet started are cancelled, also when
-    # a weight turns out broken mid-way)
+    # with several workers the embeddings (the largest matrices) go first, beside the first
+    # layers; their rows still follow the layers'. (The bar is closed, its line ended, and work
+    # not yet started is cancelled, also when a weight turns out broken mid-way.)
+    layers = list(range(spec.n_layers))
+    items = [None, *layers] if workers > 1 else [*layers, None]
+    outside: list[dict] = []
     bar = tqdm(total=spec.n_layers, desc="analyze layers", disable=not progress)
-    with torch.no_grad(), bar, closing(ordered_map(rows_of, range(spec.n_layers), workers)) as layers:
-        for rows in layers:
+    with torch.no_grad(), bar, closing(ordered_map(rows_of, items, workers)) as results:
+        for item, rows in zip(items, results):
+            if item is None:
+                outside = rows.matrices
+                continue
             head_rows += rows.heads
             neuron_frames += rows.neurons
             matrix_rows += rows.matrices
             energies.update(rows.energies)
             bar.update()
-        matrix_rows += model_rows(tv, by_layer.get(None, []), options)
+    matrix_rows += outside
     return assemble(spec, head_rows, neuron_frames, matrix_rows, energies, fast=fast,
                     labels=labels, t=t, info={
                         "top_k": top_k, "thresholds": t.__dict__, "spec": spec.to_dict(),
