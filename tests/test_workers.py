@@ -110,6 +110,25 @@ def test_split_threads_shares_and_restores(threads):
     assert torch.get_num_threads() == 2
 
 
+def test_split_threads_shares_openblas_too(threads):
+    """numpy's and scipy's OpenBLAS (each bundles its own) get their share inside the block and
+    their thread counts back after it, also on error."""
+    from tv_lens.workers import openblas_thread_controls
+
+    threads(2)
+    controls = openblas_thread_controls()
+    assert controls, "numpy and scipy wheels bundle OpenBLAS: it should be found"
+    before = [get() for get, _ in controls]
+    for _, put in controls:
+        put(4)
+    with pytest.raises(RuntimeError), split_threads(2):
+        assert [get() for get, _ in controls] == [2] * len(controls)
+        raise RuntimeError
+    assert [get() for get, _ in controls] == [4] * len(controls)
+    for (_, put), count in zip(controls, before):
+        put(count)
+
+
 def test_default_and_checked_workers(threads):
     threads(2)
     assert default_workers(torch.device("cpu")) == 2
