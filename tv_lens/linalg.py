@@ -8,7 +8,8 @@ Dense weight matrices go through the eigendecomposition of their small Gram matr
 each chunk's product and the eigendecomposition run in :func:`work_dtype` (float64 up to
 ``n = 1024``, where it costs little; float32 above, where float64 doubles the cost of every
 layer of a 7B model: the error this adds to the shares is measured in ``tests/test_linalg.py``).
-:func:`randomized_svd` is the ``--fast`` path: the top singular triplets only.
+:func:`randomized_svd` is the ``--fast`` path: the top singular triplets only. Large float32
+products go through :func:`mm` (oneDNN's kernels where MKL's are the slower ones).
 
 Degenerate singular values: when the base has (near-)equal singular values, individual singular
 vectors are arbitrary within their cluster, so every "is this an existing direction?" question
