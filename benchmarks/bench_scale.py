@@ -1,6 +1,6 @@
 """Scale benchmark: a TinyLlama-shaped 1.1B pair analysed by ``tv-lens analyze`` against the naive way.
 
-    python benchmarks/bench_scale.py --out /tmp/bench_scale            # ~13 min on 2 CPU cores
+    python benchmarks/bench_scale.py --out /tmp/bench_scale            # ~10 min on 2 CPU cores + generating
     python benchmarks/bench_scale.py --out DIR --shape llama2-7b --device cuda --only exact
     python benchmarks/bench_scale.py --out DIR2 --base-spectrum power --only exact fast naive
 
