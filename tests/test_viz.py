@@ -97,7 +97,7 @@ def test_fast_spectrum_is_the_top_of_the_exact_one(pair):
     width = int(min(pair.tuning_vector().base[name].shape))
     full = tv_lens.matrix_spectrum(pair, name, top_k=3, fast_rank=width)
     n = exact.sigma_delta.notna().sum()
-    for col in ("sigma_delta", "sigma_base"):  # (a bfloat16 sketch tilts the range by ~1e-3·σ_max)
+    for col in ("sigma_delta", "sigma_base"):  # (a bfloat16 sketch tilts the range ~1e-3·σ_max)
         np.testing.assert_allclose(full[col][:n], exact[col][:n], atol=1e-4 * exact[col].max())
     np.testing.assert_allclose(full.match[:3], exact.match[:3], atol=1e-4)
     with pytest.raises(InvalidArgumentError, match="fast_rank"):

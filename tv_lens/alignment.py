@@ -813,7 +813,8 @@ def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10,
     """
     tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
     if fast_rank is not None and not (isinstance(fast_rank, int) and fast_rank >= 1):
-        raise InvalidArgumentError(f"fast_rank must be a positive integer or None, got {fast_rank!r}.")
+        raise InvalidArgumentError(f"fast_rank must be a positive integer or None, got "
+                                   f"{fast_rank!r}.")
     if name not in tv:
         from tv_lens.errors import TvLensError, close_matches
 

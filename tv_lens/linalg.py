@@ -36,6 +36,9 @@ _CHUNK_ROWS = 8192
 _SYMMETRIC_BLOCKS = 8
 
 
+_ONEDNN: bool | None = None  # (decided on first use)
+
+
 def _onednn_matmul() -> bool:
     """Whether :func:`mm` hands float32 products to oneDNN: on CPUs with AVX-512, where MKL's
     float32 GEMM runs its AVX2 kernels unless the CPU is Intel's (measured on an AMD EPYC
@@ -43,13 +46,10 @@ def _onednn_matmul() -> bool:
     global _ONEDNN
     if _ONEDNN is None:
         supported = getattr(torch.cpu, "_is_avx512_supported", None)
-        op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.ops, "mkldnn") else None
+        ops = getattr(torch.ops, "mkldnn", None)
         _ONEDNN = bool(torch.backends.mkldnn.is_available() and supported is not None
-                       and supported() and op is not None)
+                       and supported() and hasattr(ops, "_linear_pointwise"))
     return _ONEDNN
-
-
-_ONEDNN: bool | None = None
 
 
 def mm(a: Float[Tensor, "p k"], b: Float[Tensor, "k q"]) -> Float[Tensor, "p q"]:
