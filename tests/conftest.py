@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,13 +12,14 @@ import pytest
 import torch
 from jaxtyping import install_import_hook
 
-# Check every jaxtyping shape annotation in tv_lens at test time (beartype at call boundaries).
+# Check every jaxtyping shape annotation in tv_lens at test time (beartype at call boundaries):
+# `import tv_lens` imports nothing (its names load on first use), so every module is imported
+# here, under the hook.
 with install_import_hook("tv_lens", "beartype.beartype"):
-    import tv_lens  # noqa: F401
-    import tv_lens.alignment, tv_lens.linalg, tv_lens.representations  # noqa: E401, F401
-    import tv_lens.demo.evaluate  # noqa: F401
-    import tv_lens.activation_patching, tv_lens.metrics, tv_lens.patching  # noqa: E401, F401
-    import tv_lens.readouts, tv_lens.reporting, tv_lens.sae, tv_lens.viz  # noqa: E401, F401
+    import tv_lens
+
+    for _module in pkgutil.walk_packages(tv_lens.__path__, "tv_lens."):
+        importlib.import_module(_module.name)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -150,6 +150,39 @@ def test_import_does_not_pull_plotting_libraries():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("command", [[], ["analyze"], ["demo"], ["zoo"]],
+                         ids=["tv-lens", "analyze", "demo", "zoo"])
+def test_help_imports_neither_torch_nor_pandas(command):
+    """``tv-lens [COMMAND] --help`` prints its usage without importing torch or pandas (their
+    import is seconds of every call), and public names still load on first use."""
+    code = ("import sys\nfrom tv_lens.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+            "heavy = [m for m in ('torch', 'pandas') if m in sys.modules]\n"
+            "print('heavy:', heavy)\nsys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", code, *command, "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "heavy: []" in result.stdout, result.stdout + result.stderr
+    assert f"usage: tv-lens {' '.join(command)}".strip() in result.stdout
+
+
+def test_public_names_load_on_first_use():
+    code = ("import sys, tv_lens\nassert 'torch' not in sys.modules\n"
+            "from tv_lens import ModelPair, metrics, TvLensError\n"
+            "assert ModelPair.__module__ == 'tv_lens.pair' and metrics.__name__ == 'tv_lens.metrics'\n"
+            "assert set(tv_lens.__all__) <= set(dir(tv_lens))\n"
+            "import importlib, pkgutil\n"
+            "for m in pkgutil.walk_packages(tv_lens.__path__, 'tv_lens.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "for name, where in tv_lens._EXPORTS.items():\n"  # no submodule shadows a name
+            "    want = importlib.import_module(where)\n"
+            "    want = want if where == 'tv_lens.' + name else getattr(want, name)\n"
+            "    assert getattr(tv_lens, name) is want, name\n"
+            "try:\n    tv_lens.no_such_name\nexcept AttributeError as e:\n    print(e)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "has no attribute 'no_such_name'" in result.stdout
+
+
 def test_lora_adapter_pair_is_exactly_the_low_rank_update(llama_dirs, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

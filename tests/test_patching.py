@@ -1,5 +1,6 @@
 """Exact weight patching, attribution and composition grids: known answers and identities."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -207,17 +208,34 @@ def test_compare_attribution_tracks_exact_patching_in_the_linear_regime(save, to
     assert len(top.table) == 5
 
 
-def test_path_attribution_completes_on_the_demo_pair():
-    from tv_lens.demo import load_pair
-    from tv_lens.demo.evaluate import domain_metrics
 
-    pair = load_pair("medical")
-    metric = domain_metrics("medical", phrasing="held_out")["answer_logprob"]
-    att = attribute(pair, metric, steps=32, progress=False)
-    info = att.attrs["completeness"]
-    assert info["difference"] > 10  # the fine-tune raised the answers' log-probability a lot
-    assert abs(info["relative_gap"]) < 0.01, info
-    assert abs(info["add_sum"] - info["difference"]) > 0.05 * info["difference"]  # first order is not
+def test_compare_attribution_reuses_earlier_patching(llama_dirs, tokens, monkeypatch):
+    """Rows of an earlier ``patch`` stand in for the evaluations they cover: the same table as
+    patching afresh, and only the uncovered (component, mode) pairs are evaluated again."""
+    import tv_lens.patching as patching
+
+    pair = ModelPair.from_pretrained(*llama_dirs)
+    metric = metrics.loss(tokens)
+    att = attribute(pair, metric, progress=False)
+    fresh = compare_attribution(pair, metric, "heads", attribution=att, progress=False)
+    added = patch(pair, metric, "heads", mode="add", alphas=(0.5, 1.0), progress=False)
+    half = patch(pair, metric, ["L0H1", "L1H2"], mode="remove", progress=False)
+    calls = []
+    real = patching.patch
+    monkeypatch.setattr(patching, "patch", lambda p, m, names, **kw: calls.append(
+        (list(names), kw["mode"])) or real(p, m, names, **kw))
+    reused = compare_attribution(pair, metric, "heads", attribution=att,
+                                 exact=pd.concat([added, half]), progress=False)
+    pd.testing.assert_frame_equal(reused.table, fresh.table)
+    pd.testing.assert_frame_equal(reused.correlations, fresh.correlations)
+    assert calls == [([f"L{l}H{h}" for l in range(2) for h in range(4)
+                       if (l, h) not in ((0, 1), (1, 2))], "remove")]
+    with pytest.raises(ValueError, match=r"exact= lacks the columns \['effect'\]"):
+        compare_attribution(pair, metric, "heads", attribution=att,
+                            exact=added.drop(columns="effect"), progress=False)
+
+
+# path attribution's completeness on the demo pair: tests/test_examples.py::test_patching_example
 
 
 # ------------------------------------------------------------------------ composition grid

@@ -3,70 +3,65 @@
 Pair a base model with its fine-tuned version (:class:`ModelPair`) and work with the tuning
 vector ``τ = θ_tuned − θ_base`` (:class:`TuningVector`) per head, neuron and matrix.
 
-Importing this package is cheap: it imports neither plotly nor circuitsvis (``tv_lens.viz`` and
-``tv_lens.report`` load them on first use), and TransformerLens only when a model is loaded.
+Importing this package is free: every public name below is imported from its module on first
+use (PEP 562), so ``tv-lens --help`` needs neither torch nor pandas, and plotly, circuitsvis and
+TransformerLens load only when a view is drawn or a model is loaded.
 """
 
-from tv_lens import metrics
-from tv_lens.activation_lens import activation_difference_lens
-from tv_lens.activation_patching import activation_patch
-from tv_lens.alignment import Analysis, Thresholds, analyze, matrix_spectrum
-from tv_lens.circuits import composition
-from tv_lens.components import Component, ComponentIndex
-from tv_lens.compose import compose, to_mergekit_config
-from tv_lens.errors import (CheckpointNotFoundError, IncompatiblePairError, InvalidArgumentError,
-                            MissingBaseError, NonFiniteWeightsError, OutOfRangeError,
-                            ProcessedWeightsError,
-                            ShapeMismatchError, TvLensError, TvLensWarning,
-                            UnsupportedArchitectureError, VocabMismatchError)
-from tv_lens.merging import composition_grid
-from tv_lens.pair import ModelPair
-from tv_lens.patching import AttributionComparison, attribute, compare_attribution, patch
-from tv_lens.readouts import domain_score, read_tokens
-from tv_lens.sae import SAEWeights, sae_readout
-from tv_lens.representations import compare_representations
-from tv_lens.spec import ArchSpec
-from tv_lens.tl_compat import load_hooked
-from tv_lens.vector import HeadDelta, NeuronDelta, TuningVector
-from tv_lens.zoo import Zoo, analyze_zoo
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
+#: public name -> the module that defines it (a module's own name: the module itself)
+_EXPORTS: dict[str, str] = {
     # pairing and tuning vectors
-    "ArchSpec", "HeadDelta", "ModelPair", "NeuronDelta", "TuningVector", "compose",
-    "to_mergekit_config",
+    "ArchSpec": "tv_lens.spec", "HeadDelta": "tv_lens.vector", "ModelPair": "tv_lens.pair",
+    "NeuronDelta": "tv_lens.vector", "TuningVector": "tv_lens.vector",
+    "compose": "tv_lens.merges", "to_mergekit_config": "tv_lens.merges",
     # components
-    "Component", "ComponentIndex",
+    "Component": "tv_lens.components", "ComponentIndex": "tv_lens.components",
     # analysis
-    "Analysis", "Thresholds", "analyze", "compare_representations", "composition",
-    "matrix_spectrum",
+    "Analysis": "tv_lens.alignment", "Thresholds": "tv_lens.alignment",
+    "analyze": "tv_lens.alignment", "compare_representations": "tv_lens.representations",
+    "composition": "tv_lens.circuits", "matrix_spectrum": "tv_lens.alignment",
     # model zoos: many fine-tunes of one base
-    "Zoo", "analyze_zoo",
+    "Zoo": "tv_lens.zoo", "analyze_zoo": "tv_lens.zoo",
     # reading updates as tokens
-    "activation_difference_lens", "domain_score", "read_tokens",
+    "activation_difference_lens": "tv_lens.activation_lens", "domain_score": "tv_lens.readouts",
+    "read_tokens": "tv_lens.readouts",
     # SAE latents and TransformerLens 3.x HookedTransformer models
-    "SAEWeights", "load_hooked", "sae_readout",
+    "SAEWeights": "tv_lens.sae", "load_hooked": "tv_lens.tl_compat",
+    "sae_readout": "tv_lens.sae",
     # patching and experiments
-    "AttributionComparison", "activation_patch", "attribute", "compare_attribution",
-    "composition_grid", "metrics", "patch",
+    "AttributionComparison": "tv_lens.patching", "activation_patch": "tv_lens.activation_patching",
+    "attribute": "tv_lens.patching", "compare_attribution": "tv_lens.patching",
+    "composition_grid": "tv_lens.merging", "metrics": "tv_lens.metrics",
+    "patch": "tv_lens.patching",
     # errors
-    "CheckpointNotFoundError", "IncompatiblePairError", "InvalidArgumentError", "MissingBaseError",
-    "OutOfRangeError",
-    "NonFiniteWeightsError", "ProcessedWeightsError", "ShapeMismatchError", "TvLensError",
-    "TvLensWarning", "UnsupportedArchitectureError", "VocabMismatchError",
-    # views (imported on first use: plotly and circuitsvis stay out of `import tv_lens`)
-    "report", "viz",
-]
+    **{name: "tv_lens.errors" for name in (
+        "CheckpointNotFoundError", "IncompatiblePairError", "InvalidArgumentError",
+        "MissingBaseError", "NonFiniteWeightsError", "OutOfRangeError", "ProcessedWeightsError",
+        "ShapeMismatchError", "TvLensError", "TvLensWarning", "UnsupportedArchitectureError",
+        "VocabMismatchError")},
+    # views
+    "report": "tv_lens.reporting", "viz": "tv_lens.viz",
+}
+
+__all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name == "viz":
-        import importlib
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tv_lens' has no attribute {name!r}")
+    loaded = importlib.import_module(module)
+    value = loaded if module == f"tv_lens.{name}" else getattr(loaded, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return importlib.import_module("tv_lens.viz")
-    if name == "report":
-        from tv_lens.reporting import report
 
-        return report
-    raise AttributeError(f"module 'tv_lens' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from tv_lens.compose import compose
+from tv_lens.merges import compose
 from tv_lens.errors import TvLensError
 from tv_lens.metrics import MetricLike, as_metric
 from tv_lens.vector import TuningVector

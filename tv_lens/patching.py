@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tv_lens.components import Component
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.metrics import Metric, MetricLike, as_metric, check_value
 from tv_lens.sources import ModelWeights, compute_dtype
 from tv_lens.vector import TuningVector, check_alpha
@@ -256,6 +256,7 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
 def compare_attribution(pair: Any, metric: MetricLike,
                         components: Iterable[str] | str | None = None, *, top_n: int = 20,
                         modes: Sequence[str] = MODES, attribution: pd.DataFrame | None = None,
+                        exact: pd.DataFrame | None = None,
                         progress: bool = True) -> AttributionComparison:
     """Exact patching of ``components`` beside their attribution, with rank and linear
     correlations per mode.
@@ -264,6 +265,9 @@ def compare_attribution(pair: Any, metric: MetricLike,
         components: names or a group (see :func:`patch`); ``None`` takes the ``top_n`` units
             with the largest ``|add|`` attribution.
         attribution: a result of :func:`attribute` on the same pair and metric, to reuse.
+        exact: a result of :func:`patch` (or several, concatenated) on the same pair and
+            metric, to reuse: its ``alpha == 1`` rows stand in for the (component, mode)
+            evaluations they cover, and only the rest are patched.
     """
     for mode in modes:
         _check_mode(mode)
@@ -271,10 +275,16 @@ def compare_attribution(pair: Any, metric: MetricLike,
     if components is None:
         units = att[att.granularity != "part"]
         components = units.loc[units["add"].abs().nlargest(top_n).index, "component"].tolist()
+    names = [c.name for c in pair.tuning_vector().components.resolve(components)]
+    done = _reusable(exact)
     frames = []
     for mode in modes:
-        exact = patch(pair, metric, components, mode=mode, progress=progress)
-        merged = exact.merge(att[["component", mode]], on="component", how="left")
+        have = done[(done["mode"] == mode) & done["component"].isin(names)]
+        missing = [n for n in names if n not in set(have["component"])]
+        patched = [patch(pair, metric, missing, mode=mode, progress=progress)] if missing else []
+        parts = [have] * (not have.empty) + patched
+        rows = pd.concat(parts, ignore_index=True).set_index("component").loc[names]
+        merged = rows.reset_index().merge(att[["component", mode]], on="component", how="left")
         merged = merged.rename(columns={mode: "attribution", "effect": "exact"})
         frames.append(merged[["component", "kind", "layer", "index", "mode", "attribution",
                               "exact"]])
@@ -285,3 +295,16 @@ def compare_attribution(pair: Any, metric: MetricLike,
               pearson=float(g["attribution"].corr(g["exact"])))
          for mode, g in table.groupby("mode", sort=False)])
     return AttributionComparison(table, correlations)
+
+
+def _reusable(exact: pd.DataFrame | None) -> pd.DataFrame:
+    """The ``alpha == 1`` rows of earlier :func:`patch` results, one per (component, mode)."""
+    columns = _ID_COLUMNS + ["mode", "effect"]
+    if exact is None:
+        return pd.DataFrame(columns=columns)
+    lacking = [c for c in columns + ["alpha"] if c not in exact.columns]
+    if lacking:
+        raise InvalidArgumentError(f"exact= lacks the columns {lacking}: pass what "
+                                   "tv_lens.patch returned (several results concatenated).")
+    rows = exact[exact["alpha"] == 1.0]
+    return rows.drop_duplicates(["component", "mode"], keep="last")[columns]
