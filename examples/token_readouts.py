@@ -38,6 +38,11 @@ def main() -> None:
                   f"sign {best.sign:+d} ({best.side}): {best.hits}/{best.k} domain tokens, "
                   f"{best.expected:.2f} expected by chance (p = {best.p_value:.1e})")
             print("   ", show(tokens, best.unit, best.direction, best.sign, best.side, source))
+        mlp_out = scores[(scores.source == "update") & (scores.direction == 0)
+                         & scores.unit.str.endswith(".mlp.W_out")]
+        top = mlp_out.sort_values("hits", ascending=False).drop_duplicates("unit").sort_values("unit")
+        print("weight lens, top ΔW_out direction per layer (better sign): "
+              + ", ".join(f"{r.unit} {r.hits}/{r.k}" for r in top.itertuples()))
         lens = tv_lens.activation_difference_lens(pair, general, positions=5)
         for layer, g in lens.groupby("layer"):
             hits = int(g.token_id.isin(words).sum())
