@@ -54,10 +54,10 @@ $(VENV_TL3)/.tv_lens-installed: pyproject.toml
 	$(call install,$(VENV_TL3),dev$(comma)sae)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider --durations=10
 
 test-tl3: $(VENV_TL3)/.tv_lens-installed
-	$(VENV_TL3)/bin/python -m pytest -q -rs -p no:cacheprovider
+	$(VENV_TL3)/bin/python -m pytest -q -rs -p no:cacheprovider --durations=10
 
 demo: $(STAMP)
 	$(VENV)/bin/tv-lens demo
