@@ -8,8 +8,11 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -359,6 +362,70 @@ def test_earlier_output_is_replaced_with_one_line(ctx, capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if "replaced" in l]
     assert lines == [f"replaced the earlier output in {out}/"]
 
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_folder_tv_lens_did_not_write_is_never_replaced(ctx, capsys):
+    out = Path(ctx.out("thesis"))
+    out.mkdir(parents=True)
+    (out / "thesis.tex").write_text("years of work")
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"already holds files tv_lens did not write \(thesis\.tex\)", err), err
+    assert "Choose an empty or new folder" in err
+    assert _listing(out) == {"thesis.tex": b"years of work"}
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_earlier_output_with_a_users_file_added_is_refused(ctx, capsys):
+    out = Path(ctx.out("added"))
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = _listing(out)
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 2
+    assert "did not write (" in capsys.readouterr().err and _listing(out) == before
+
+
+def test_output_written_before_markers_is_still_replaced(ctx, capsys):
+    """An earlier version's output (no marker; analyze's files, summary.json naming tv_lens's
+    version) is replaced, so a second `make demo` after an upgrade still works."""
+    from tv_lens.staging import LEGACY_FILES, MARKER
+
+    out = Path(ctx.out("legacy"))
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["command"] == "analyze" and set(marker["files"]) == LEGACY_FILES
+    (out / MARKER).unlink()
+    capsys.readouterr()
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    assert f"replaced the earlier output in {out}/" in capsys.readouterr().out
+    assert (out / MARKER).is_file()
+
+
+@pytest.mark.parametrize("where", ["is", "is inside", "holds"])
+def test_out_may_not_be_inside_or_hold_an_input_folder(ctx, capsys, where):
+    tuned = Path(ctx.tuned)
+    out = {"is": tuned, "is inside": tuned / "analysis", "holds": tuned.parent}[where]
+    before = _listing(tuned)
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"--out '[^']+' {where} the input folder '[^']+'; tv_lens never writes", err)
+    assert "Pass a separate folder for the output." in err
+    assert _listing(tuned) == before and not (tuned / "analysis").exists()
+    assert not [p for p in tuned.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_output_folder_follows_the_umask(ctx):
+    out = Path(ctx.out("mode"))
+    old = os.umask(0o022)
+    try:
+        assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
 
 def test_a_write_failing_midway_leaves_the_earlier_output(ctx, capsys, monkeypatch):
     from tv_lens import alignment

@@ -119,7 +119,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
     pair = ModelPair.from_pretrained(args.base, args.tuned, device=device,
                                      dtype=getattr(torch, args.dtype), vocab=args.vocab,
                                      allow_pickle=args.allow_pickle)
-    with staged_folder(args.out) as stage:
+    with staged_folder(args.out, inputs=(args.base, args.tuned), command=args.command) as stage:
         result = analyze(pair, top_k=args.top_k, tol=args.tol, fast=args.fast,
                          fast_rank=args.fast_rank, device=device, labels=args.labels,
                          level=args.level, null_samples=args.null_samples,

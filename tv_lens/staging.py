@@ -1,41 +1,116 @@
-"""Output folders that appear only when complete.
+"""Output folders that appear only when complete, and never over someone else's files.
 
 :func:`staged_folder` hands out a staging folder beside the destination; when the block finishes
-it swaps the staging folder into place (replacing an earlier run's output, and saying so), and
-when the block raises it removes the staging folder, so a failed run leaves nothing half-written.
+it writes the marker :data:`MARKER` (tv_lens version, command, the files written) and swaps the
+staging folder into place, and when the block raises it removes the staging folder, so a failed
+run leaves nothing half-written.
+
+The one rule for replacing a folder: tv_lens replaces only its own earlier output, a folder whose
+marker lists every file in it (or, written before markers, one holding only ``analyze``'s files
+with a ``summary.json`` that names tv_lens's version). Any other non-empty folder is refused, and
+so is a destination equal to, inside, or holding one of the folders the command reads.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tv_lens.errors import TvLensError
 
+#: The file in every output folder tv_lens writes that says so.
+MARKER = ".tv_lens-output.json"
+#: What ``analyze`` wrote before markers existed (an earlier version's output is still replaced).
+LEGACY_FILES = frozenset({"heads.csv", "neurons.csv", "matrices.csv", "summary.csv",
+                          "summary.json", "report.html"})
 
-@contextmanager
-def staged_folder(out: str | Path, *, announce=print) -> Iterator[Path]:
-    """Yield a fresh staging folder; on success it becomes ``out``.
+
+def written_by_tv_lens(folder: Path) -> bool:
+    """Whether every entry of ``folder`` is output tv_lens wrote (see the module docstring)."""
+    names = {p.name for p in folder.iterdir()}
+    try:
+        if MARKER in names:
+            listed = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files", [])
+            return names - {MARKER} <= set(listed)
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        return names <= LEGACY_FILES and "tv_lens_version" in summary.get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(out: Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse ``out`` where writing it could destroy what tv_lens did not write.
 
     Raises:
-        TvLensError: ``out`` is an existing file, or its parent folder cannot be written.
+        TvLensError: ``out`` is an existing file, is (inside, or holds) one of ``inputs``, or is
+            a non-empty folder that is not tv_lens's own earlier output.
     """
-    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise TvLensError(f"--out {str(out)!r} is an existing file, not a folder. Pass a folder "
                           "path (it is created, or an earlier run's output in it is replaced).")
+    target = out.resolve()
+    for given in inputs:
+        source = Path(given).expanduser()
+        if not source.exists():
+            continue  # a hub name, not a folder
+        source = source.resolve()
+        relation = ("is" if target == source else "is inside" if source in target.parents
+                    else "holds" if target in source.parents else None)
+        if relation:
+            raise TvLensError(f"--out {str(out)!r} {relation} the input folder {str(source)!r}; "
+                              "tv_lens never writes into or replaces a folder it reads. Pass a "
+                              "separate folder for the output.")
+    if out.is_dir() and any(out.iterdir()) and not written_by_tv_lens(out):
+        found = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise TvLensError(f"--out {str(out)!r} already holds files tv_lens did not write "
+                          f"({shown}). Choose an empty or new folder: tv_lens replaces only its "
+                          "own earlier output.")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def staged_folder(out: str | Path, *, inputs: Iterable[str | Path] = (), command: str = "",
+                  announce=print) -> Iterator[Path]:
+    """Yield a fresh staging folder; on success it becomes ``out``, with the marker written.
+
+    Args:
+        out: the destination folder.
+        inputs: the folders the command reads (checkpoints, adapters): ``out`` may not be one of
+            them, inside one, or hold one.
+        command: recorded in the marker (e.g. ``"analyze"``).
+
+    Raises:
+        TvLensError: from :func:`check_destination`, or ``out``'s parent cannot be written.
+    """
+    out = Path(out).expanduser()
+    check_destination(out, inputs)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a folder is made as mkdir would
     except OSError as exc:
         raise TvLensError(f"Cannot write the output folder {str(out)!r}: {exc.strerror or exc}. "
                           "Pass a folder you can write to with --out.") from None
     try:
         yield stage
+        from tv_lens import __version__
+
+        marker = dict(written_by="tv_lens", tv_lens_version=__version__, command=command,
+                      files=sorted(p.name for p in stage.iterdir()))
+        (stage / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+        check_destination(out, inputs)  # files may have appeared in out during the run
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
