@@ -3,6 +3,7 @@ computations, serial = worker processes = Ray, a failing fine-tune does not lose
 a killed run resumes to the same tables."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -166,6 +167,55 @@ def test_a_killed_run_resumes_to_the_same_tables(zoo_dirs, serial, tmp_path, mon
     assert (tmp_path / "zoo" / "similarity.csv").is_file()
 
 
+def test_a_zoo_folder_is_never_unpickled(zoo_dirs, serial, tmp_path, monkeypatch):
+    """Tasks and caches are JSON + safetensors records: a pickle planted where the old format
+    kept tasks is never loaded (unpickling raises here), and the tasks' records resume."""
+    import pickle
+
+    import tv_lens.zoo as zoo_module
+
+    base, tuned = zoo_dirs
+    tuned = {k: str(v) for k, v in tuned.items()}
+    out = tmp_path / "zoo"
+    first = analyze_zoo(base, tuned, out=out, cache=tmp_path / "cache", **FAST)
+    store = next((out / ".zoo-tasks").iterdir())
+    assert sorted(p.suffix for p in store.iterdir()) == [".json"] * 3 + [".safetensors"] * 3
+    for planted in (store / "L0.pkl", store / "L1.json", tmp_path / "cache" / "x.pt"):
+        planted.write_bytes(pickle.dumps({"would": "run code"}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"),
+                         (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    calls = []
+    real = zoo_module.run_task
+    monkeypatch.setattr(zoo_module, "run_task",
+                        lambda options, layer: calls.append(layer) or real(options, layer))
+    again = analyze_zoo(base, tuned, out=out, cache=tmp_path / "cache", **FAST)
+    assert calls == [1]  # the planted L1.json is not a record: recomputed; the others resumed
+    _assert_same(first, again)
+
+
+def test_a_changed_fine_tune_is_recomputed_and_said(zoo_dirs, serial, tmp_path, capsys, save):
+    base, tuned = zoo_dirs
+    folders = {k: tmp_path / k for k in ("a", "b")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        for f in Path(tuned[name]).iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+    names = {k: str(v) for k, v in folders.items()}
+    analyze_zoo(base, names, out=tmp_path / "zoo", **FAST)
+    capsys.readouterr()
+    for f in Path(tuned["c"]).iterdir():  # b's files now hold fine-tune c
+        (folders["b"] / f.name).write_bytes(f.read_bytes())
+    changed = analyze_zoo(base, names, out=tmp_path / "zoo", **FAST)
+    assert "the files of b changed since the stored tasks were computed; recomputing them" \
+        in capsys.readouterr().out
+    pd.testing.assert_frame_equal(changed.analyses["b"].heads, serial.analyses["c"].heads)
+
+
 def test_cli_zoo_writes_the_tables(zoo_dirs, tmp_path, capsys):
     from tv_lens.cli import main
 
@@ -214,8 +264,8 @@ def test_base_decompositions_are_cached_under_the_bases_content_hash(zoo_dirs, s
     tuned = {k: str(v) for k, v in tuned.items()}
     first = analyze_zoo(base, tuned, cache=tmp_path / "cache", **FAST)
     _assert_same(serial, first)
-    entries = list((tmp_path / "cache" / content_hash(base)).iterdir())
-    assert len(entries) == 3  # two layers and the embeddings
+    entries = sorted(p.name for p in (tmp_path / "cache" / content_hash(base)).iterdir())
+    assert entries == [f"{n}.{s}" for n in ("L0", "L1", "embed") for s in ("json", "safetensors")]
 
     def no_base_decomposition(*args, **kwargs):
         raise AssertionError("the base was decomposed again")

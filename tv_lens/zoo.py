@@ -23,9 +23,12 @@ compares every fine-tune's layer with it and with each other, so the cross table
 second pass. Tasks run serially, in ``workers`` local processes, or on Ray (``ray=True`` for a
 local instance, ``ray="ADDRESS"`` for a cluster); only paths and options travel to a task and
 only its tables come back, never whole models. Each finished task is written atomically under
-``out/.zoo-tasks/`` and a re-run of the same zoo picks them up (a killed run resumes); a
-fine-tune that fails (missing or corrupt shard, another architecture) is reported in
-``Zoo.failed`` and the others go on.
+``out/.zoo-tasks/`` as a record (:mod:`tv_lens.records`: JSON + safetensors, never a pickle),
+keyed by the analysis options and the *content* of every checkpoint (:func:`content_hash`), and
+a re-run of the same zoo picks them up (a killed run resumes; a task whose checkpoints changed
+since is recomputed, and said so). The ``--out`` folder of a zoo is reused on purpose: it holds
+the tasks, and :meth:`Zoo.save` replaces its tables. A fine-tune that fails (missing or corrupt
+shard, another architecture) is reported in ``Zoo.failed`` and the others go on.
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
@@ -52,6 +53,7 @@ from tv_lens.alignment import (Analysis, LayerOptions, Thresholds, _as_2d, _matr
 from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, _tall, gram, top_eigenpairs
+from tv_lens.records import load_record, save_record
 from tv_lens.table_io import write_csv
 
 #: the matrices whose ``d_model`` side is their second axis (they write into the residual)
@@ -76,6 +78,8 @@ class ZooOptions:
     allow_pickle: bool = False
     cache: str | None = None  # folder of base decompositions, under the base's content hash
     base_hash: str = ""
+    #: checkpoint name ("base" or a fine-tune's) -> content hash, where tasks are stored
+    contents: dict[str, str] = field(default_factory=dict)
 
     def layer_options(self) -> LayerOptions:
         t = Thresholds(tol=self.tol, level=self.level)
@@ -83,8 +87,9 @@ class ZooOptions:
                             torch.device("cpu"))
 
     def key(self) -> str:
-        """A digest of everything that decides a task's result (checkpoint paths included)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("threads", "cache")}
+        """A digest of the options that decide a task's result (checkpoint paths included;
+        their contents are checked per task record, so a changed file is named)."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("threads", "cache", "contents")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -373,6 +378,8 @@ def content_hash(folder: str | os.PathLike) -> str:
     """A digest of a checkpoint folder's weight and config files' bytes (any change, any new
     file changes it)."""
     digest = hashlib.blake2b(digest_size=16)
+    if not Path(folder).is_dir():
+        return "missing"  # reported as the fine-tune's failure when its task opens it
     for path in sorted(Path(folder).iterdir()):
         if path.is_file() and path.suffix in (".safetensors", ".json", ".bin"):
             digest.update(path.name.encode())
@@ -387,50 +394,55 @@ def _base_decompositions(options: ZooOptions, tv, layer: int | None) -> dict[str
     same base (same content hash) stored them, computed and stored otherwise."""
     if options.cache is None:
         return base_decompositions(tv, layer)
-    path = Path(options.cache) / options.base_hash / f"{'embed' if layer is None else f'L{layer}'}.pt"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
+    path = Path(options.cache) / options.base_hash / ("embed" if layer is None else f"L{layer}")
+    saved = load_record(path, key={"base": options.base_hash})
+    if saved is not None:
         out = {}
         for name, d in saved.items():
             Wt, transposed = _tall(_as_2d(name, tv.base[name]))
-            out[name] = GramSVD(Wt, d["S"], d["V"], transposed, float(d["energy"]), gram=d["gram"])
+            gram_ = None if d["gram"] is None else torch.from_numpy(d["gram"])
+            out[name] = GramSVD(Wt, torch.from_numpy(d["S"]), torch.from_numpy(d["V"]),
+                                transposed, float(d["energy"]), gram=gram_)
         return out
     bases = base_decompositions(tv, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save({n: {"S": b.S, "V": b.V, "gram": b.gram, "energy": torch.tensor(b.energy)}
-                for n, b in bases.items()}, tmp)
-    os.replace(tmp, path)
+    save_record({n: {"S": b.S.numpy(), "V": b.V.numpy(), "energy": float(b.energy),
+                     "gram": None if b.gram is None else b.gram.numpy()}
+                 for n, b in bases.items()},
+                path, key={"base": options.base_hash})
     return bases
 
 
 # --------------------------------------------------------------------------- running tasks
-def _atomic_pickle(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        pickle.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def _execute(options: ZooOptions, layers: list[int | None], store: Path | None, workers: int,
              ray: Any, progress: bool) -> dict[int | None, dict]:
-    """Every task's result: read from ``store`` where a run finished it, computed otherwise
-    (and then stored), serially, in worker processes or on Ray."""
+    """Every task's result: read from ``store`` where a run finished it from the same
+    checkpoint contents, computed otherwise (and then stored), serially, in worker processes or
+    on Ray."""
     from tqdm.auto import tqdm
 
+    from tv_lens.alignment import LayerRows
+
     done: dict[int | None, dict] = {}
-    path = (lambda layer: store / f"{'embed' if layer is None else f'L{layer}'}.pkl") if store else None
+    path = (lambda layer: store / ("embed" if layer is None else f"L{layer}")) if store else None
+    changed: set[str] = set()
     for layer in layers:
-        if path is not None and path(layer).is_file():
-            done[layer] = pickle.loads(path(layer).read_bytes())
+        if path is None:
+            continue
+        result = load_record(path(layer), key=options.contents, types=(LayerRows,))
+        if result is not None:
+            done[layer] = result
+        else:
+            changed |= _changed(path(layer), options.contents)
+    if changed:
+        print(f"zoo: the files of {', '.join(sorted(changed))} changed since the stored tasks "
+              "were computed; recomputing them.")
+    todo = [layer for layer in layers if layer not in done]
     todo = [layer for layer in layers if layer not in done]
 
     def finished(layer, result):
         done[layer] = result
         if path is not None:
-            _atomic_pickle(result, path(layer))
+            save_record(result, path(layer), key=options.contents)
         bar.update()
 
     with tqdm(total=len(layers), initial=len(done), desc="zoo tasks", disable=not progress) as bar:
@@ -448,6 +460,16 @@ def _execute(options: ZooOptions, layers: list[int | None], store: Path | None, 
             for layer in todo:
                 finished(layer, run_task(options, layer))
     return done
+
+
+def _changed(record: Path, contents: dict[str, str]) -> set[str]:
+    """The checkpoints whose content hash differs from what a stored task was computed from."""
+    try:
+        stored = json.loads(record.with_suffix(".json").read_text(encoding="utf-8"))["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {name for name, digest in contents.items()
+            if isinstance(stored, dict) and stored.get(name, digest) != digest}
 
 
 def _on_ray(options: ZooOptions, todo: list, address: Any, finished) -> None:
@@ -508,9 +530,11 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
     if workers < 1 or rank < 1 or top_neurons < 1:
         raise InvalidArgumentError(f"workers, rank and top_neurons must be at least 1, got "
                                    f"{workers}, {rank}, {top_neurons}.")
+    contents = ({"base": content_hash(base), **{n: content_hash(f) for n, f in models.items()}}
+                if out is not None else {})
     options = ZooOptions(str(base), models, top_k, tol, labels, level, null_samples, seed, rank,
                          top_neurons, threads, allow_pickle, None if cache is None else str(cache),
-                         content_hash(base) if cache is not None else "")
+                         content_hash(base) if cache is not None else "", contents)
     from tv_lens.pair import ModelPair
 
     probe = ModelPair.from_pretrained(base, base, allow_pickle=allow_pickle).tuning_vector()
