@@ -77,8 +77,9 @@ def _truncate(folder: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-def _shard(folder: Path, missing_tensor: bool) -> None:
-    """Turn the single file into an index + one shard; drop the shard or name a missing tensor."""
+def _shard(folder: Path, missing_tensor: bool | None) -> None:
+    """Turn the single file into an index + one shard; drop the shard (False), name a missing
+    tensor (True) or neither (None)."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -89,9 +90,73 @@ def _shard(folder: Path, missing_tensor: bool) -> None:
     index = {name: "model-00001-of-00001.safetensors" for name in tensors}
     if missing_tensor:
         index["model.layers.0.mlp.extra.weight"] = "model-00001-of-00001.safetensors"
-    else:
+    elif missing_tensor is False:
         (folder / "model-00001-of-00001.safetensors").unlink()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+
+
+def _rewrite_header(folder: Path, edit: Callable[[dict], bytes | str | dict],
+                    tail: bytes = b"") -> None:
+    """Give ``model.safetensors`` the header ``edit(header)`` returns (a dict, or raw JSON text
+    or bytes) over the same data (plus ``tail``)."""
+    import json
+    import struct
+
+    raw = _weights(folder).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8:8 + n]))
+    text = (header if isinstance(header, bytes) else header.encode() if isinstance(header, str)
+            else json.dumps(header).encode())
+    _weights(folder).write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:] + tail)
+
+
+_Q0, _Q1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+
+
+def _overlap(h: dict) -> dict:
+    h[_Q1]["data_offsets"] = h[_Q0]["data_offsets"]  # the same bytes twice, a gap elsewhere
+    return h
+
+
+def _duplicate(h: dict) -> str:
+    import json
+
+    text = json.dumps(h)
+    return "{" + json.dumps(_Q0) + ": " + json.dumps(h[_Q0]) + ", " + text[1:]
+
+
+def _negative(h: dict) -> dict:
+    h[_Q0]["shape"] = [-32, -32]
+    return h
+
+
+def _float8(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(_weights(folder))
+    tensors[_Q0] = tensors[_Q0].to(torch.float8_e4m3fn)
+    save_file(tensors, _weights(folder), metadata={"format": "pt"})
+
+
+def _index_naming(target: str) -> Callable[[Path], None]:
+    """A shard index whose weight_map names ``target`` (outside the folder) for one tensor."""
+    def damage(folder: Path) -> None:
+        import json
+
+        _shard(folder, missing_tensor=None)
+        index = folder / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        data["weight_map"][_Q0] = target
+        index.write_text(json.dumps(data))
+    return damage
+
+
+def _foreign_out(c: "Ctx") -> str:
+    """An --out folder holding a file tv_lens did not write."""
+    folder = c.root / "outs" / "foreign"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "thesis.tex").write_text("years of work")
+    return str(folder)
 
 
 def _config_shape(folder: Path) -> None:
@@ -164,6 +229,36 @@ CASES = [
     Case("index-names-missing-tensor", r"places 'model.layers.0.mlp.extra.weight' in this shard",
          r"download or save the checkpoint again",
          cli=lambda c: [c.base, c.copy("badindex", lambda f: _shard(f, True))]),
+    Case("header-overlapping-offsets", r"starts at data byte \d+, not at \d+ where the tensor before it ends",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("overlap", lambda f: _rewrite_header(f, _overlap))]),
+    Case("header-trailing-bytes", r"its tensors end at data byte \d+ but the data section has \d+ bytes",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("trailing", lambda f: _rewrite_header(f, lambda h: h, b"\0" * 16))]),
+    Case("header-duplicate-name", r"the tensor name 'model\.layers\.0\.self_attn\.q_proj\.weight' appears twice",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("duplicate", lambda f: _rewrite_header(f, _duplicate))]),
+    Case("header-negative-shape", r"the header entry of '.*q_proj\.weight' is malformed",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("negative", lambda f: _rewrite_header(f, _negative))]),
+    Case("header-not-utf8", r"its header is not UTF-8 text", r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("notutf8", lambda f: _rewrite_header(f, lambda h: b'{"\xff": 1}'))]),
+    Case("float8-weights", r"stores '.*q_proj\.weight' as F8_E4M3, which tv_lens does not read",
+         r"Save the checkpoint in bfloat16, float16 or float32 first",
+         cli=lambda c: [c.base, c.copy("float8", _float8)],
+         readme="Float8 or other quantized weights", fix_text="Save the checkpoint in bfloat16, float16 or float32 first"),
+    Case("shard-outside-folder", r"it names the shard '\.\./x\.safetensors', which is not a file name beside the index",
+         r"shards must sit in the checkpoint folder",
+         cli=lambda c: [c.base, c.copy("dotdot", _index_naming("../x.safetensors"))],
+         readme="A shard index that names a file outside the checkpoint folder",
+         fix_text="shards must sit in the checkpoint folder"),
+    Case("shard-absolute-path", r"it names the shard '/etc/passwd', which is not a file name beside the index",
+         r"shards must sit in the checkpoint folder",
+         cli=lambda c: [c.base, c.copy("absolute", _index_naming("/etc/passwd"))]),
+    Case("shard-index-wrong-shape", r"it is not a shard index: a JSON object whose 'weight_map' maps",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("indexlist", lambda f: (_shard(f, None), (
+             f / "model.safetensors.index.json").write_text('{"weight_map": ["a", "b"]}')))]),
     Case("config-weights-disagree", r"do not match its config.json", r"save them together again",
          cli=lambda c: [c.copy("cfgshape", _config_shape), c.copy("cfgshape", _config_shape)]),
     Case("config-not-json", r"config.json' is truncated or corrupt: it is not valid JSON",
@@ -208,6 +303,14 @@ CASES = [
          cli=lambda c: [c.base, c.tuned, "--out", _file(c) + "/sub/out"],
          readme="--out cannot be written", fix_text="Pass a folder you can write to"),
     # ---------------------------------------------------------------- options
+    Case("out-holds-other-files", r"already holds files tv_lens did not write \(thesis\.tex\)",
+         r"Choose an empty or new folder",
+         cli=lambda c: [c.base, c.tuned, "--out", _foreign_out(c)],
+         readme="--out holds files tv_lens did not write", fix_text="Choose an empty or new folder"),
+    Case("out-is-an-input", r"--out '.*' is the input folder '.*'; tv_lens never writes",
+         r"Pass a separate folder for the output",
+         cli=lambda c: [c.base, c.tuned, "--out", c.tuned],
+         readme="--out is (inside) a model folder", fix_text="Pass a separate folder for the output"),
     Case("cli-top-k", r"--top-k", r"must be at least 1",
          cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
     Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
@@ -314,6 +417,37 @@ def test_api(case: Case, ctx: Ctx):
     assert re.search(case.fix, message), message
     assert case.fix_text is None or case.fix_text in message
 
+
+@pytest.mark.parametrize("damage", [_overlap, _negative, "trailing", "not-utf8"],
+                         ids=["overlap", "negative", "trailing", "not-utf8"])
+def test_the_safetensors_library_refuses_the_same_headers(damage, ctx, tmp_path):
+    """Every header tv_lens calls corrupt, the safetensors library refuses too (a duplicate name
+    it reads as its last entry; tv_lens refuses it), and a valid float8 file it opens (tv_lens
+    refuses that one with a message of its own)."""
+    from safetensors import safe_open
+
+    folder, fresh = tmp_path / "m", tmp_path / "fresh"
+    for f in (folder, fresh):
+        shutil.copytree(ctx.tuned, f)
+    if damage == "trailing":
+        _rewrite_header(folder, lambda h: h, b"\0" * 16)
+    elif damage == "not-utf8":
+        _rewrite_header(folder, lambda h: b'{"\xff": 1}')
+    else:
+        _rewrite_header(folder, damage)
+    with pytest.raises(Exception, match="(?i)header"):
+        with safe_open(str(_weights(folder)), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    _float8(fresh)
+    with safe_open(str(_weights(fresh)), "pt") as f:
+        assert f.get_tensor(_Q0).dtype == torch.float8_e4m3fn
+
+
+def test_no_file_bytes_in_messages(ctx, capsys):
+    """A shard index naming /etc/passwd: the message names the path, never the file's bytes."""
+    assert main(ANALYZE + [ctx.base, ctx.copy("absolute", _index_naming("/etc/passwd")),
+                           "--out", ctx.out("passwd")]) == 2
+    assert "root:" not in capsys.readouterr().err
 
 def test_at_least_thirty_bad_inputs():
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)

@@ -42,7 +42,8 @@ _EXPORTS: dict[str, str] = {
     "patch": "tv_lens.patching",
     # errors
     **{name: "tv_lens.errors" for name in (
-        "CheckpointNotFoundError", "IncompatiblePairError", "InvalidArgumentError",
+        "CheckpointNotFoundError", "CorruptCheckpointError", "IncompatiblePairError",
+        "InvalidArgumentError", "PickleCheckpointError", "UnsupportedDtypeError",
         "MissingBaseError", "NonFiniteWeightsError", "OutOfRangeError", "ProcessedWeightsError",
         "ShapeMismatchError", "TvLensError", "TvLensWarning", "UnsupportedArchitectureError",
         "VocabMismatchError")},

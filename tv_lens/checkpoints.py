@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from tv_lens.errors import (CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError,
-                            PickleCheckpointError)
+                            PickleCheckpointError, UnsupportedDtypeError)
 from tv_lens.layout import Slot, layout
 from tv_lens.memory import empty
 from tv_lens.sources import SlotWeights, compute_dtype
@@ -48,6 +48,12 @@ CACHE_MAX_BYTES = 64 * 2**20
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+#: dtypes of the safetensors format that tv_lens does not read (quantized or 8-bit floats: their
+#: values mean nothing without scales stored elsewhere)
+UNSUPPORTED_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "U16", "U32",
+                      "U64", "C64")
+
+
 def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"{str(path)!r} is truncated or corrupt: {problem}. An interrupted download or copy "
@@ -55,12 +61,31 @@ def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
     )
 
 
+def _shown(name: Any) -> str:
+    """A name read from a file, quoted and cut short for a message."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the tensor name {_shown(key)} appears twice")
+        out[key] = value
+    return out
+
+
 class SafetensorsFile:
-    """One safetensors file: its header, validated, and tensors read on demand.
+    """One safetensors file: its header, validated as the ``safetensors`` library validates it,
+    and tensors read on demand.
 
     Raises:
-        CorruptCheckpointError: the file is shorter than its header says, the header is not
-            valid JSON, or a tensor's byte range does not match its shape and dtype.
+        CorruptCheckpointError: the file is shorter than its header says; the header is not a
+            JSON object of unique names; an entry is malformed (unknown dtype, negative or
+            non-integer shape); or the tensors' byte ranges are not contiguous from the start of
+            the data section to its end, each the size its shape and dtype need.
+        UnsupportedDtypeError: a valid entry of a dtype tv_lens does not read (float8, …).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -73,29 +98,66 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, _MAX_HEADER):
                 raise _corrupt(self.path, f"its header claims {n} bytes but the file has {size}")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise _corrupt(self.path, f"its header is not valid JSON ({exc})") from None
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except UnicodeDecodeError:
+            raise _corrupt(self.path, "its header is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise _corrupt(self.path, f"its header is not valid JSON (at byte {exc.pos})") from None
+        except ValueError as exc:  # a duplicate name
+            raise _corrupt(self.path, f"its header is invalid: {exc}") from None
         if not isinstance(header, dict):
             raise _corrupt(self.path, "its header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise _corrupt(self.path, "its __metadata__ is not a JSON object")
+        self.metadata: dict[str, str] = metadata
         self.data_start = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for key, info in header.items():
-            try:
-                dtype, shape = DTYPES[info["dtype"]], tuple(int(s) for s in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise _corrupt(self.path, f"the header entry of {key!r} is malformed") from None
-            expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            if end - begin != expected:
-                raise _corrupt(self.path, f"{key!r} holds {end - begin} bytes, its shape "
-                                          f"{list(shape)} needs {expected}")
-            if self.data_start + end > size:
-                raise _corrupt(self.path, f"{key!r} ends at byte {self.data_start + end} but the "
-                                          f"file has only {size} bytes")
-            self.entries[key] = (dtype, shape, begin, end)
+            self.entries[key] = self._entry(key, info)
+        self._check_layout(size - self.data_start)
+
+    def _entry(self, key: str, info: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        try:
+            assert isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+            shape, offsets = info["shape"], info["data_offsets"]
+            assert all(type(x) is int and x >= 0 for x in [*shape, *offsets])
+            assert len(offsets) == 2 and isinstance(info["dtype"], str)
+        except (AssertionError, TypeError):
+            raise _corrupt(self.path, f"the header entry of {_shown(key)} is malformed") from None
+        if info["dtype"] in UNSUPPORTED_DTYPES:
+            raise UnsupportedDtypeError(
+                f"{str(self.path)!r} stores {_shown(key)} as {info['dtype']}, which tv_lens does "
+                "not read (quantized and 8-bit float weights mean nothing without their scales). "
+                "Save the checkpoint in bfloat16, float16 or float32 first.")
+        if info["dtype"] not in DTYPES:
+            raise _corrupt(self.path, f"{_shown(key)} has the unknown dtype "
+                                      f"{_shown(info['dtype'])}")
+        dtype, (begin, end) = DTYPES[info["dtype"]], offsets
+        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected:
+            raise _corrupt(self.path, f"{_shown(key)} holds {end - begin} bytes, its shape "
+                                      f"{list(shape)} needs {expected}")
+        return dtype, tuple(shape), begin, end
+
+    def _check_layout(self, data_size: int) -> None:
+        """Byte ranges contiguous from 0 and covering the data section, as the library
+        requires (no overlaps, no gaps, nothing pointing into the header or past the end)."""
+        position = 0
+        for key, (_, _, begin, end) in sorted(self.entries.items(), key=lambda e: e[1][2:]):
+            if begin != position:
+                raise _corrupt(self.path, f"{_shown(key)} starts at data byte {begin}, not at "
+                                          f"{position} where the tensor before it ends")
+            if end > data_size:  # the common case: a download cut short
+                raise _corrupt(self.path, f"{_shown(key)} ends at byte {self.data_start + end} "
+                                          f"but the file has only {self.data_start + data_size} "
+                                          "bytes")
+            position = end
+        if position != data_size:
+            raise _corrupt(self.path, f"its tensors end at data byte {position} but the data "
+                                      f"section has {data_size} bytes")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -156,11 +218,19 @@ class Checkpoint:
     def _index(self, index_name: str) -> None:
         path = self.folder / index_name
         try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise _corrupt(path, f"it is not a shard index with a 'weight_map' ({exc})") from None
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict)
+            assert all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise _corrupt(path, "it is not a shard index: a JSON object whose 'weight_map' maps "
+                                 "tensor names to shard file names") from None
         pickled = index_name != SAFETENSORS_INDEX
         for name in sorted(set(weight_map.values())):
+            if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise _corrupt(path, f"it names the shard {_shown(name)}, which is not a file "
+                                     "name beside the index (shards must sit in the checkpoint "
+                                     "folder)")
+
             if pickled and not (self.folder / name).is_file():
                 raise CheckpointNotFoundError(f"The shard {name!r} named by {str(path)!r} is "
                                               "missing. Download or copy every shard.")

@@ -40,6 +40,10 @@ class PickleCheckpointError(TvLensError):
     """A checkpoint holds only pickle weights and the caller did not opt in to reading them."""
 
 
+class UnsupportedDtypeError(TvLensError):
+    """A valid checkpoint tensor of a dtype tv_lens does not read (float8, other quantized)."""
+
+
 class UnsupportedArchitectureError(TvLensError):
     """The checkpoint's architecture has no tv_lens weight layout (or no TransformerLens adapter)."""
 
