@@ -12,7 +12,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -606,6 +611,108 @@ def test_saved_vector_failing_midway_leaves_no_file(ctx, monkeypatch, tmp_path):
         _vector(ctx).save(path)
     assert not path.exists() and not list(tmp_path.iterdir())
 
+
+_PAUSED = """
+import pathlib, sys, time
+import tv_lens.alignment, tv_lens.reporting
+flag, point = pathlib.Path(sys.argv[1]), sys.argv[2]
+module = tv_lens.reporting if point == "report" else tv_lens.alignment
+real = getattr(module, point)
+def paused(*args, **kwargs):
+    flag.touch()  # the signal comes now: inside the staged block, tables saved for "report"
+    time.sleep(120)
+setattr(module, point, paused)
+from tv_lens.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _run_until(ctx: Ctx, out: Path, point: str, signum: int) -> subprocess.CompletedProcess:
+    """``tv-lens analyze`` in a subprocess, sent ``signum`` once it is paused at ``point``
+    (``"analyze"``: the pair loaded, nothing computed; ``"report"``: the tables saved in the
+    staging folder, the report about to be made)."""
+    flag = out.parent / f"{out.name}.at-{point}"
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(flag), point, *ANALYZE, ctx.base,
+                             ctx.tuned, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert flag.exists(), proc.communicate()
+    proc.send_signal(signum)
+    out_text, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out_text, err)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.mark.parametrize("signum,point,status", [(signal.SIGTERM, "report", 143),
+                                                 (signal.SIGHUP, "analyze", 129),
+                                                 (signal.SIGINT, "report", 130)],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_real_signals_leave_nothing(ctx, signum, point, status):
+    out = Path(ctx.out(f"signal-{signum}"))
+    run = _run_until(ctx, out, point, signum)
+    assert run.returncode == status, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"tv-lens: interrupted; nothing was written to {out}/."
+    assert "Traceback" not in run.stderr
+    assert not out.exists() and _leftovers(out) == []
+
+
+def test_kill_9_leaves_the_earlier_output_and_a_later_run_sweeps(ctx, capsys):
+    out = Path(ctx.out("killed"))
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    earlier = _listing(out)
+    run = _run_until(ctx, out, "report", signal.SIGKILL)
+    assert run.returncode == -signal.SIGKILL
+    assert _listing(out) == earlier  # the complete earlier output, untouched
+    assert [n.split("-")[0] for n in _leftovers(out)] == [".killed.partial"]
+    capsys.readouterr()
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"removed 1 staging folder(s) a killed run left beside {out}/" in printed
+    assert _leftovers(out) == [] and set(_listing(out)) == set(earlier)
+
+
+def test_a_live_runs_staging_is_never_swept_and_a_dead_swap_is_undone(ctx, capsys):
+    """Staging whose owner lives (this process) stays; a run killed between moving the earlier
+    output aside and moving the new one in gets its earlier output back."""
+    from tv_lens.staging import OWNER, sweep
+
+    out = Path(ctx.out("swap"))
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
+    earlier = _listing(out)
+    live = out.parent / ".swap.partial-live"
+    live.mkdir()
+    (live / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    aside = out.parent / ".swap.old-dead"
+    aside.mkdir()
+    (aside / OWNER).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname()}))
+    out.rename(aside / out.name)
+    assert sweep(out, announce=lambda line: None) == [aside]
+    assert _listing(out) == earlier and live.is_dir() and not aside.exists()
+    shutil.rmtree(live)
+
+
+def test_a_report_that_fails_keeps_the_tables(ctx, capsys, monkeypatch):
+    from tv_lens import reporting
+
+    def broken(*args, **kwargs):
+        raise TypeError("sequence item 0: expected str instance, float found")
+
+    monkeypatch.setattr(reporting, "report", broken)
+    out = Path(ctx.out("noreport"))
+    assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"tv-lens: error: the report could not be made (TypeError: sequence item "
+                       f"0: expected str instance, float found); the tables were written to "
+                       f"{out}/ without it.")
+    assert {"heads.csv", "neurons.csv", "matrices.csv", "summary.csv", "summary.json"} <= set(
+        _listing(out)) and "report.html" not in _listing(out)
 
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     from tv_lens import alignment

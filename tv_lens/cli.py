@@ -14,9 +14,10 @@ Bad input ends with a one-paragraph message on stderr and exit status 2, never a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 DTYPES = ("float32", "float16", "bfloat16")
 #: Held-out-phrasing questions the demo report runs the models on.
@@ -106,7 +107,8 @@ def _print_summary(analysis, out: Path) -> None:
     print(f"\nanalysis took {analysis.info['seconds']:.2f} s; tables written to {out}/")
 
 
-def _run_analyze(args: argparse.Namespace) -> None:
+def _run_analyze(args: argparse.Namespace) -> int:
+    """0 when everything was written; 1 when the tables were and the report failed."""
     import torch
 
     from tv_lens import ModelPair, __version__
@@ -128,13 +130,24 @@ def _run_analyze(args: argparse.Namespace) -> None:
                            torch_version=torch.__version__,
                            arguments={k: str(v) for k, v in vars(args).items()})
         result.save(stage)
-        path = report(result, stage / "report.html", pair=pair, prompt=args.prompt)
-        size = path.stat().st_size / 2**20
+        try:  # the tables are computed: a failing report must not discard them
+            size = report(result, stage / "report.html", pair=pair,
+                          prompt=args.prompt).stat().st_size / 2**20
+        except Exception as exc:
+            failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            (stage / "report.html").unlink(missing_ok=True)
+        else:
+            failed = None
     _print_summary(result, args.out)
+    if failed is not None:
+        print(f"tv-lens: error: the report could not be made ({failed}); the tables were "
+              f"written to {args.out}/ without it.", file=sys.stderr)
+        return 1
     print(f"report: {args.out / 'report.html'} ({size:.1f} MiB, opens offline)")
+    return 0
 
 
-def _run_zoo(args: argparse.Namespace) -> None:
+def _run_zoo(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from tv_lens.zoo import analyze_zoo
@@ -148,6 +161,7 @@ def _run_zoo(args: argparse.Namespace) -> None:
     for name, why in zoo.failed.items():
         print(f"failed: {name}: {why}")
     print(f"\n{len(zoo.analyses)} fine-tunes analysed; tables written to {args.out}/")
+    return 0
 
 
 def _device(name: str | None):
@@ -168,7 +182,7 @@ def _device(name: str | None):
     return device
 
 
-def _run_demo(args: argparse.Namespace) -> None:
+def _run_demo(args: argparse.Namespace) -> int:
     from tv_lens.demo import checkpoint_dir
 
     args.base, args.tuned = str(checkpoint_dir("base")), str(checkpoint_dir(args.domain))
@@ -176,7 +190,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     if args.prompt is None:
         args.prompt = DEMO_PROMPTS[args.domain]
     print(f"tv-lens demo: base -> {args.domain} fine-tune (shipped with tv_lens)\n")
-    _run_analyze(args)
+    return _run_analyze(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,14 +215,48 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({args.top_k}).", file=sys.stderr)
         return 2
     try:
-        {"analyze": _run_analyze, "demo": _run_demo, "zoo": _run_zoo}[args.command](args)
+        with _signals_interrupt():
+            return {"analyze": _run_analyze, "demo": _run_demo, "zoo": _run_zoo}[args.command](args)
     except TvLensError as exc:
         print(f"tv-lens: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tv-lens: interrupted; nothing was written to {args.out}/.", file=sys.stderr)
-        return 130
-    return 0
+    except (KeyboardInterrupt, Terminated) as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else 2  # SIGINT
+        print("tv-lens: interrupted; " + (
+            f"finished tasks are kept in {args.out}/: run the same command again to resume."
+            if args.command == "zoo" else f"nothing was written to {args.out}/."), file=sys.stderr)
+        return 128 + signum
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, so that it unwinds like Ctrl-C: staging
+    folders removed, nothing half-written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Terminated` while the command runs (main thread only;
+    the previous handlers come back after)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ it writes the marker :data:`MARKER` (tv_lens version, command, the files written
 staging folder into place, and when the block raises it removes the staging folder, so a failed
 run leaves nothing half-written.
 
+Each staging folder holds :data:`OWNER` (process id and host) until it is swapped in; a later run
+removes the staging folders whose owner is gone (a run killed with ``kill -9``) and never touches
+a live run's.
+
 The one rule for replacing a folder: tv_lens replaces only its own earlier output, a folder whose
 marker lists every file in it (or, written before markers, one holding only ``analyze``'s files
 with a ``summary.json`` that names tv_lens's version). Any other non-empty folder is refused, and
@@ -13,9 +17,11 @@ so is a destination equal to, inside, or holding one of the folders the command 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -73,6 +79,49 @@ def check_destination(out: Path, inputs: Iterable[str | Path] = ()) -> None:
                           "own earlier output.")
 
 
+#: Inside every staging folder: who made it (process id and host), so a later run can tell a
+#: dead run's leftovers (swept) from a running one's (never touched).
+OWNER = ".tv_lens-owner.json"
+
+
+def _claim(folder: Path) -> None:
+    (folder / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def _owner_gone(folder: Path) -> bool:
+    try:
+        owner = json.loads((folder / OWNER).read_text())
+        pid, host = int(owner["pid"]), owner["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not ours, or still being made: leave it
+    if host != socket.gethostname():
+        return False  # another machine's run (a shared file system): cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def sweep(out: Path, announce=print) -> list[Path]:
+    """Remove the staging folders a killed run left beside ``out`` (its owner process is gone);
+    returns what was removed."""
+    swept = []
+    for kind in ("partial", "old"):
+        for folder in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+            if folder.is_dir() and _owner_gone(folder):
+                earlier = folder / out.name  # killed mid-swap: the earlier output comes back
+                if kind == "old" and earlier.is_dir() and not out.exists():
+                    earlier.rename(out)
+                shutil.rmtree(folder, ignore_errors=True)
+                swept.append(folder)
+    if swept:
+        announce(f"removed {len(swept)} staging folder(s) a killed run left beside {out}/")
+    return swept
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -98,7 +147,9 @@ def staged_folder(out: str | Path, *, inputs: Iterable[str | Path] = (), command
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        sweep(out, announce)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        _claim(stage)
         stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a folder is made as mkdir would
     except OSError as exc:
         raise TvLensError(f"Cannot write the output folder {str(out)!r}: {exc.strerror or exc}. "
@@ -107,6 +158,7 @@ def staged_folder(out: str | Path, *, inputs: Iterable[str | Path] = (), command
         yield stage
         from tv_lens import __version__
 
+        (stage / OWNER).unlink()
         marker = dict(written_by="tv_lens", tv_lens_version=__version__, command=command,
                       files=sorted(p.name for p in stage.iterdir()))
         (stage / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
@@ -116,6 +168,7 @@ def staged_folder(out: str | Path, *, inputs: Iterable[str | Path] = (), command
         raise
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+        _claim(old)
         out.rename(old / out.name)
         stage.rename(out)
         shutil.rmtree(old, ignore_errors=True)
