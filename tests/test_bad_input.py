@@ -714,6 +714,26 @@ def test_a_report_that_fails_keeps_the_tables(ctx, capsys, monkeypatch):
     assert {"heads.csv", "neurons.csv", "matrices.csv", "summary.csv", "summary.json"} <= set(
         _listing(out)) and "report.html" not in _listing(out)
 
+
+def test_a_padded_vocabulary_analyses_and_reports(ctx, capsys):
+    """Embedding rows past the tokenizer's last token (Qwen2 pads 151,646 tokens to 151,936):
+    the pair analyses and reports, and those ids read as ``<id N>`` wherever tokens are shown."""
+    import tv_lens
+
+    base = llama_model(vocab=128)
+    tuned = llama_model(vocab=128)
+    with torch.no_grad():
+        tuned.lm_head.weight[96:] += 5 * torch.randn(32, tuned.lm_head.weight.shape[1])
+    base_dir, tuned_dir = ctx.save(base, "padded_base"), ctx.save(tuned, "padded_tuned")
+    out = Path(ctx.out("padded"))
+    assert main(ANALYZE + [str(base_dir), str(tuned_dir), "--out", str(out), "--prompt",
+                           "the cat sat"]) == 0
+    assert "On the prompt" in (out / "report.html").read_text()
+    tokens = tv_lens.read_tokens(ModelPair.from_pretrained(base_dir, tuned_dir), progress=False)
+    padded = tokens[tokens.token_id >= 96]
+    assert len(padded) and (padded.token == [f"<id {i}>" for i in padded.token_id]).all()
+    assert tokens.token.map(type).eq(str).all()
+
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     from tv_lens import alignment
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from tv_lens.errors import TvLensError
-from tv_lens.readouts import _unembedding
+from tv_lens.readouts import _unembedding, token_strings
 from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 
@@ -118,7 +118,7 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "token"])
     ids = [int(i) for i in df.token_id]
     tok = pair.tokenizer
-    df["token"] = tok.convert_ids_to_tokens(ids) if tok is not None else [f"<id {i}>" for i in ids]
+    df["token"] = token_strings(tok, ids)
     df = df[COLUMNS]
     df.attrs["d_vocab"] = pair.spec.d_vocab
     df.attrs["norms"] = {layer: float(deltas[name].norm()) for layer, name in zip(layers, names)}

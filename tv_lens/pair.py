@@ -315,11 +315,9 @@ class ModelPair:
         n_base, n_tuned = self.base_spec.d_vocab, self.tuned_spec.d_vocab
         if n_tuned <= n_base:
             return []
-        tok = getattr(self.tuned, "tokenizer", None)
-        ids = range(n_base, n_tuned)
-        if tok is None:
-            return [f"<id {i}>" for i in ids]
-        return [tok.convert_ids_to_tokens(i) or f"<id {i}>" for i in ids]
+        from tv_lens.readouts import token_strings
+
+        return token_strings(getattr(self.tuned, "tokenizer", None), list(range(n_base, n_tuned)))
 
     def tuning_vector(self, *, dense: bool = False) -> TuningVector:
         """``tuned − base`` for every weight (made once, then cached).

@@ -74,8 +74,7 @@ def ov_tokens(pair_or_vector: Any, layer: int, head: int, k: int = 10,
         s, s_base = scores(A, B).cpu(), scores(V, O).cpu()
     top = torch.topk(s, min(k, len(s)))
     ids = top.indices.tolist()
-    names = (tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None
-             else [f"<id {i}>" for i in ids])
+    names = token_strings(tokenizer, ids)
     return pd.DataFrame({"rank": range(1, len(ids) + 1), "token_id": ids, "token": names,
                          "score": top.values.tolist(), "base_score": s_base[ids].tolist()},
                         columns=COLUMNS)
@@ -240,8 +239,7 @@ def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int 
         readers = {s: W / W.norm(dim=1, keepdim=True).clamp(min=1e-30) for s, W in readers.items()}
     df = read_directions(tv, units, readers, k, directions, desc="read_tokens", progress=progress)
     ids = [int(i) for i in df.token_id]
-    df["token"] = (tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None
-                   else [f"<id {i}>" for i in ids])
+    df["token"] = token_strings(tokenizer, ids)
     df = df[TOKEN_COLUMNS]
     df.attrs["d_vocab"] = tv.spec.d_vocab
     return df
@@ -321,6 +319,13 @@ def _hypergeom_sf(hits: int, N: int, K: int, n: int) -> float:
     total = math.comb(N, n)
     return float(sum(math.comb(K, i) * math.comb(N - K, n - i) for i in range(hits, min(K, n) + 1))
                  / total)
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each id's token string; ``<id N>`` where there is no tokenizer or it cannot decode the id
+    (a padded vocabulary: embedding rows past the tokenizer's last token)."""
+    names = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [None] * len(ids)
+    return [n if isinstance(n, str) else f"<id {i}>" for i, n in zip(ids, names)]
 
 
 def top_token_text(tokens: pd.DataFrame, unit: str, n: int = 5, side: str | None = None) -> str:

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tv_lens.errors import CheckpointNotFoundError, InvalidArgumentError, ShapeMismatchError
-from tv_lens.readouts import _vector_of, mlp_matrix_units, read_directions
+from tv_lens.readouts import _vector_of, mlp_matrix_units, read_directions, token_strings
 
 #: Hooks an SAE can sit on, and which units of which layers write into each.
 _SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -282,7 +282,7 @@ def top_activations(model: Any, sae: Any, texts: Iterable[str], latents: Iterabl
         tokens = model.to_tokens(text)
         _, cache = model.run_with_cache(tokens, names_filter=sae.hook_name)
         acts = sae.encode(cache[sae.hook_name][0].float().cpu())[:, latents]  # [pos, latents]
-        names = model.tokenizer.convert_ids_to_tokens(tokens[0].tolist())
+        names = token_strings(model.tokenizer, tokens[0].tolist())
         for j, latent in enumerate(latents):
             for pos in torch.nonzero(acts[:, j]).flatten().tolist():
                 rows.append((latent, i, pos, names[pos], float(acts[pos, j])))
