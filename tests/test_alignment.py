@@ -120,10 +120,34 @@ def test_cli_bad_input_exits_with_one_paragraph(tmp_path, capsys):
 
 
 def test_unchanged_pair_is_all_unchanged(save):
+    """τ = 0 (and τ below tol): every unit unchanged with NaN shares, the summary's fractions
+    defined (unchanged_frac = 1), and a warning saying which of the two it is."""
+    import copy
+
+    from tv_lens import TvLensWarning
+
     folder = save(llama_model(), "same")
-    result = analyze(ModelPair.from_pretrained(folder, folder), progress=False)
+    with pytest.warns(TvLensWarning, match=r"The two models are identical: every weight "
+                                           r"difference is zero \(τ = 0\)"):
+        result = analyze(ModelPair.from_pretrained(folder, folder), progress=False)
     assert (result.heads.label == "unchanged").all() and (result.neurons.label == "unchanged").all()
-    assert (result.matrices.label == "unchanged").all()
+    assert (result.matrices.label == "unchanged").all() and result.info["degenerate"] == "identical"
+    assert result.heads.subspace_share.isna().all() and result.heads.p_value.isna().all()
+    summary = result.summary
+    assert (summary.unchanged_frac == 1).all() and (summary.update_energy == 0).all()
+    fracs = ["new_frac", "amplified_frac", "dampened_frac", "aligned_frac", "mixed_frac"]
+    assert (summary[fracs] == 0).all().all()
+    # energy_share, mean_new_share and concentration: 0/0, NaN (the README's column list says)
+    assert summary[["energy_share", "mean_new_share", "concentration_50"]].isna().all().all()
+    base = llama_model()
+    tiny = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.mul_(1 + 3e-7)  # a few float32 ulps: relative change ~3e-7 < tol
+    with pytest.warns(TvLensWarning, match=r"Every unit's relative change is below tol=1e-06 "
+                                           r"\(the largest is .*\).*Pass a smaller tol"):
+        result = analyze(ModelPair(base, tiny), progress=False)
+    assert result.info["degenerate"] == "below_tol" and (result.summary.unchanged_frac == 1).all()
 
 
 def test_neuron_cosines_match_direct_computation(llama_dirs):

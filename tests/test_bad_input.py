@@ -69,6 +69,12 @@ class Ctx:
             self._made[name] = str(self.save(build(), name))
         return self._made[name]
 
+    def copy_of_base(self, name: str) -> str:
+        if name not in self._made:
+            shutil.copytree(self.base, self.root / name)
+            self._made[name] = str(self.root / name)
+        return self._made[name]
+
     def out(self, name: str = "out") -> str:
         return str(self.root / "outs" / name)
 
@@ -195,6 +201,15 @@ def _other_tokenizer(folder: Path) -> None:
                             pad_token="<pad>").save_pretrained(folder)
 
 
+def _poisoned(weight_of: Callable) -> torch.nn.Module:
+    """The tiny Llama with one entry of ``weight_of(model)`` set to inf (NaN for embeddings)."""
+    model = llama_model()
+    with torch.no_grad():
+        w = weight_of(model)
+        w.view(-1)[0] = float("nan") if w.ndim == 2 else float("inf")
+    return model
+
+
 def _nan_model():
     model = llama_model()
     with torch.no_grad():
@@ -279,6 +294,19 @@ CASES = [
          cli=lambda c: [c.base, c.copy("pickle", _as_pickle)],
          readme="Only pytorch_model.bin (pickle) weights",
          fix_text="--allow-pickle"),
+    Case("inf-in-final-norm", r"The tuned model has 1 NaN/inf value\(s\) in ln_final\.w",
+         r"check how the checkpoint was saved or converted",
+         cli=lambda c: [c.base, c.model("inf_norm", lambda: _poisoned(lambda m: m.model.norm.weight))]),
+    Case("nan-in-embedding", r"The tuned model has 1 NaN/inf value\(s\) in embed\.W_E",
+         r"check how the checkpoint was saved or converted",
+         cli=lambda c: [c.base, c.model("nan_embed", lambda: _poisoned(lambda m: m.model.embed_tokens.weight))]),
+    Case("identical-checkpoints", r"The two checkpoints are identical: every weight difference is zero",
+         r"Pass the fine-tuned model's folder as TUNED",
+         cli=lambda c: [c.base, c.copy_of_base("copy_of_base")],
+         readme="The two checkpoints are identical (τ = 0)",
+         fix_text="Pass the fine-tuned model's folder as TUNED"),
+    Case("same-folder-twice", r"BASE and TUNED are the same folder", r"Pass the base model's folder, then",
+         cli=lambda c: [c.base, c.base]),
     Case("nan-weights", r"NaN/inf value\(s\) in blocks.1.mlp.W_out",
          r"check how the checkpoint was saved or converted",
          cli=lambda c: [c.base, c.model("nanmodel", _nan_model)],

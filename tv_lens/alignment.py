@@ -29,6 +29,7 @@ update". The per-matrix table has no such coupling and is the cross-check.
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -42,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tv_lens.components import expert_of
-from tv_lens.errors import InvalidArgumentError
+from tv_lens.errors import InvalidArgumentError, TvLensWarning
 from tv_lens.lazy import LowRank
 from tv_lens.memory import release_freed_memory
 from tv_lens.linalg import (align_circuits, best_matches, cluster_ids, core_shares, frob2,
@@ -485,6 +486,8 @@ def _unit_energies(spec: Any, layer: int, part: str, delta: dict[str, Tensor | L
 def _summary_row(layer: Any, part: str, units: pd.DataFrame, unit_energy: np.ndarray,
                  baselines: tuple[float, float], total_energy: float) -> dict:
     weight = units["delta_norm"].to_numpy() ** 2
+    if not weight.sum() > 0:  # no update energy (every unit unchanged): shares of units instead
+        weight = np.ones(len(units))
     wsum = weight.sum()
     fracs = {lab: float(weight[units["label"].to_numpy() == lab].sum() / wsum) if wsum > 0
              else float("nan") for lab in LABELS}
@@ -736,8 +739,13 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     by_layer = names_by_layer(tv)
     options = LayerOptions(top_k, t, rank, (intruder_top_k, intruder_epsilon), null_samples, seed,
                            device)
+    unread = [n for names in by_layer.values() for n in names  # norms: in no table, but a
+              if ".attn." not in n and ".mlp." not in n and n not in set(_matrix_names(tv))]
+
     def rows_of(layer: int | None) -> LayerRows:
-        if layer is None:  # the embeddings
+        if layer is None:  # the embeddings, and every weight no table reads (a NaN or inf
+            for name in unread:  # there is refused too, with its name)
+                tv[name]
             return LayerRows([], [], model_rows(tv, by_layer.get(None, []), options), {})
         return layer_rows(tv, layer, by_layer.get(layer, []), options)
 
@@ -794,7 +802,27 @@ def assemble(spec: Any, head_rows: list[dict], neuron_frames: list[pd.DataFrame]
         if labels == "calibrated" and not (fast and table is matrix_table):
             table["label"] = calibrated_labels(table, t)
     summary = _summary(spec, heads, neurons, energies)
+    _warn_if_degenerate((heads, neurons, matrix_table), t, info)
     return Analysis(heads, neurons, matrix_table, summary, info)
+
+
+def _warn_if_degenerate(tables: tuple[pd.DataFrame, ...], t: Thresholds, info: dict) -> None:
+    """Say so where no unit changed: the two models identical (τ = 0), or every update below
+    ``t.tol`` (``info["degenerate"]`` records which)."""
+    rows = pd.concat([x[["delta_norm", "relative_norm", "label"]] for x in tables])
+    if rows.empty or (rows["label"] != "unchanged").any():
+        return
+    if (rows["delta_norm"] == 0).all():
+        info["degenerate"] = "identical"
+        message = ("The two models are identical: every weight difference is zero (τ = 0), so "
+                   "every unit is 'unchanged' and every share is NaN. Check that the fine-tune is "
+                   "not a copy of the base.")
+    else:
+        info["degenerate"] = "below_tol"
+        message = (f"Every unit's relative change is below tol={t.tol:g} (the largest is "
+                   f"{rows['relative_norm'].max():.3g}), so every unit is 'unchanged' and every "
+                   "share is NaN. Pass a smaller tol to analyse an update this small.")
+    warnings.warn(message, TvLensWarning, stacklevel=3)
 
 
 def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -113,6 +114,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
     from tv_lens import ModelPair, __version__
     from tv_lens.alignment import analyze
+    from tv_lens.errors import TvLensError
 
     from tv_lens.reporting import report
     from tv_lens.staging import staged_folder
@@ -121,11 +123,21 @@ def _run_analyze(args: argparse.Namespace) -> int:
     pair = ModelPair.from_pretrained(args.base, args.tuned, device=device,
                                      dtype=getattr(torch, args.dtype), vocab=args.vocab,
                                      allow_pickle=args.allow_pickle)
+    if Path(args.base).expanduser().resolve() == Path(args.tuned).expanduser().resolve():
+        raise TvLensError(f"BASE and TUNED are the same folder ({args.base}): there is no "
+                          "fine-tune to analyse. Pass the base model's folder, then the "
+                          "fine-tuned model's.")
     with staged_folder(args.out, inputs=(args.base, args.tuned), command=args.command) as stage:
-        result = analyze(pair, top_k=args.top_k, tol=args.tol, fast=args.fast,
-                         fast_rank=args.fast_rank, device=device, labels=args.labels,
-                         level=args.level, null_samples=args.null_samples,
-                         workers=args.workers)
+        with warnings.catch_warnings():  # identical models: the error below says it
+            warnings.filterwarnings("ignore", "The two models are identical")
+            result = analyze(pair, top_k=args.top_k, tol=args.tol, fast=args.fast,
+                             fast_rank=args.fast_rank, device=device, labels=args.labels,
+                             level=args.level, null_samples=args.null_samples,
+                             workers=args.workers)
+        if result.info.get("degenerate") == "identical":
+            raise TvLensError("The two checkpoints are identical: every weight difference is "
+                              "zero, so there is no update to analyse. Pass the fine-tuned "
+                              "model's folder as TUNED, not a copy of the base.")
         result.info.update(command="analyze", tv_lens_version=__version__,
                            torch_version=torch.__version__,
                            arguments={k: str(v) for k, v in vars(args).items()})
@@ -215,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({args.top_k}).", file=sys.stderr)
         return 2
     try:
-        with _signals_interrupt():
+        with _signals_interrupt(), _one_line_warnings():
             return {"analyze": _run_analyze, "demo": _run_demo, "zoo": _run_zoo}[args.command](args)
     except TvLensError as exc:
         print(f"tv-lens: error: {exc}", file=sys.stderr)
@@ -226,6 +238,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"finished tasks are kept in {args.out}/: run the same command again to resume."
             if args.command == "zoo" else f"nothing was written to {args.out}/."), file=sys.stderr)
         return 128 + signum
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """tv_lens's own warnings as ``tv-lens: warning: …`` lines (no source line)."""
+    from tv_lens.errors import TvLensWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TvLensWarning):
+            print(f"tv-lens: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 class Terminated(BaseException):
