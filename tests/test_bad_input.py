@@ -662,7 +662,10 @@ def _run_until(ctx: Ctx, out: Path, point: str, signum: int) -> subprocess.Compl
     flag = out.parent / f"{out.name}.at-{point}"
     proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(flag), point, *ANALYZE, ctx.base,
                              ctx.tuned, "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a background job (CI's suites) starts with SIGINT ignored, which a
+                            # child inherits: give it the default, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -15,24 +15,48 @@ from tv_lens.demo import checkpoint_dir, load_pair
 from tv_lens.errors import PickleCheckpointError, TvLensError
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = {  # name: (family, LoraConfig arguments)
+VARIANTS = {  # name: (family, LoraConfig arguments, adapter_config.json edits after saving)
     "patterns": ("llama", dict(r=2, lora_alpha=4, target_modules=ALL, rank_pattern={"down_proj": 3},
-                               alpha_pattern={"q_proj": 8})),
+                               alpha_pattern={"q_proj": 8}), {}),
     "rslora_saved": ("llama", dict(r=4, lora_alpha=4, use_rslora=True,
-                                   target_modules=["q_proj", "up_proj"], modules_to_save=["lm_head"])),
-    "dora": ("llama", dict(r=2, lora_alpha=4, use_dora=True, target_modules=["v_proj", "down_proj"])),
+                                   target_modules=["q_proj", "up_proj"], modules_to_save=["lm_head"]),
+                     {}),
+    "dora": ("llama", dict(r=2, lora_alpha=4, use_dora=True, target_modules=["v_proj", "down_proj"]),
+             {}),
     "gpt2_fused": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
-                                fan_in_fan_out=True)),
+                                fan_in_fan_out=True), {}),
+    # a config without lora_alpha: PEFT's default 8 (not r = 4)
+    "alpha_missing": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+                      {"lora_alpha": None}),
+    # fan_in_fan_out on nn.Linear targets (square ones: a transpose would fit): PEFT ignores it
+    "fan_in_fan_out_on_linear": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]),
+                                 {"fan_in_fan_out": True}),
+    # ... and transposes Conv1D targets' updates whatever the flag says
+    "gpt2_flag_off": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
+                                   fan_in_fan_out=True), {"fan_in_fan_out": False}),
 }
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def lora(request, llama_dirs, gpt2_dirs, tmp_path_factory, tokenizer):
-    """``(base folder, adapter folder, merged folder, variant)`` built with peft itself."""
+def _edit_config(folder, edits: dict) -> None:
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in edits.items():
+        config.pop(key) if value is None else config.__setitem__(key, value)
+    path.write_text(json.dumps(config))
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def _build(variant, llama_dirs, gpt2_dirs, tmp_path_factory, tokenizer):
+    """``(base folder, adapter folder, merged folder, variant)`` built with peft itself (once
+    per variant)."""
+    if variant in _BUILT:
+        return _BUILT[variant]
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    family, kwargs = VARIANTS[request.param]
+    family, kwargs, edits = VARIANTS[variant]
     base = (llama_dirs if family == "llama" else gpt2_dirs)[0]
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(init_lora_weights=False, **kwargs))
@@ -41,12 +65,25 @@ def lora(request, llama_dirs, gpt2_dirs, tmp_path_factory, tokenizer):
         for name, p in model.named_parameters():
             if "modules_to_save" in name or "magnitude" in name:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-    folder = tmp_path_factory.mktemp(f"adapter_{request.param}")
+    folder = tmp_path_factory.mktemp(f"adapter_{variant}")
     model.save_pretrained(folder)
-    merged = tmp_path_factory.mktemp(f"merged_{request.param}")
+    _edit_config(folder, edits)
+    merged = tmp_path_factory.mktemp(f"merged_{variant}")
     model.merge_and_unload().save_pretrained(merged)
     tokenizer.save_pretrained(merged)
-    return base, folder, merged, request.param
+    _BUILT[variant] = base, folder, merged, variant
+    return _BUILT[variant]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def lora(request, llama_dirs, gpt2_dirs, tmp_path_factory, tokenizer):
+    return _build(request.param, llama_dirs, gpt2_dirs, tmp_path_factory, tokenizer)
+
+
+@pytest.fixture(scope="module", params=[v for v in VARIANTS if v != "dora"])
+def lora_factors(request, llama_dirs, gpt2_dirs, tmp_path_factory, tokenizer):
+    """The variants whose update is ``scale · B A`` (DoRA's is not: tested on merged models)."""
+    return _build(request.param, llama_dirs, gpt2_dirs, tmp_path_factory, tokenizer)
 
 
 def test_lora_vector_equals_the_merged_models(lora):
@@ -69,6 +106,36 @@ def test_lora_vector_equals_the_merged_models(lora):
         assert tv.factors("blocks.0.attn.W_K").rank == 2
     assert pair.booted == (False, False)
 
+
+
+def test_each_update_equals_pefts_get_delta_weight_in_float64(lora_factors):
+    """Every LoRA target's update (scale, patterns, rsLoRA, defaults, orientation) equals what
+    PEFT computes from the same folder (``get_delta_weight``, float64), and every
+    ``modules_to_save`` copy equals PEFT's."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from tv_lens.checkpoints import CheckpointWeights
+    from tv_lens.lora import Adapter
+
+    base, adapter, _, variant = lora_factors
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float64), adapter)
+    ours = Adapter(adapter, CheckpointWeights(base))
+    layers = {name.removeprefix("base_model.model."): m for name, m in peft.named_modules()
+              if isinstance(m, LoraLayer)}
+    assert set(layers) == set(ours.targets) and layers
+    for module, target in ours.targets.items():
+        P, Q = ours.checkpoint_factors(target)
+        got = P.double() @ Q.double()
+        want = layers[module].get_delta_weight("default").detach()
+        assert got.shape == want.shape, module
+        assert float((got - want).norm() / want.norm()) < 1e-6, (module, variant)
+    for key, tensor in ours.saved.items():
+        module = peft.get_submodule("base_model.model." + key.rsplit(".", 1)[0])
+        torch.testing.assert_close(tensor.double(), module.modules_to_save["default"].weight.detach(),
+                                   rtol=0, atol=0)
 
 def test_lora_tables_equal_the_merged_tables(lora):
     base, adapter, merged, variant = lora

@@ -2,7 +2,10 @@
 
 A LoRA adapter's update of a target weight is ``ΔW = scale · B A`` (``B``: ``[out, r]``,
 ``A``: ``[r, in]``), with ``scale = alpha / r`` (``alpha / √r`` under rsLoRA) and per-module
-overrides in ``rank_pattern`` / ``alpha_pattern``. :class:`Adapter` reads an adapter folder
+overrides in ``rank_pattern`` / ``alpha_pattern``, read exactly as PEFT reads them: its defaults
+where the config leaves a field out (``r`` and ``lora_alpha`` 8), its pattern rule, and the
+update transposed for ``Conv1D`` targets only (PEFT overrides ``fan_in_fan_out`` to match the
+module). :class:`Adapter` reads an adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``) without loading any model;
 :func:`lora_vector` turns it into a :class:`~tv_lens.TuningVector` against a base checkpoint:
 
@@ -29,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tv_lens.errors import CheckpointNotFoundError, PickleCheckpointError, TvLensError
+from tv_lens.errors import (CheckpointNotFoundError, NonFiniteWeightsError,
+                            PickleCheckpointError, TvLensError)
 from tv_lens.layout import Fused
 from tv_lens.lazy import LazyDeltas, LowRank
 from tv_lens.spec import ArchSpec
@@ -50,12 +54,40 @@ class LoraTarget:
     scale: float
     magnitude: Tensor | None = None  # DoRA's per-output-row magnitude
     embedding: bool = False  # nn.Embedding: the weight is [num, dim] = ΔWᵀ
+    conv1d: bool = False  # transformers' Conv1D: the weight is [in, out] = ΔWᵀ
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` rule: a key matches a module whose name ends with it."""
+#: What PEFT assumes where ``adapter_config.json`` leaves a field out (``LoraConfig``'s defaults).
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
+#: The modules ``transformers`` builds as ``Conv1D`` (weight stored ``[in, out]``), by layout family.
+#: PEFT transposes exactly these modules' updates, whatever ``fan_in_fan_out`` says (it warns and
+#: overrides the flag for ``nn.Linear`` and for ``Conv1D`` targets alike).
+CONV1D_MODULES = {"gpt2": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})}
+#: Seconds a ``rank_pattern`` / ``alpha_pattern`` key may take to match one module name.
+PATTERN_TIMEOUT = 1.0
+
+
+def _pattern_value(patterns: Any, module: str, default: Any, field: str) -> Any:
+    """PEFT's ``get_pattern_key`` rule: the first key (in the file's order) that matches the end
+    of the module's name, as a regular expression, gives the value; ``default`` otherwise.
+    Matched with a timeout, so a key that backtracks without end cannot hang the run."""
+    import regex
+
+    if not isinstance(patterns, dict):
+        raise TvLensError(f"adapter_config.json's {field} must be an object mapping module-name "
+                          f"patterns to values, got {type(patterns).__name__}. Fix the config.")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT)
+        except regex.error as exc:
+            raise TvLensError(f"adapter_config.json's {field} key {key!r} is not a valid regular "
+                              f"expression ({exc}). Fix the pattern (PEFT matches it as a "
+                              "regular expression against the end of each module's name).") from None
+        except TimeoutError:
+            raise TvLensError(f"adapter_config.json's {field} key {key!r} takes more than "
+                              f"{PATTERN_TIMEOUT:g} s to match {module!r} (a pattern that "
+                              "backtracks). Simplify the pattern.") from None
+        if found:
             return value
     return default
 
@@ -81,7 +113,7 @@ class Adapter:
             )
         tensors = self._read(allow_pickle)
         self.dora = bool(self.config.get("use_dora"))
-        self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
+        self.conv1d = CONV1D_MODULES.get(base.spec.family, frozenset())
         base_keys = base.checkpoint.keys()
         parts: dict[str, dict[str, Tensor]] = {}
         self.saved: dict[str, Tensor] = {}  # checkpoint key -> full tensor (modules_to_save)
@@ -94,6 +126,11 @@ class Adapter:
             if m:
                 parts.setdefault(m["module"], {})[m["part"]] = tensor
             elif key in base_keys:
+                if tuple(tensor.shape) != tuple(base.checkpoint.shape(key)):
+                    raise TvLensError(
+                        f"The adapter's saved copy of {key!r} (modules_to_save) has shape "
+                        f"{list(tensor.shape)} but the base's has {list(base.checkpoint.shape(key))}."
+                        " Is this adapter for this base?")
                 self.saved[key] = tensor
             else:
                 raise TvLensError(
@@ -132,29 +169,43 @@ class Adapter:
         if key not in base.checkpoint:
             raise TvLensError(f"The adapter targets {module!r}, which the base checkpoint "
                               f"{str(base.folder)!r} does not have. Is this adapter for this base?")
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise TvLensError(f"{module!r}: its LoRA factors have shapes {list(A.shape)} (A) and "
+                              f"{list(B.shape)} (B), which do not multiply (A is [r, in], B is "
+                              "[out, r]). The adapter file is corrupt: save it again.")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise NonFiniteWeightsError(f"{module!r}: its LoRA factors hold NaN or inf values. "
+                                        "Check how the adapter was trained and saved.")
         r = A.shape[0]
-        rank = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", r))
+        rank = _pattern_value(self.config.get("rank_pattern") or {}, module,
+                              self.config.get("r", PEFT_DEFAULTS["r"]), "rank_pattern")
+        if not (isinstance(rank, int) and rank > 0 and r > 0):
+            raise TvLensError(f"{module!r}: LoRA rank {rank!r} (factors of rank {r}); a LoRA rank "
+                              "is a positive integer. Fix r / rank_pattern in adapter_config.json.")
         if rank != r:
             raise TvLensError(f"{module!r}: its factors have rank {r} but adapter_config.json "
-                              f"says {rank}. The config and the weights disagree.")
+                              f"says {rank}" + ("" if "r" in self.config else " (PEFT's default "
+                              "where r is missing)") + ". The config and the weights disagree.")
         alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module,
-                               self.config.get("lora_alpha", r))
+                               self.config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"]),
+                               "alpha_pattern")
         scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        conv1d = not embedding and module.rsplit(".", 1)[-1] in self.conv1d
         out = (A.shape[1], B.shape[0]) if embedding else (B.shape[0], A.shape[1])
         stored = base.checkpoint.shape(key)
-        want = tuple(reversed(out)) if self.fan_in_fan_out else tuple(out)
+        want = tuple(reversed(out)) if conv1d else tuple(out)
         if tuple(stored) != want:
             raise TvLensError(f"{module!r}: the adapter's update has shape {list(want)} but the "
                               f"base weight has {list(stored)}. Is this adapter for this base?")
         magnitude = parts.get("lora_magnitude_vector")
-        return LoraTarget(module, A.float(), B.float(), float(scale), magnitude, embedding)
+        return LoraTarget(module, A.float(), B.float(), float(scale), magnitude, embedding, conv1d)
 
     def checkpoint_factors(self, target: LoraTarget) -> tuple[Tensor, Tensor]:
         """``(P, Q)`` with the checkpoint tensor's update ``= P @ Q`` (stored orientation)."""
         s, A, B = target.scale, target.A, target.B
         if target.embedding:  # nn.Embedding stores [num, dim] = (s·B A)ᵀ, A: [r, num]
             return A.T * s, B.T
-        if self.fan_in_fan_out:  # Conv1D stores [in, out]
+        if target.conv1d:  # Conv1D stores [in, out]
             return A.T, B.T * s
         return B * s, A
 
@@ -166,14 +217,14 @@ def _chunk(P: Tensor, Q: Tensor, chunk: Fused | None, spec: ArchSpec) -> tuple[T
     return (chunk.take(P, spec, 0), Q) if chunk.dim == 0 else (P, chunk.take(Q, spec, 1))
 
 
-def _dora_delta(W: Tensor, target: LoraTarget, fan_in_fan_out: bool) -> Tensor:
+def _dora_delta(W: Tensor, target: LoraTarget) -> Tensor:
     """PEFT's DoRA merge minus the base, in the checkpoint orientation."""
     W = W.float()
-    Wo = W.T if fan_in_fan_out else W  # [out, in]
+    Wo = W.T if target.conv1d else W  # [out, in]
     merged = Wo + target.scale * (target.B @ target.A)
     merged = (target.magnitude.float() / merged.norm(dim=1))[:, None] * merged
     delta = merged - Wo
-    return delta.T if fan_in_fan_out else delta
+    return delta.T if target.conv1d else delta
 
 
 def lora_vector(base: Any, adapter: Adapter,
@@ -210,7 +261,7 @@ def lora_vector(base: Any, adapter: Adapter,
         if how == "saved":
             hf_delta = data.to(torch.promote_types(raw.dtype, torch.float32)) - raw.float()
         else:
-            hf_delta = _dora_delta(raw, data, adapter.fan_in_fan_out)
+            hf_delta = _dora_delta(raw, data)
         return slot.to_tl(hf_delta, base.spec).to(dtype)
 
     meta = {name: (base.shape(name), dtypes[name]) for name in slots}
