@@ -170,6 +170,43 @@ def _foreign_out(c: "Ctx") -> str:
     return str(folder)
 
 
+def _adapter(c: "Ctx", name: str, edit: Callable[[Path], None]) -> str:
+    """A rank-2 PEFT adapter of the base (q_proj, down_proj), copied and damaged by ``edit``."""
+    source = c.root / "adapter"
+    if not source.exists():
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(c.base),
+                               LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                          target_modules=["q_proj", "down_proj"]))
+        model.save_pretrained(source)
+    if name not in c._made:
+        shutil.copytree(source, c.root / name)
+        edit(c.root / name)
+        c._made[name] = str(c.root / name)
+    return c._made[name]
+
+
+def _adapter_config(**changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config.update(changes)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _adapter_tensor(key: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "adapter_model.safetensors")
+        full = next(k for k in tensors if k.endswith(key))
+        tensors[full] = change(tensors[full])
+        save_file(tensors, folder / "adapter_model.safetensors")
+    return edit
+
+
 def _config_shape(folder: Path) -> None:
     import json
 
@@ -344,6 +381,20 @@ CASES = [
          r"Pass a separate folder for the output",
          cli=lambda c: [c.base, c.tuned, "--out", c.tuned],
          readme="--out is (inside) a model folder", fix_text="Pass a separate folder for the output"),
+    Case("lora-rank-zero", r"LoRA rank 0 \(factors of rank 2\); a LoRA rank is a positive integer",
+         r"Fix r / rank_pattern in adapter_config\.json",
+         cli=lambda c: [c.base, _adapter(c, "lora_r0", _adapter_config(r=0, rank_pattern={}))]),
+    Case("lora-factor-shapes", r"which do not multiply \(A is \[r, in\], B is \[out, r\]\)",
+         r"The adapter file is corrupt: save it again",
+         cli=lambda c: [c.base, _adapter(c, "lora_shapes", _adapter_tensor(
+             "layers.0.self_attn.q_proj.lora_B.weight", lambda t: torch.cat([t, t], dim=1)))]),
+    Case("lora-nan-factors", r"its LoRA factors hold NaN or inf values",
+         r"Check how the adapter was trained and saved",
+         cli=lambda c: [c.base, _adapter(c, "lora_nan", _adapter_tensor(
+             "layers.1.mlp.down_proj.lora_A.weight", lambda t: t * float("nan")))]),
+    Case("lora-pattern-invalid-regex", r"rank_pattern key '\(q_proj' is not a valid regular expression",
+         r"Fix the pattern",
+         cli=lambda c: [c.base, _adapter(c, "lora_badre", _adapter_config(rank_pattern={"(q_proj": 2}))]),
     Case("cli-top-k", r"--top-k", r"must be at least 1",
          cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
     Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
@@ -764,6 +815,27 @@ def test_a_padded_vocabulary_analyses_and_reports(ctx, capsys):
     padded = tokens[tokens.token_id >= 96]
     assert len(padded) and (padded.token == [f"<id {i}>" for i in padded.token_id]).all()
     assert tokens.token.map(type).eq(str).all()
+
+
+def test_a_backtracking_pattern_cannot_hang(ctx, monkeypatch):
+    """``(?:[\\w.]+)+!`` takes Python's ``re`` 9 s on a 28-character module name (and doubles
+    with every character more): every pattern is matched by the ``regex`` engine under a time
+    limit, and a pattern that runs out of it gets a message."""
+    import regex
+
+    import tv_lens.lora
+
+    folder = _adapter(ctx, "lora_redos", _adapter_config(alpha_pattern={r"(?:[\w.]+)+!": 4}))
+    limits, real = [], regex.match
+    monkeypatch.setattr(regex, "match", lambda *a, **k: limits.append(k.get("timeout")) or real(*a, **k))
+    tv = ModelPair.from_peft(ctx.base, folder).tuning_vector()
+    assert tv.factors("blocks.0.attn.W_Q") is not None  # the pattern matched nothing: alpha 4
+    assert limits and set(limits) == {tv_lens.lora.PATTERN_TIMEOUT}
+    monkeypatch.setattr(tv_lens.lora, "PATTERN_TIMEOUT", 0.0)
+    with pytest.raises(TvLensError, match=r"alpha_pattern key .* takes more than 0 s to match "
+                                          r"'model\.layers\.\d\.[\w.]+' \(a pattern that backtracks\)\. "
+                                          r"Simplify the pattern\."):
+        ModelPair.from_peft(ctx.base, folder)
 
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     from tv_lens import alignment
