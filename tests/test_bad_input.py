@@ -207,6 +207,25 @@ def _adapter_tensor(key: str, change: Callable[[torch.Tensor], torch.Tensor]) ->
     return edit
 
 
+def _config_edit(**changes) -> Callable[[Path], None]:
+    """Set (or, with None, remove) keys of config.json."""
+    def damage(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        for key, value in changes.items():
+            config.pop(key) if value is None else config.__setitem__(key, value)
+        (folder / "config.json").write_text(json.dumps(config))
+    return damage
+
+
+def _extra_tensor(folder: Path) -> None:
+    """A tensor no config describes (an unknown module) added to the checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(_weights(folder))
+    tensors["model.layers.0.mlp.extra_scale"] = torch.ones(32)
+    save_file(tensors, _weights(folder), metadata={"format": "pt"})
+
+
 def _config_shape(folder: Path) -> None:
     import json
 
@@ -318,6 +337,41 @@ CASES = [
              f / "model.safetensors.index.json").write_text('{"weight_map": ["a", "b"]}')))]),
     Case("config-weights-disagree", r"do not match its config.json", r"save them together again",
          cli=lambda c: [c.copy("cfgshape", _config_shape), c.copy("cfgshape", _config_shape)]),
+    Case("config-zero-heads", r"config\.json' has num_attention_heads = 0; it must be a positive integer",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_heads0", _config_edit(num_attention_heads=0))]),
+    Case("config-heads-do-not-divide", r"has 4 attention heads, not a multiple of its 3 key-value heads",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_kv3", _config_edit(num_key_value_heads=3))]),
+    Case("config-d-model-not-divisible", r"has d_model 32, not a multiple of its 5 attention heads",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_heads5", _config_edit(num_attention_heads=5,
+                                                                   num_key_value_heads=5,
+                                                                   head_dim=None))]),
+    Case("config-missing-key", r"config\.json' lacks 'intermediate_size', which this architecture needs",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_noffn", _config_edit(intermediate_size=None))]),
+    Case("config-zero-layers", r"has num_hidden_layers = 0; it must be a positive integer",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_layers0", _config_edit(num_hidden_layers=0))]),
+    Case("config-string-size", r"has hidden_size = '32'; it must be a positive integer",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_str", _config_edit(hidden_size="32"))]),
+    Case("config-not-an-object", r"config\.json' is a JSON list, not an object",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_list", lambda f: (f / "config.json").write_text("[1, 2]"))]),
+    Case("config-not-utf8", r"config\.json' is truncated or corrupt: it is not UTF-8 text",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("cfg_utf8", lambda f: (f / "config.json").write_bytes(b'{"\xff": 1}'))]),
+    Case("config-fewer-layers-than-weights",
+         r"holds \d+ tensor\(s\) its config\.json does not describe, e\.g\. \['model\.layers\.1\.",
+         r"Check that config\.json belongs to these weights \(its 1 layers, say\)",
+         cli=lambda c: [c.copy("cfg_1layer_b", _config_edit(num_hidden_layers=1)),
+                        c.copy("cfg_1layer", _config_edit(num_hidden_layers=1))]),
+    Case("checkpoint-unknown-module",
+         r"holds 1 tensor\(s\) its config\.json does not describe, e\.g\. \['model\.layers\.0\.mlp\.extra_scale'\]",
+         r"Check that config\.json belongs to these weights",
+         cli=lambda c: [c.base, c.copy("extra", _extra_tensor)]),
     Case("config-not-json", r"config.json' is truncated or corrupt: it is not valid JSON",
          r"download or save the checkpoint again",
          cli=lambda c: [c.base, c.copy("cfgjson", lambda f: (f / "config.json").write_text("{oops"))]),
@@ -836,6 +890,29 @@ def test_a_backtracking_pattern_cannot_hang(ctx, monkeypatch):
                                           r"'model\.layers\.\d\.[\w.]+' \(a pattern that backtracks\)\. "
                                           r"Simplify the pattern\."):
         ModelPair.from_peft(ctx.base, folder)
+
+
+def test_a_hub_format_gpt2_folder_reads(gpt2_dirs, tmp_path):
+    """GPT-2 as the Hub stores it: keys without the ``transformer.`` prefix (saved from
+    GPT2Model) and the causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` beside them.
+    Its vector equals the one of the same weights saved by transformers today."""
+    from safetensors.torch import load_file, save_file
+
+    folders = []
+    for source in gpt2_dirs:
+        folder = tmp_path / source.name
+        shutil.copytree(source, folder)
+        tensors = {k.removeprefix("transformer."): v for k, v in load_file(_weights(folder)).items()}
+        for layer in range(2):
+            tensors[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+            tensors[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+        save_file(tensors, _weights(folder), metadata={"format": "pt"})
+        folders.append(folder)
+    hub = ModelPair.from_pretrained(*folders).tuning_vector()
+    ref = ModelPair.from_pretrained(*gpt2_dirs).tuning_vector()
+    assert list(hub) == list(ref) and hub.base.slots["blocks.0.attn.W_Q"].hf_key == "h.0.attn.c_attn.weight"
+    for name in ref:
+        torch.testing.assert_close(hub[name], ref[name], rtol=0, atol=0)
 
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     from tv_lens import alignment

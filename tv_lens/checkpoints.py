@@ -33,7 +33,7 @@ from tv_lens.errors import (CheckpointNotFoundError, CorruptCheckpointError, Inv
 from tv_lens.layout import Slot, layout
 from tv_lens.memory import empty
 from tv_lens.sources import SlotWeights, compute_dtype
-from tv_lens.spec import ArchSpec
+from tv_lens.spec import ArchSpec, config_error
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -46,6 +46,12 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 #: Largest tensor a Checkpoint keeps after reading it (an MLP weight of a 1B model: 23 MB in bf16).
 CACHE_MAX_BYTES = 64 * 2**20
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Buffers older checkpoints store beside the weights (GPT-2's causal mask, rotary frequencies):
+#: not parameters, so never part of a tuning vector.
+KNOWN_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+#: The prefixes of ``transformers``' base models inside their causal-LM classes; a checkpoint
+#: saved from the base class (the Hub's GPT-2) stores its keys without them.
+MODEL_PREFIXES = ("transformer.", "model.")
 
 
 #: dtypes of the safetensors format that tv_lens does not read (quantized or 8-bit floats: their
@@ -318,9 +324,14 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a checkpoint folder, with a clear error when it is not valid JSON."""
     path = Path(folder).expanduser() / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise config_error(repr(str(path)), f"is a JSON {type(config).__name__}, not an object")
+        return config
+    except UnicodeDecodeError:
+        raise _corrupt(path, "it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise _corrupt(path, f"it is not valid JSON ({exc})") from None
+        raise _corrupt(path, f"it is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
 
 
 def _conversions(config: dict[str, Any]) -> list[Any]:
@@ -391,7 +402,8 @@ class CheckpointWeights(SlotWeights):
                  float64: bool = False):
         self.folder = Path(folder).expanduser()
         self.float64 = float64
-        self.spec = spec or ArchSpec.from_hf_config(read_config(self.folder))
+        self.spec = spec or ArchSpec.from_hf_config(read_config(self.folder),
+                                                    repr(str(self.folder / "config.json")))
         self.checkpoint = Checkpoint(self.folder, allow_pickle=allow_pickle)
         self.device = torch.device(device) if device is not None else None
         keys = self.checkpoint.keys()
@@ -417,26 +429,47 @@ class CheckpointWeights(SlotWeights):
         read = {s.hf_key for s in slots}
         if read <= keys and (self.spec.family != "adapter" or keys <= read):
             return slots
+        bare = self._without_model_prefix(slots, keys)
+        if bare is not None:
+            return bare
         config = _config_or_empty(self.folder)
         stored = in_memory_names(keys, config)
         known = keys | set(stored)
         slots = stored_expert_slots(layout(self.spec, known), known, config)
         return [replace(s, hf_key=stored.get(s.hf_key, s.hf_key)) for s in slots]
 
-    def _check_everything_read(self, keys: set[str]) -> None:
-        """A derived layout must read every tensor of the checkpoint: one it does not know
-        (Apertus's learned activation parameters, say) would silently be missing from τ."""
-        if self.spec.family != "adapter":
-            return  # hand-written layouts: old checkpoints carry buffers (GPT-2's attn.bias)
-        unread = sorted(keys - {s.hf_key for s in self.slots.values()})
-        if unread:
-            from tv_lens.errors import UnsupportedArchitectureError
+    def _without_model_prefix(self, slots: list[Slot], keys: set[str]) -> list[Slot] | None:
+        """The slots of a checkpoint saved from the base model class, without its prefix (the
+        Hub's GPT-2 stores ``h.0.attn.c_attn.weight``, not ``transformer.h.0…``), or None."""
+        for prefix in MODEL_PREFIXES:
+            if any(k.startswith(prefix) for k in keys):
+                continue
+            prefixed = {prefix + k for k in keys}
+            slots = layout(self.spec, prefixed)
+            if slots and {s.hf_key for s in slots} <= prefixed:
+                return [replace(s, hf_key=s.hf_key.removeprefix(prefix)) for s in slots]
+        return None
 
+    def _check_everything_read(self, keys: set[str]) -> None:
+        """Every tensor of the checkpoint is in the vector, but for known buffers: one the layout
+        does not read (extra layers the config does not declare, a module tv_lens does not know,
+        Apertus's learned activation parameters) would silently be missing from τ."""
+        unread = sorted(k for k in keys - {s.hf_key for s in self.slots.values()}
+                        if not k.endswith(KNOWN_BUFFERS))
+        if not unread:
+            return
+        from tv_lens.errors import UnsupportedArchitectureError
+
+        where = f"The checkpoint {str(self.folder)!r} ({self.spec.architecture}) holds {len(unread)}"
+        if self.spec.family == "adapter":
             raise UnsupportedArchitectureError(
-                f"The checkpoint {str(self.folder)!r} ({self.spec.architecture}) holds "
-                f"{len(unread)} tensor(s) the layout derived from TransformerLens's adapter does "
-                f"not read, e.g. {unread[:3]}: the tuning vector would miss them. Open an issue "
-                "with the checkpoint's config.json.")
+                f"{where} tensor(s) the layout derived from TransformerLens's adapter does not "
+                f"read, e.g. {unread[:3]}: the tuning vector would miss them. Open an issue with "
+                "the checkpoint's config.json.")
+        raise UnsupportedArchitectureError(
+            f"{where} tensor(s) its config.json does not describe, e.g. {unread[:3]}: the tuning "
+            "vector would miss them. Check that config.json belongs to these weights (its "
+            f"{self.spec.n_layers} layers, say).")
 
     def _check_shapes(self) -> None:
         """Every tensor's shape against ``config.json`` (read from headers, no data)."""

@@ -75,7 +75,7 @@ def check_checkpoint(name_or_path: str | os.PathLike, *, tokenizer: bool = True)
         )
     from tv_lens.checkpoints import read_config
 
-    return ArchSpec.from_hf_config(read_config(path))
+    return ArchSpec.from_hf_config(read_config(path), repr(str(Path(path) / "config.json")))
 
 
 def boot(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,

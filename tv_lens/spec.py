@@ -58,6 +58,15 @@ COMPATIBILITY_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_
                         "d_mlp_shared")
 
 
+def config_error(where: str, problem: str) -> "CorruptCheckpointError":
+    """The error for a config that cannot describe its checkpoint: ``"{where} {problem}. Fix
+    it …"``."""
+    from tv_lens.errors import CorruptCheckpointError
+
+    return CorruptCheckpointError(f"{where} {problem}. Fix it so that it describes the "
+                                  "checkpoint's weights (or download the checkpoint again).")
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Shapes and structure of one model, in TransformerLens vocabulary."""
@@ -97,9 +106,43 @@ class ArchSpec:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "ArchSpec":
-        """Read a Hugging Face config (``PretrainedConfig`` or the ``config.json`` dict)."""
+    def from_hf_config(cls, config: Any, where: str = "config.json") -> "ArchSpec":
+        """Read a Hugging Face config (``PretrainedConfig`` or the ``config.json`` dict),
+        checked: a JSON object with the keys its family needs, positive integer sizes, heads
+        that divide (``where`` names the file in messages).
+
+        Raises:
+            CorruptCheckpointError: one sentence per problem, naming the key.
+            UnsupportedArchitectureError: no weight layout for the architecture.
+        """
+        if not isinstance(config, dict) and not hasattr(config, "to_dict"):
+            raise config_error(where, f"is a JSON {type(config).__name__}, not an object")
         c = config if isinstance(config, dict) else config.to_dict()
+        spec = cls._from_checked(c, where)
+        spec._check(where, "head_dim" in c and c["head_dim"] is not None)
+        return spec
+
+    def _check(self, where: str, explicit_head_dim: bool) -> None:
+        """Sizes positive, heads dividing: the facts every weight shape is derived from."""
+        if self.n_heads % self.n_kv_heads:
+            raise config_error(where, f"has {self.n_heads} attention heads, not a multiple of its "
+                                     f"{self.n_kv_heads} key-value heads")
+        if not explicit_head_dim and self.family != "native" and self.d_model % self.n_heads:
+            raise config_error(where, f"has d_model {self.d_model}, not a multiple of its "
+                                     f"{self.n_heads} attention heads (and no head_dim)")
+
+    @classmethod
+    def _from_checked(cls, c: dict[str, Any], where: str) -> "ArchSpec":
+        def size(*keys: str, default: Any = None, zero: bool = False) -> int:
+            key = next((k for k in keys if c.get(k) is not None), None)
+            if key is None and default is None:
+                raise config_error(where, f"lacks {keys[0]!r}, which this architecture needs")
+            value = c[key] if key is not None else default
+            if type(value) is not int or value < (0 if zero else 1):
+                raise config_error(where, f"has {key} = {value!r}; it must be a "
+                                         f"{'non-negative' if zero else 'positive'} integer")
+            return value
+
         architecture = (c.get("architectures") or [c.get("model_type", "?")])[0]
         model_type = c.get("model_type", "?")
         family = FAMILIES.get(model_type) or FAMILIES.get(architecture)
@@ -112,20 +155,21 @@ class ArchSpec:
             )
         gpt_style = _GPT_STYLE.get("gpt2" if family == "gpt2" else model_type)
         if gpt_style is not None:
-            d_model, n_heads = c["n_embd"], c["n_head"]
-            return cls(architecture, family, c["n_layer"], d_model, n_heads, n_heads,
-                       d_model // n_heads, c.get("n_inner") or 4 * d_model, c["vocab_size"],
-                       False, "LN", gpt_style)
-        d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
-        n_experts = c.get("num_local_experts") or c.get("num_experts") or 0
+            d_model, n_heads = size("n_embd"), size("n_head")
+            return cls(architecture, family, size("n_layer"), d_model, n_heads, n_heads,
+                       d_model // n_heads, size("n_inner", default=4 * d_model),
+                       size("vocab_size"), False, "LN", gpt_style)
+        d_model, n_heads = size("hidden_size"), size("num_attention_heads")
+        n_experts = size("num_local_experts", "num_experts", default=0, zero=True)
         # a mixture of experts' d_mlp is one expert's width (Qwen-MoE names it apart)
-        d_mlp = (n_experts and c.get("moe_intermediate_size")) or c["intermediate_size"]
-        return cls(architecture, family, c["num_hidden_layers"], d_model, n_heads,
-                   c.get("num_key_value_heads") or n_heads,
-                   c.get("head_dim") or d_model // n_heads, d_mlp,
-                   c["vocab_size"], model_type not in PLAIN_MLP_TYPES,
-                   "LN" if model_type in LAYERNORM_TYPES else "RMS", "rotary",
-                   n_experts, (n_experts and c.get("shared_expert_intermediate_size")) or 0)
+        d_mlp = (size("moe_intermediate_size", "intermediate_size") if n_experts
+                 else size("intermediate_size"))
+        shared = size("shared_expert_intermediate_size", default=0, zero=True) if n_experts else 0
+        return cls(architecture, family, size("num_hidden_layers"), d_model, n_heads,
+                   size("num_key_value_heads", default=n_heads),
+                   size("head_dim", default=max(d_model // n_heads, 1)), d_mlp,
+                   size("vocab_size"), model_type not in PLAIN_MLP_TYPES,
+                   "LN" if model_type in LAYERNORM_TYPES else "RMS", "rotary", n_experts, shared)
 
     @classmethod
     def from_bridge(cls, bridge: Any) -> "ArchSpec":
