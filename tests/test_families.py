@@ -4,6 +4,7 @@ TransformerLens, planted head and neuron changes read correctly, streaming equal
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -304,3 +305,42 @@ def test_dense_models_name_no_experts():
         index.parse("L0E1N3")
     with pytest.raises(TvLensError, match="no router"):
         index.parse("L0.router")
+
+
+@needs_adapters
+def test_attribution_sums_leave_expert_groups_out(save):
+    """In a mixture of experts, ``L0E1`` (a group of expert 1's neurons) is in neither
+    partition: the completeness sums add each partition once, so the units' and the parts'
+    sums agree and equal ⟨∇f, τ⟩ (before, the groups' rows were added on top)."""
+    from tv_lens import attribute, metrics
+
+    base = _model("mixtral")
+    tuned = perturb(copy.deepcopy(base), scale=0.05)
+    pair = ModelPair.from_pretrained(save(base, "moe_att_b"), save(tuned, "moe_att_t"))
+    att = attribute(pair, metrics.loss(torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])),
+                    progress=False)
+    info = att.attrs["completeness"]
+    groups = att[att.granularity == "group"]
+    assert len(groups) == 2 * 3 and groups["add"].abs().sum() > 0
+    parts = att[att.granularity.isin(["part", "both"])]
+    assert info["add_sum"] == pytest.approx(float(parts["add"].sum()), rel=1e-6)
+    assert info["remove_sum"] == pytest.approx(float(parts["remove"].sum()), rel=1e-6)
+
+
+@needs_adapters
+def test_report_when_an_experts_matrix_changed_most(save, tmp_path):
+    """The report's spectrum names the most-changed matrix with its expert
+    (``blocks.1.mlp.experts.2.W_out``); it rebuilt the name without the expert and crashed."""
+    import tv_lens
+
+    base = _model("mixtral")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            p.add_((0.5 if "experts" in name else 0.001) * torch.randn_like(p))
+    pair = ModelPair.from_pretrained(save(base, "moe_rep_b"), save(tuned, "moe_rep_t"))
+    analysis = analyze(pair, progress=False)
+    top = analysis.matrices.dropna(subset=["layer"]).nlargest(1, "relative_norm").iloc[0]
+    assert not pd.isna(top.expert)
+    text = tv_lens.report(analysis, tmp_path / "r.html", pair=pair).read_text()
+    assert f"blocks.{int(top.layer)}.mlp.experts.{int(top.expert)}.{top.matrix}" in text

@@ -98,3 +98,17 @@ def test_report_renders_in_chromium_with_the_network_blocked(full_report):
     views = re.findall(r'<div id="circuits-vis-[^"]+"[^>]*>(.{0,40})', dom)
     assert len(views) == 6 and all(v.startswith("<div") for v in views), views  # all rendered
     assert "<script>alert(1)" not in dom.split("</head>", 1)[1].replace("&lt;script&gt;", "")
+
+
+def test_report_on_a_one_layer_model(tmp_path):
+    """One layer: no head composes with another, so the circuit view has no edges (it crashed
+    on the empty composition table)."""
+    import copy
+
+    from conftest import llama_model, perturb
+
+    base = llama_model(num_hidden_layers=1)
+    pair = tv_lens.ModelPair(base, perturb(copy.deepcopy(base)))
+    text = tv_lens.report(tv_lens.analyze(pair, progress=False), tmp_path / "r.html",
+                          pair=pair).read_text()
+    assert "Spectrum of the most-changed matrix" in text and "blocks.0." in text

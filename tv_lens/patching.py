@@ -189,9 +189,10 @@ def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
 
     Returns:
         One row per component: ``component, kind, granularity, layer, index, add, remove``
-        (and ``path``). ``granularity`` is ``part``, ``unit`` or ``both``: the rows of one
-        granularity (``df[df.granularity != "unit"]`` for parts, ``!= "part"`` for units) sum
-        to ``⟨∇f, τ⟩``. ``df.attrs["completeness"]`` holds ``f_base``, ``f_tuned``,
+        (and ``path``). ``granularity`` is ``part``, ``unit``, ``both`` or, in a mixture of
+        experts, ``group`` (``L3E5``: all of an expert's neurons, in neither partition): the rows
+        of one granularity (``df[df.granularity.isin(["part", "both"])]`` for parts,
+        ``isin(["unit", "both"])`` for units) sum to ``⟨∇f, τ⟩``. ``df.attrs["completeness"]`` holds ``f_base``, ``f_tuned``,
         ``difference``, ``add_sum``, ``remove_sum`` and, with ``steps > 1``, ``path_sum``,
         ``gap = path_sum − difference`` and ``relative_gap = gap / difference``.
 
@@ -214,7 +215,7 @@ def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
             for name, c in index.components.items()]
     df = _frame(rows, _ID_COLUMNS + list(columns))
     f_base, f_tuned = metric.value(pair.base), metric.value(pair.tuned)
-    units = df[df.granularity != "part"]
+    units = df[df.granularity.isin(["unit", "both"])]  # one partition: no part, no group
     info = dict(f_base=f_base, f_tuned=f_tuned, difference=f_tuned - f_base,
                 add_sum=float(units["add"].sum()), remove_sum=float(units["remove"].sum()))
     if steps > 1:
@@ -273,7 +274,7 @@ def compare_attribution(pair: Any, metric: MetricLike,
         _check_mode(mode)
     att = attribute(pair, metric, progress=progress) if attribution is None else attribution
     if components is None:
-        units = att[att.granularity != "part"]
+        units = att[att.granularity.isin(["unit", "both"])]
         components = units.loc[units["add"].abs().nlargest(top_n).index, "component"].tolist()
     names = [c.name for c in pair.tuning_vector().components.resolve(components)]
     done = _reusable(exact)

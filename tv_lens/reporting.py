@@ -19,6 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from tv_lens.errors import TvLensError
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
@@ -127,6 +129,22 @@ def _token_lists(tokens: pd.DataFrame, n: int = 8) -> str:
     return "".join(rows)
 
 
+def _weight_name(tv: Any, row: pd.Series) -> str:
+    """The vector's weight behind a matrices-table row (layer, matrix and, in a mixture of
+    experts, the expert: ``blocks.1.mlp.experts.2.W_out``)."""
+    from tv_lens.components import expert_of
+    from tv_lens.sources import layer_of
+
+    expert = row.get("expert")
+    expert = None if expert is None or pd.isna(expert) else int(expert)
+    found = [n for n in tv if layer_of(n) == int(row.layer) and n.rsplit(".", 1)[-1] == row.matrix
+             and expert_of(n) == expert]
+    if len(found) != 1:
+        raise TvLensError(f"No single weight of the vector matches the matrices row "
+                          f"{dict(layer=row.layer, matrix=row.matrix, expert=expert)}: {found}.")
+    return found[0]
+
+
 def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None = None,
            composition: pd.DataFrame | None = None, patching: pd.DataFrame | None = None,
            title: str | None = None, top_heads: int = 3) -> Path:
@@ -197,8 +215,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
     top = [(int(l), int(h)) for l, h in top]
     if tv is not None:
         matrices = analysis.matrices.dropna(subset=["layer"])
-        name_row = matrices.loc[matrices.relative_norm.idxmax()]
-        matrix = f"blocks.{int(name_row.layer)}.{'mlp' if name_row.matrix in ('W_in', 'W_gate', 'W_out') else 'attn'}.{name_row.matrix}"
+        matrix = _weight_name(tv, matrices.loc[matrices.relative_norm.idxmax()])
         fast_rank = info.get("fast_rank") if info.get("fast") else None
         which = f"the top {fast_rank} singular values (--fast)" if fast_rank else "singular values"
         page.heading("Spectrum of the most-changed matrix", f"{matrix}: {which} of W and "

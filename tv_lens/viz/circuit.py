@@ -80,7 +80,8 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
         shown = set(x_head)
         keep = [(la, ha) in shown and (lb, hb) in shown for la, ha, lb, hb in
                 zip(composition.layer_a, composition.head_a, composition.layer_b, composition.head_b)]
-        edges = composition[keep]
+        edges = composition[pd.Series(keep, index=composition.index, dtype=bool)]  # (a plain
+        # empty list would select no columns: a 1-layer model has no composition rows)
         edges = edges[edges.change.abs() > min_change]
         edges = edges.reindex(edges.change.abs().sort_values(ascending=False).index).head(n_edges)
         widest = float(edges.change.abs().max()) if len(edges) else 1.0
