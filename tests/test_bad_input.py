@@ -46,6 +46,7 @@ class Case:
     api: Callable | None = None
     readme: str | None = None
     fix_text: str | None = None
+    command: str = "analyze"
 
 
 class Ctx:
@@ -224,6 +225,18 @@ def _extra_tensor(folder: Path) -> None:
     tensors = load_file(_weights(folder))
     tensors["model.layers.0.mlp.extra_scale"] = torch.ones(32)
     save_file(tensors, _weights(folder), metadata={"format": "pt"})
+
+
+def _notes_file(c: "Ctx") -> str:
+    """A file of the user's where a report might be written."""
+    path = c.root / "outs" / "notes.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("<p>my notes</p>")
+    return str(path)
+
+
+def _analysis(c: "Ctx"):
+    return analyze(ModelPair.from_pretrained(c.base, c.tuned), progress=False, null_samples=2)
 
 
 def _config_shape(folder: Path) -> None:
@@ -449,6 +462,21 @@ CASES = [
     Case("lora-pattern-invalid-regex", r"rank_pattern key '\(q_proj' is not a valid regular expression",
          r"Fix the pattern",
          cli=lambda c: [c.base, _adapter(c, "lora_badre", _adapter_config(rank_pattern={"(q_proj": 2}))]),
+    Case("zoo-out-is-a-file", r"--out '.*' is an existing file, not a folder", r"Pass a folder path",
+         cli=lambda c: [c.base, c.tuned, "--out", _file(c)], command="zoo"),
+    Case("zoo-out-holds-other-files", r"already holds files tv_lens did not write \(thesis\.tex\)",
+         r"Choose an empty or new folder", cli=lambda c: [c.base, c.tuned, "--out", _foreign_out(c)],
+         command="zoo"),
+    Case("zoo-out-is-an-input", r"--out '.*' is the input folder '.*'; tv_lens never writes",
+         r"Pass a separate folder for the output", cli=lambda c: [c.base, c.tuned, "--out", c.tuned],
+         command="zoo"),
+    Case("zoo-fine-tune-is-the-base", r"identical to the base's \(τ = 0\)",
+         r"there is no update to analyse or compare", cli=lambda c: [c.base, c.copy_of_base("copy_of_base")],
+         command="zoo"),
+    Case("api-save-into-other-files", r"already holds files tv_lens did not write \(thesis\.tex\)",
+         r"Choose an empty or new folder", api=lambda c: _analysis(c).save(_foreign_out(c))),
+    Case("api-report-over-a-users-file", r"notes\.html' exists and is not a report tv_lens wrote",
+         r"choose another path", api=lambda c: __import__("tv_lens").report(_analysis(c), _notes_file(c))),
     Case("cli-top-k", r"--top-k", r"must be at least 1",
          cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
     Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
@@ -528,14 +556,14 @@ def test_cli(case: Case, ctx: Ctx, capsys, monkeypatch):
     if case.id == "cli-device-cuda-without-gpu":  # the same on a GPU host: hide its GPU
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = case.cli(ctx)  # builds the case's folders (their progress bars are not the CLI's)
-    argv = ANALYZE + args + ([] if "--out" in args else ["--out", ctx.out(case.id)])
+    argv = [case.command] + args + ([] if "--out" in args else ["--out", ctx.out(case.id)])
     capsys.readouterr()
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     # a weight found broken mid-analysis: the progress bar so far, then the message on its own line
     *bars, message = err.strip().split("\n")
-    assert all("analyze layers" in line for line in bars), err
+    assert all("analyze layers" in line or "zoo tasks" in line for line in bars), err
     assert message.startswith("tv-lens: error: ") and message.count("\n") == 0, message
     assert re.search(case.problem, message), message
     assert re.search(case.fix, message), message

@@ -157,14 +157,19 @@ class Analysis:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``heads.csv``, ``neurons.csv``, ``matrices.csv``, ``summary.csv`` and
-        ``summary.json`` (the summary plus ``info``: versions, arguments, timings)."""
+        ``summary.json`` (the summary plus ``info``: versions, arguments, timings) into a new,
+        empty or tv_lens-written folder (:mod:`tv_lens.staging`'s rule; others are refused)."""
+        from tv_lens.staging import check_destination, write_marker
+
         folder = Path(folder)
+        check_destination(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("heads", "neurons", "matrices", "summary"):
             write_csv(getattr(self, name), folder / f"{name}.csv")
         payload = {"info": self.info,
                    "summary": json.loads(self.summary.to_json(orient="records"))}
         (folder / "summary.json").write_text(json.dumps(payload, indent=2))
+        write_marker(folder, "Analysis.save")
         return folder
 
 

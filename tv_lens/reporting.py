@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from tv_lens.errors import TvLensError
+from tv_lens.staging import REPORT_SIGNATURE, check_report_path
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -69,7 +70,7 @@ class _Page:
                                      na_rep=""))
 
     def html(self, title: str) -> str:
-        head = [f"<meta charset='utf-8'><title>{html.escape(title)}</title>",
+        head = [REPORT_SIGNATURE, f"<meta charset='utf-8'><title>{html.escape(title)}</title>",
                 f"<style>{_STYLE}</style>", f"<script>{_plotly_js()}</script>"]
         if self.has_views:
             head.append(f"<script>{_circuitsvis_js()}</script>")
@@ -260,6 +261,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
     page.parts.append(f'<p class="note">Written by tv_lens {html.escape(str(info.get("tv_lens_version", "")))} '
                       f"in {time.perf_counter() - started:.1f} s.</p>")
     path = Path(path)
+    check_report_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page.html(title or f"tv_lens: {names[0]} → {names[1]}"), encoding="utf-8")
     return path
@@ -290,6 +292,7 @@ def zoo_report(zoo, path: str | Path) -> Path:
     page.heading("Each fine-tune", "The summary table of every fine-tune's analysis.")
     page.table(zoo.summary.query("layer == 'all'"))
     path = Path(path)
+    check_report_path(path)
     path.write_text(page.html(f"tv_lens zoo: {len(zoo.analyses)} fine-tunes of {zoo.info.get('base')}"),
                     encoding="utf-8")
     return path

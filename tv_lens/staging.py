@@ -9,10 +9,14 @@ Each staging folder holds :data:`OWNER` (process id and host) until it is swappe
 removes the staging folders whose owner is gone (a run killed with ``kill -9``) and never touches
 a live run's.
 
-The one rule for replacing a folder: tv_lens replaces only its own earlier output, a folder whose
-marker lists every file in it (or, written before markers, one holding only ``analyze``'s files
-with a ``summary.json`` that names tv_lens's version). Any other non-empty folder is refused, and
-so is a destination equal to, inside, or holding one of the folders the command reads.
+The one rule for writing a folder, the same for ``tv-lens analyze``/``demo``/``zoo``,
+``Analysis.save`` and ``Zoo.save``: tv_lens writes only into a new or empty folder or into its own
+earlier output, a folder whose marker lists every file in it (or, written before markers, one
+holding only ``analyze``'s or ``zoo``'s files). Any other non-empty folder is refused, and so is a
+destination equal to, inside, or holding one of the folders the command reads. ``analyze`` swaps
+a complete new folder in; ``save`` writes its files into the folder (replacing its own files of
+the same names) and updates the marker; a zoo's folder is reused on purpose (it keeps the finished
+tasks, so a re-run resumes). A report file is overwritten only where it is a tv_lens report.
 """
 
 from __future__ import annotations
@@ -34,19 +38,48 @@ MARKER = ".tv_lens-output.json"
 #: What ``analyze`` wrote before markers existed (an earlier version's output is still replaced).
 LEGACY_FILES = frozenset({"heads.csv", "neurons.csv", "matrices.csv", "summary.csv",
                           "summary.json", "report.html"})
+#: What ``tv-lens zoo`` wrote before markers existed: its tables, ``zoo.json`` and its tasks.
+LEGACY_ZOO_FILES = LEGACY_FILES - {"summary.json"} | {
+    "head_similarity.csv", "matrix_similarity.csv", "neuron_similarity.csv", "similarity.csv",
+    "clusters.csv", "zoo.json", ".zoo-tasks"}
+#: The first bytes of every HTML report tv_lens writes (so a report is replaced only by one).
+REPORT_SIGNATURE = '<meta name="generator" content="tv_lens">'
 
 
 def written_by_tv_lens(folder: Path) -> bool:
     """Whether every entry of ``folder`` is output tv_lens wrote (see the module docstring)."""
-    names = {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.iterdir()} - {OWNER}
     try:
         if MARKER in names:
             listed = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files", [])
             return names - {MARKER} <= set(listed)
+        if names <= LEGACY_ZOO_FILES and ("zoo.json" in names or names == {".zoo-tasks"}):
+            return True  # a zoo's output, or a zoo interrupted before its tables
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
         return names <= LEGACY_FILES and "tv_lens_version" in summary.get("info", {})
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def write_marker(folder: Path, command: str) -> None:
+    """Record that tv_lens wrote everything in ``folder`` (:data:`MARKER`)."""
+    from tv_lens import __version__
+
+    files = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, OWNER))
+    marker = dict(written_by="tv_lens", tv_lens_version=__version__, command=command, files=files)
+    (folder / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+
+
+def check_report_path(path: Path) -> None:
+    """Refuse to overwrite a file that is not a report tv_lens wrote."""
+    if path.is_dir():
+        raise TvLensError(f"{str(path)!r} is a folder; pass the report's file path (report.html).")
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if REPORT_SIGNATURE.encode() not in head:
+            raise TvLensError(f"{str(path)!r} exists and is not a report tv_lens wrote; choose "
+                              "another path (tv_lens overwrites only its own reports).")
 
 
 def check_destination(out: Path, inputs: Iterable[str | Path] = ()) -> None:
@@ -71,8 +104,8 @@ def check_destination(out: Path, inputs: Iterable[str | Path] = ()) -> None:
             raise TvLensError(f"--out {str(out)!r} {relation} the input folder {str(source)!r}; "
                               "tv_lens never writes into or replaces a folder it reads. Pass a "
                               "separate folder for the output.")
-    if out.is_dir() and any(out.iterdir()) and not written_by_tv_lens(out):
-        found = sorted(p.name for p in out.iterdir())
+    found = sorted(p.name for p in out.iterdir() if p.name != OWNER) if out.is_dir() else []
+    if found and not written_by_tv_lens(out):
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise TvLensError(f"--out {str(out)!r} already holds files tv_lens did not write "
                           f"({shown}). Choose an empty or new folder: tv_lens replaces only its "
@@ -156,12 +189,8 @@ def staged_folder(out: str | Path, *, inputs: Iterable[str | Path] = (), command
                           "Pass a folder you can write to with --out.") from None
     try:
         yield stage
-        from tv_lens import __version__
-
         (stage / OWNER).unlink()
-        marker = dict(written_by="tv_lens", tv_lens_version=__version__, command=command,
-                      files=sorted(p.name for p in stage.iterdir()))
-        (stage / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+        write_marker(stage, command)
         check_destination(out, inputs)  # files may have appeared in out during the run
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

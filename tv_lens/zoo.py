@@ -36,6 +36,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
@@ -164,8 +166,12 @@ class Zoo:
 
     def save(self, folder: str | Path) -> Path:
         """Write the long tables, the cross tables, ``similarity.csv``, ``clusters.csv``,
-        ``zoo.json`` and ``report.html`` (:func:`tv_lens.reporting.zoo_report`)."""
+        ``zoo.json`` and ``report.html`` (:func:`tv_lens.reporting.zoo_report`) into a new,
+        empty or tv_lens-written folder (:mod:`tv_lens.staging`'s rule; others are refused)."""
+        from tv_lens.staging import check_destination, write_marker
+
         folder = Path(folder)
+        check_destination(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for kind in ("heads", "neurons", "matrices", "summary", "head_similarity",
                      "matrix_similarity", "neuron_similarity"):
@@ -177,6 +183,7 @@ class Zoo:
         from tv_lens.reporting import zoo_report
 
         zoo_report(self, folder / "report.html")
+        write_marker(folder, "Zoo.save")
         return folder
 
 
@@ -539,9 +546,19 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
 
     probe = ModelPair.from_pretrained(base, base, allow_pickle=allow_pickle).tuning_vector()
     layers: list[int | None] = [*range(probe.spec.n_layers), None]
+    if out is not None:
+        from tv_lens.staging import check_destination
+
+        check_destination(Path(out).expanduser(), [base, *models.values()])
     store = Path(out) / ".zoo-tasks" / options.key() if out is not None else None
+    created = out is not None and not Path(out).exists()
     results = _execute(options, layers, store, workers, ray, progress)
-    zoo = _assemble(options, probe.spec, results)
+    try:
+        zoo = _assemble(options, probe.spec, results)
+    except TvLensError:
+        if created:  # nothing to resume towards: leave no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if out is not None:
         zoo.save(out)
     return zoo
@@ -568,10 +585,21 @@ def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -
             matrices += rows.matrices
             energies.update(rows.energies)
         matrices += results[None]["rows"][name]
-        analyses[name] = assemble(spec, heads, neurons, matrices, energies, fast=False,
-                                  labels=options.labels, t=o.t,
-                                  info={"top_k": options.top_k, "labels": options.labels,
-                                        "spec": spec.to_dict(), "zoo": True})
+        with warnings.catch_warnings():  # an identical fine-tune is reported as failed below
+            warnings.filterwarnings("ignore", "The two models are identical")
+            analysis = assemble(spec, heads, neurons, matrices, energies, fast=False,
+                                labels=options.labels, t=o.t,
+                                info={"top_k": options.top_k, "labels": options.labels,
+                                      "spec": spec.to_dict(), "zoo": True})
+        if analysis.info.get("degenerate") == "identical":
+            failed[name] = ("its weights are identical to the base's (τ = 0): there is no update "
+                            "to analyse or compare")
+        else:
+            analyses[name] = analysis
+    ok = list(analyses)
+    if not ok:
+        raise TvLensError("Every fine-tune of the zoo failed: " + "; ".join(
+            f"{name}: {why}" for name, why in failed.items()))
     dots = np.zeros((len(ok), len(ok)))
     for result in results.values():
         index = [result["models"].index(n) for n in ok]
