@@ -70,9 +70,10 @@ class Ctx:
             self._made[name] = str(self.save(build(), name))
         return self._made[name]
 
-    def copy_of_base(self, name: str) -> str:
+    def copy_of_base(self, name: str, damage: Callable[[Path], None] = lambda f: None) -> str:
         if name not in self._made:
             shutil.copytree(self.base, self.root / name)
+            damage(self.root / name)
             self._made[name] = str(self.root / name)
         return self._made[name]
 
@@ -237,6 +238,15 @@ def _notes_file(c: "Ctx") -> str:
 
 def _analysis(c: "Ctx"):
     return analyze(ModelPair.from_pretrained(c.base, c.tuned), progress=False, null_samples=2)
+
+
+def _looping_link(folder: Path) -> None:
+    _weights(folder).unlink()
+    _weights(folder).symlink_to(_weights(folder).name)  # a link to itself: a loop
+
+
+def _broken_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.json").write_text("{oops")
 
 
 def _config_shape(folder: Path) -> None:
@@ -477,6 +487,21 @@ CASES = [
          r"Choose an empty or new folder", api=lambda c: _analysis(c).save(_foreign_out(c))),
     Case("api-report-over-a-users-file", r"notes\.html' exists and is not a report tv_lens wrote",
          r"choose another path", api=lambda c: __import__("tv_lens").report(_analysis(c), _notes_file(c))),
+    Case("cli-unknown-option", r"unknown option --ouput\. Did you mean --out\?",
+         r"'tv-lens analyze --help' lists them",
+         cli=lambda c: [c.base, c.tuned, "--ouput", c.out("typo")],
+         readme="A mistyped option (--ouput)", fix_text="Did you mean --out?"),
+    Case("cli-device-meta", r"--device meta holds no weights tv_lens can compute with",
+         r"use cpu, cuda or cuda:N", cli=lambda c: [c.base, c.tuned, "--device", "meta"]),
+    Case("weights-symlink-loop", r"model\.safetensors' is a symbolic link that leads to no file",
+         r"Point it at the weights, or copy the file in its place",
+         cli=lambda c: [c.base, c.copy("loop", _looping_link)]),
+    Case("tokenizer-fails-to-load", r"The tokenizer in '.*' could not be loaded \(\w+",
+         r"Save it again next to the weights: tokenizer\.save_pretrained\(folder\)",
+         cli=lambda c: [c.copy_of_base("badtok_base", _broken_tokenizer), c.tuned]),
+    Case("adapter-given-as-base", r"given as the base, is a PEFT adapter folder",
+         r"Pass the base model's folder first and the adapter second",
+         cli=lambda c: [_adapter(c, "adapter_as_base", lambda f: None), c.base]),
     Case("cli-top-k", r"--top-k", r"must be at least 1",
          cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
     Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
@@ -941,6 +966,23 @@ def test_a_hub_format_gpt2_folder_reads(gpt2_dirs, tmp_path):
     assert list(hub) == list(ref) and hub.base.slots["blocks.0.attn.W_Q"].hf_key == "h.0.attn.c_attn.weight"
     for name in ref:
         torch.testing.assert_close(hub[name], ref[name], rtol=0, atol=0)
+
+
+def test_swapped_folders_are_warned_about_where_the_cards_say_so(ctx, tmp_path, capsys):
+    """The "base" folder's model card names the "fine-tune" folder as its base_model: one
+    warning line; cards that say nothing give no guess."""
+    base, tuned = tmp_path / "my-base", tmp_path / "my-medical"
+    shutil.copytree(ctx.base, base)
+    shutil.copytree(ctx.tuned, tuned)
+    (tuned / "README.md").write_text("---\nbase_model:\n- org/my-base\n---\n# a medical model\n")
+    out = tmp_path / "out"
+    assert main(ANALYZE + [str(tuned), str(base), "--out", str(out)]) == 0
+    warned = [l for l in capsys.readouterr().err.splitlines() if l.startswith("tv-lens: warning")]
+    assert warned == [f"tv-lens: warning: The model card of {str(tuned)!r}, given as the base, "
+                      "says it was fine-tuned from 'my-base', given as the fine-tune: are the two "
+                      "swapped? The base comes first."]
+    assert main(ANALYZE + [str(base), str(tuned), "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     from tv_lens import alignment

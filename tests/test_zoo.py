@@ -294,3 +294,22 @@ def test_randomized_subspace_matches_the_exact_one_on_a_trained_like_spectrum():
         got = _subspace(D, 8, right=right)
         shared = float(torch.linalg.svdvals(got.T @ want).pow(2).sum())
         assert got.shape[1] == 8 and shared > 8 - 1e-3, (right, shared)
+
+
+def test_workers_in_a_script_without_a_main_guard_are_explained(zoo_dirs, tmp_path):
+    """Spawned workers import the script that made them: without `if __name__ == "__main__":`
+    each would start the zoo again. The script gets one message naming the guard instead of
+    multiprocessing's bootstrapping traceback."""
+    import subprocess
+    import sys
+
+    base, tuned = zoo_dirs
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from tv_lens import analyze_zoo\n"
+                      f"analyze_zoo({str(base)!r}, [{str(tuned['a'])!r}], workers=2, progress=False,"
+                      f" null_samples=2)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "TvLensError: The zoo's worker processes stopped before finishing" in last, run.stderr[-2000:]
+    assert 'under `if __name__ == "__main__":`' in last

@@ -206,6 +206,12 @@ class Checkpoint:
         elif any((self.folder / p).is_file() for p in PICKLE_FILES):
             self._pickle(allow_pickle)
         else:
+            for name in ("model.safetensors", SAFETENSORS_INDEX, *PICKLE_FILES):
+                if (self.folder / name).is_symlink():  # but no file behind it
+                    raise CheckpointNotFoundError(
+                        f"{str(self.folder / name)!r} is a symbolic link that leads to no file "
+                        "(broken, or a loop). Point it at the weights, or copy the file in its "
+                        "place.")
             found = sorted(p.name for p in self.folder.iterdir())[:8]
             raise CheckpointNotFoundError(
                 f"{str(self.folder)!r} has no weights: no model.safetensors, no "

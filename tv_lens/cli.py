@@ -115,14 +115,17 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from tv_lens import ModelPair, __version__
     from tv_lens.alignment import analyze
     from tv_lens.errors import TvLensError
+    from tv_lens.pair import check_order
 
     from tv_lens.reporting import report
     from tv_lens.staging import staged_folder
 
     device = _device(args.device)
+    check_order(args.base, args.tuned)
     pair = ModelPair.from_pretrained(args.base, args.tuned, device=device,
                                      dtype=getattr(torch, args.dtype), vocab=args.vocab,
                                      allow_pickle=args.allow_pickle)
+    pair.tokenizer  # (one that exists but fails to load is named now, before any work)
     if Path(args.base).expanduser().resolve() == Path(args.tuned).expanduser().resolve():
         raise TvLensError(f"BASE and TUNED are the same folder ({args.base}): there is no "
                           "fine-tune to analyse. Pass the base model's folder, then the "
@@ -188,6 +191,9 @@ def _device(name: str | None):
         device = torch.device(name)
     except RuntimeError:
         raise TvLensError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise TvLensError(f"--device {name} holds no weights tv_lens can compute with (a "
+                          f"{device.type!r} device); use cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TvLensError(f"--device {name} asks for a GPU but PyTorch sees none here "
                           f"(torch {torch.__version__}). Drop --device or use --device cpu.")
@@ -205,9 +211,34 @@ def _run_demo(args: argparse.Namespace) -> int:
     return _run_analyze(args)
 
 
+def _unknown_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """The first ``--flag`` that the command does not know (nor abbreviates), with the closest
+    known one: argparse would report a missing required argument first (``--ouput`` for
+    ``--out`` says "--out is required")."""
+    import difflib
+
+    commands = parser._subparsers._group_actions[0].choices  # argparse's own sub-parsers
+    command = next((a for a in argv if a in commands), None)
+    options = set((commands[command] if command else parser)._option_string_actions)
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag != "--" and flag not in options and \
+                not any(o.startswith(flag) for o in options):
+            close = difflib.get_close_matches(flag, sorted(options), n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            return f"unknown option {flag}.{hint} ('tv-lens {command or ''} --help' lists them)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tv-lens`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_option(parser, argv)
+    if unknown:
+        print(f"tv-lens: error: {unknown.replace('  ', ' ')}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     from tv_lens.errors import TvLensError
 
     if getattr(args, "top_k", 1) < 1:

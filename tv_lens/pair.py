@@ -78,6 +78,41 @@ def check_checkpoint(name_or_path: str | os.PathLike, *, tokenizer: bool = True)
     return ArchSpec.from_hf_config(read_config(path), repr(str(Path(path) / "config.json")))
 
 
+def _card_base_model(folder: Path) -> list[str]:
+    """The ``base_model`` entries of a Hugging Face model card's metadata (README.md)."""
+    import re
+
+    card = folder / "README.md"
+    try:
+        text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return []
+    meta = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    found = re.findall(r"^base_model:[ \t]*(\S.*)$|^base_model:\s*\n((?:\s*-\s*\S+\s*\n?)+)",
+                       meta, re.M)
+    names = []
+    for single, listed in found:
+        names += [single.strip("'\" ")] if single else re.findall(r"-\s*(\S+)", listed)
+    return names
+
+
+def check_order(base: str | os.PathLike, tuned: str | os.PathLike) -> None:
+    """Refuse a PEFT adapter passed as the base, and warn where the model cards say the two
+    models are swapped (the "base" fine-tuned from the "tuned"); otherwise nothing is guessed."""
+    base_dir, tuned_dir = Path(base).expanduser(), Path(tuned).expanduser()
+    if (base_dir / "adapter_config.json").is_file():
+        raise CheckpointNotFoundError(
+            f"{str(base)!r}, given as the base, is a PEFT adapter folder. Pass the base model's "
+            "folder first and the adapter second.")
+    if not (base_dir.is_dir() and tuned_dir.is_dir()):
+        return
+    named = {n.rstrip("/").rsplit("/", 1)[-1] for n in _card_base_model(base_dir)}
+    if tuned_dir.resolve().name in named:
+        warnings.warn(f"The model card of {str(base)!r}, given as the base, says it was "
+                      f"fine-tuned from {tuned_dir.resolve().name!r}, given as the fine-tune: "
+                      "are the two swapped? The base comes first.", TvLensWarning, stacklevel=2)
+
+
 def boot(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
          dtype: torch.dtype = torch.float32, **boot_kwargs: Any):
     """Boot one model as a ``TransformerBridge`` with raw weights, with clear errors."""
@@ -306,7 +341,14 @@ class ModelPair:
             if any((folder / f).is_file() for f in _TOKENIZER_FILES):
                 from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(folder)
+                try:
+                    self._tokenizer = AutoTokenizer.from_pretrained(folder)
+                except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+                    raise CheckpointNotFoundError(
+                        f"The tokenizer in {str(folder)!r} could not be loaded "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                        ". Save it again next to the weights: tokenizer.save_pretrained(folder)."
+                    ) from exc
         return self._tokenizer
 
     @property

@@ -459,10 +459,15 @@ def _execute(options: ZooOptions, layers: list[int | None], store: Path | None, 
             import concurrent.futures as cf
             import multiprocessing as mp
 
-            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(run_task, options, layer): layer for layer in todo}
-                for future in cf.as_completed(futures):
-                    finished(futures[future], future.result())
+            if mp.parent_process() is not None:  # a worker re-running an unguarded script
+                raise TvLensError(_MAIN_GUARD)
+            try:
+                with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                    futures = {pool.submit(run_task, options, layer): layer for layer in todo}
+                    for future in cf.as_completed(futures):
+                        finished(futures[future], future.result())
+            except cf.process.BrokenProcessPool:
+                raise TvLensError(_MAIN_GUARD) from None
         else:
             for layer in todo:
                 finished(layer, run_task(options, layer))
@@ -477,6 +482,13 @@ def _changed(record: Path, contents: dict[str, str]) -> set[str]:
         return set()
     return {name for name, digest in contents.items()
             if isinstance(stored, dict) and stored.get(name, digest) != digest}
+
+
+_MAIN_GUARD = (
+    "The zoo's worker processes stopped before finishing. Worker processes start by importing "
+    "the script that made them, so a script calling analyze_zoo(..., workers=N) must call it "
+    "under `if __name__ == \"__main__\":` (or pass workers=1); a worker that ran out of memory "
+    "stops them too.")
 
 
 def _on_ray(options: ZooOptions, todo: list, address: Any, finished) -> None:
