@@ -191,9 +191,11 @@ def _adapter(c: "Ctx", name: str, edit: Callable[[Path], None]) -> str:
 
 
 def _adapter_config(**changes) -> Callable[[Path], None]:
+    """Set (or, with None, remove) keys of adapter_config.json."""
     def edit(folder: Path) -> None:
         config = json.loads((folder / "adapter_config.json").read_text())
-        config.update(changes)
+        for key, value in changes.items():
+            config.pop(key) if value is None else config.__setitem__(key, value)
         (folder / "adapter_config.json").write_text(json.dumps(config))
     return edit
 
@@ -247,6 +249,43 @@ def _looping_link(folder: Path) -> None:
 
 def _broken_tokenizer(folder: Path) -> None:
     (folder / "tokenizer.json").write_text("{oops")
+
+
+def _header_edit(key: str, field: str, value) -> Callable[[Path], None]:
+    """Set one field of one tensor's entry in the safetensors header (``key`` None: the
+    ``__metadata__`` entry itself)."""
+    def edit(h: dict) -> dict:
+        if key is None:
+            h["__metadata__"] = value
+        else:
+            h[key][field] = value
+        return h
+    return lambda folder: _rewrite_header(folder, edit)
+
+
+def _adapter_drop(key: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "adapter_model.safetensors")
+        save_file({k: v for k, v in tensors.items() if not k.endswith(key)},
+                  folder / "adapter_model.safetensors")
+    return edit
+
+
+def _adapter_saved_lm_head(folder: Path) -> None:
+    """A modules_to_save copy of lm_head with one row too many."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(97, 32)
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def _zoo(c: "Ctx", **kwargs):
+    from tv_lens.zoo import analyze_zoo
+
+    return analyze_zoo(c.base, **{"tuned": [c.tuned], "progress": False, **kwargs})
 
 
 def _config_shape(folder: Path) -> None:
@@ -502,6 +541,65 @@ CASES = [
     Case("adapter-given-as-base", r"given as the base, is a PEFT adapter folder",
          r"Pass the base model's folder first and the adapter second",
          cli=lambda c: [_adapter(c, "adapter_as_base", lambda f: None), c.base]),
+    Case("header-metadata-not-an-object", r"its __metadata__ is not a JSON object",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("meta_list", _header_edit(None, "", ["x"]))]),
+    Case("header-unknown-dtype", r"has the unknown dtype 'F7'", r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("dtype_f7", _header_edit(_Q0, "dtype", "F7"))]),
+    Case("header-offsets-not-integers", r"the header entry of '.*q_proj\.weight' is malformed",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("offsets_str", _header_edit(_Q0, "data_offsets", ["0", "4096"]))]),
+    Case("header-wrong-byte-count", r"'.*q_proj\.weight' holds \d+ bytes, its shape \[32, 16\] needs \d+",
+         r"download or save the checkpoint again",
+         cli=lambda c: [c.base, c.copy("bytes", _header_edit(_Q0, "shape", [32, 16]))]),
+    Case("config-zero-kv-heads", r"has num_key_value_heads = 0; it must be a positive integer",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_kv0", _config_edit(num_key_value_heads=0))]),
+    Case("config-negative-vocab", r"has vocab_size = -96; it must be a positive integer",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_vocab", _config_edit(vocab_size=-96))]),
+    Case("config-float-size", r"has intermediate_size = 48\.0; it must be a positive integer",
+         r"Fix it so that it describes the checkpoint's weights",
+         cli=lambda c: [c.base, c.copy("cfg_float", _config_edit(intermediate_size=48.0))]),
+    Case("lora-one-factor", r"has only one LoRA factor for '.*q_proj'; it needs both A and B",
+         r"The adapter file is incomplete",
+         cli=lambda c: [c.base, _adapter(c, "lora_onefactor", _adapter_drop("q_proj.lora_B.weight"))]),
+    Case("lora-rank-disagrees", r"its factors have rank 2 but adapter_config\.json says 4",
+         r"The config and the weights disagree",
+         cli=lambda c: [c.base, _adapter(c, "lora_r4", _adapter_config(r=4))]),
+    Case("lora-rank-missing", r"says 8 \(PEFT's default where r is missing\)",
+         r"The config and the weights disagree",
+         cli=lambda c: [c.base, _adapter(c, "lora_nor", _adapter_config(r=None))]),
+    Case("lora-pattern-not-an-object", r"alpha_pattern must be an object mapping module-name patterns",
+         r"Fix the config", cli=lambda c: [c.base, _adapter(c, "lora_patlist",
+                                                          _adapter_config(alpha_pattern=["q_proj"]))]),
+    Case("lora-saved-module-shape", r"saved copy of 'lm_head\.weight' \(modules_to_save\) has shape \[97, 32\]",
+         r"Is this adapter for this base\?",
+         cli=lambda c: [c.base, _adapter(c, "lora_saved", _adapter_saved_lm_head)]),
+    Case("out-inside-an-input", r"--out '.*' is inside the input folder '.*'; tv_lens never writes",
+         r"Pass a separate folder for the output",
+         cli=lambda c: [c.base, c.tuned, "--out", str(Path(c.tuned) / "analysis")]),
+    Case("out-holds-an-input", r"--out '.*' holds the input folder '.*'; tv_lens never writes",
+         r"Pass a separate folder for the output",
+         cli=lambda c: [c.base, c.tuned, "--out", str(Path(c.tuned).parent)]),
+    Case("zoo-rank-zero", r"workers, rank and top_neurons must be at least 1, got 1, 0, 20",
+         r"must be at least 1", cli=lambda c: [c.base, c.tuned, "--rank", "0"], command="zoo"),
+    Case("api-zoo-no-fine-tunes", r"analyze_zoo needs at least one fine-tune", r"at least one",
+         api=lambda c: _zoo(c, tuned=[])),
+    Case("api-zoo-same-folder-names", r"Two fine-tunes have the same folder name",
+         r"pass tuned=\{name: folder\}", api=lambda c: _zoo(c, tuned=[c.tuned, c.tuned])),
+    Case("api-save-over-a-file", r"--out '.*a-file' is an existing file, not a folder",
+         r"Pass a folder path", api=lambda c: _analysis(c).save(_file(c))),
+    Case("api-report-into-a-folder", r"is a folder; pass the report's file path",
+         r"report\.html", api=lambda c: __import__("tv_lens").report(_analysis(c), c.root)),
+    Case("api-compare-attribution-exact", r"exact= lacks the columns \['kind', 'granularity'",
+         r"pass what tv_lens\.patch returned",
+         api=lambda c: __import__("tv_lens").compare_attribution(
+             ModelPair.from_pretrained(c.base, c.tuned), __import__("tv_lens").metrics.loss(
+                 torch.tensor([[1, 5, 9, 13]])), ["L0H1"], progress=False,
+             attribution=__import__("tv_lens").attribute(ModelPair.from_pretrained(c.base, c.tuned),
+                 __import__("tv_lens").metrics.loss(torch.tensor([[1, 5, 9, 13]])), progress=False),
+             exact=__import__("pandas").DataFrame({"component": ["L0H1"]}))),
     Case("cli-top-k", r"--top-k", r"must be at least 1",
          cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
     Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
@@ -640,8 +738,8 @@ def test_no_file_bytes_in_messages(ctx, capsys):
                            "--out", ctx.out("passwd")]) == 2
     assert "root:" not in capsys.readouterr().err
 
-def test_at_least_thirty_bad_inputs():
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+def test_at_least_a_hundred_bad_inputs():
+    assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
 
 
 def test_readme_lists_the_suite():
