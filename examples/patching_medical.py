@@ -1,7 +1,7 @@
 """Which components' tuning vectors carry the medical skill? ``python examples/patching_medical.py``.
 
 On the shipped medical pair, with the answer log-probability of the held-out medical questions
-as the metric:
+(the validation half: 60 questions) as the metric:
 
 1. attribution of every component (one backward pass at each end, plus 32 path steps);
 2. the components that carry most of the effect, adding τ_c to the base and removing it from
@@ -25,9 +25,10 @@ from tv_lens.demo.evaluate import domain_metrics
 
 
 def medical_pair_and_metric() -> tuple[tv_lens.ModelPair, tv_lens.metrics.Metric]:
-    """The shipped medical pair and the answer log-probability of its 120 held-out-phrasing
-    questions."""
-    return load_pair("medical"), domain_metrics("medical", phrasing="held_out")["answer_logprob"]
+    """The shipped medical pair and the answer log-probability of the validation half of its
+    held-out-phrasing questions (60)."""
+    return load_pair("medical"), domain_metrics("medical", phrasing="held_out",
+                                                half="validation")["answer_logprob"]
 
 
 def parts_table(pair, metric, att: pd.DataFrame) -> pd.DataFrame:

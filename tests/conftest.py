@@ -12,6 +12,8 @@ import pytest
 import torch
 from jaxtyping import install_import_hook
 
+from tv_lens.tl_compat import tl_version
+
 # Check every jaxtyping shape annotation in tv_lens at test time (beartype at call boundaries):
 # `import tv_lens` imports nothing (its names load on first use), so every module is imported
 # here, under the hook.
@@ -20,6 +22,16 @@ with install_import_hook("tv_lens", "beartype.beartype"):
 
     for _module in pkgutil.walk_packages(tv_lens.__path__, "tv_lens."):
         importlib.import_module(_module.name)
+
+def runs_once_in(major: int) -> pytest.MarkDecorator:
+    """For tests with no TransformerLens code path (checkpoint files, linear algebra,
+    statistics, HF models): they run once, in the suite of TransformerLens ``major`` (3: `make
+    test-tl3`, 4: `make test`), not again in the other; CI runs the two suites side by side, so
+    this keeps each inside its time."""
+    line = {3: "TL 3.9 suite (make test-tl3)", 4: "TL 4.x suite (make test)"}[major]
+    return pytest.mark.skipif(tl_version()[0] != major,
+                              reason=f"no TransformerLens code path: runs once, in the {line}")
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

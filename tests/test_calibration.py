@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import gpt2_model, llama_model
+from conftest import gpt2_model, llama_model, runs_once_in
 from tv_lens import ModelPair, TuningVector
 from tv_lens.alignment import analyze, calibrated_labels
 from tv_lens.cli import main
@@ -21,6 +21,8 @@ from tv_lens.nulls import (_same_cluster, _shared_draws, _unit_shares, block_cou
                             cluster_counts, haar_share_moments, neuron_moments)
 from tv_lens.sources import ModelWeights
 from tv_lens.stats import NullMoments, beta_sf, bh_adjust
+
+pytestmark = runs_once_in(3)  # linear algebra, null models and labels: no TransformerLens
 
 LEVEL = 0.01
 

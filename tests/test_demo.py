@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from conftest import runs_once_in
 from tv_lens.demo import CHECKPOINTS, checkpoint_dir, load_base, load_pair
 from tv_lens.demo.corpus import build_corpora, medical_facts
 from tv_lens.demo.evaluate import evaluate
@@ -73,10 +74,10 @@ def test_load_pair_offline_and_fast():
     assert load_base().cfg.n_layers == pair.spec.n_layers
 
 
+@runs_once_in(4)  # HF models only
 def test_fine_tunes_learned_their_domain():
     """Evaluated as training evaluated them (HF models, the LoRA merged), the fine-tunes learned
-    their domain, and the numbers are exactly the recorded ones; the bridge computes the same
-    logits as the HF model it wraps."""
+    their domain, and the numbers are exactly the recorded ones."""
     from transformers import AutoTokenizer
 
     from tv_lens.demo.evaluate import domain_metrics
@@ -97,8 +98,17 @@ def test_fine_tunes_learned_their_domain():
     for r in recorded:
         assert r["answer_acc"] == pytest.approx(acc[r["model"], r["domain"]], abs=1e-9)
         assert r["loss"] == pytest.approx(loss[r["model"], r["domain"]], rel=1e-4)
+
+
+def test_the_bridge_computes_the_trained_models_logits():
+    """On both TransformerLens lines the bridge of a shipped fine-tune gives the logits of the
+    HF model training evaluated (the evaluation above runs once, on HF models only)."""
+    from tv_lens.demo.evaluate import domain_metrics
+    from tv_lens.demo.train import load_trained
+
+    stage = json.loads((CHECKPOINTS / "training.json").read_text())["stages"]["medical"]
+    model = load_trained(CHECKPOINTS, "medical", stage)
     bridge = load_pair("medical").tuned  # with its own tokenizer, on the medical questions
     batch = domain_metrics("medical", bridge.tokenizer)["answer_acc"].batches(bridge)[0]
     with torch.no_grad():
-        assert torch.allclose(bridge(batch.tokens), models["medical"](batch.tokens).logits,
-                              atol=1e-4)
+        assert torch.allclose(bridge(batch.tokens), model(batch.tokens).logits, atol=1e-4)

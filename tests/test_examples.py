@@ -130,7 +130,9 @@ def test_patching_example(capsys):
         quoted(r"rises from (−[\d.]+) to (−[\d.]+)\)"), abs=0.006)
     assert [info["path_sum"], info["difference"], 100 * info["relative_gap"]] == pytest.approx(
         quoted(r"sums to ([\d.]+) against a true change of ([\d.]+) \(gap ([\d.]+)%\)"), abs=0.006)
-    assert info["add_sum"] == pytest.approx(quoted(r"explains only half \(([\d.]+)\)")[0], abs=0.06)
+    share, add_sum = quoted(r"explains (\d+)% of it \(([\d.]+)\)")
+    assert [100 * info["add_sum"] / info["difference"], info["add_sum"]] == pytest.approx(
+        [share, add_sum], abs=0.6)
 
     parts = example["parts_table"](pair, metric, att).set_index("component")
     share = {kind: 100 * parts.loc[parts.kind == kind, "path_share"].sum()

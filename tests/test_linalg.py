@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import runs_once_in
 from tv_lens.linalg import (align, best_matches, cluster_ids, dense_svd, factored_svd,
                             frob2_factored, gram_svd, matrix_overlap, orthonormal_basis,
                             random_match_baseline, spectrum_stats)
+
+pytestmark = runs_once_in(3)  # linear algebra and statistics only
 
 D, K = 12, 3
 

@@ -11,15 +11,13 @@ import pytest
 import scipy.linalg
 import torch
 
-from conftest import llama_model, perturb
+from conftest import llama_model, perturb, runs_once_in
 from tv_lens import ModelPair, analyze
-from tv_lens.tl_compat import tl_version
 from tv_lens.zoo import analyze_zoo
 
 # The zoo reads checkpoint files only (no code path of it differs between the TransformerLens
-# lines); running it once keeps CI, which runs both suites side by side, inside its time.
-pytestmark = pytest.mark.skipif(tl_version() < (4,), reason="the zoo reads checkpoint files only; "
-                                "it is tested in the TL 4.x suite (make test)")
+# lines): it runs once, in the TL 3.9 suite, which keeps both suites inside their time.
+pytestmark = runs_once_in(3)
 
 FAST = dict(null_samples=20, progress=False, threads=1)
 
