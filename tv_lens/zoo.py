@@ -537,6 +537,7 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
         top_k, tol, labels, level, null_samples, seed: as for :func:`~tv_lens.analyze`
             (exact mode).
     """
+    out = Path(out).expanduser() if out is not None else None
     if isinstance(tuned, dict):
         models = {str(k): str(v) for k, v in tuned.items()}
     else:
@@ -561,7 +562,7 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
     if out is not None:
         from tv_lens.staging import check_destination
 
-        check_destination(Path(out).expanduser(), [base, *models.values()])
+        check_destination(out, [base, *models.values()])
     store = Path(out) / ".zoo-tasks" / options.key() if out is not None else None
     created = out is not None and not Path(out).exists()
     results = _execute(options, layers, store, workers, ray, progress)
