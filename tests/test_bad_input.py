@@ -200,6 +200,14 @@ def _adapter_config(**changes) -> Callable[[Path], None]:
     return edit
 
 
+def _adapter_null(key: str) -> Callable[[Path], None]:
+    """Set ``key`` of adapter_config.json to null."""
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, key: None}))
+    return edit
+
+
 def _adapter_tensor(key: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
         from safetensors.torch import load_file, save_file
@@ -286,6 +294,23 @@ def _zoo(c: "Ctx", **kwargs):
     from tv_lens.zoo import analyze_zoo
 
     return analyze_zoo(c.base, **{"tuned": [c.tuned], "progress": False, **kwargs})
+
+
+def _users_zoo_json(c: "Ctx") -> str:
+    """A user's folder that happens to hold a zoo.json and a report.html of its own."""
+    folder = c.root / "outs" / "users_zoo"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zoo.json").write_text('{"animals": ["yak"]}')
+    (folder / "report.html").write_text("<p>my report</p>")
+    return str(folder)
+
+
+def _link_out(c: "Ctx") -> str:
+    link = c.root / "outs" / "link"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(c.root / "outs" / "link-target")
+    return str(link)
 
 
 def _config_shape(folder: Path) -> None:
@@ -600,6 +625,17 @@ CASES = [
              attribution=__import__("tv_lens").attribute(ModelPair.from_pretrained(c.base, c.tuned),
                  __import__("tv_lens").metrics.loss(torch.tensor([[1, 5, 9, 13]])), progress=False),
              exact=__import__("pandas").DataFrame({"component": ["L0H1"]}))),
+    Case("out-a-users-zoo-json", r"already holds files tv_lens did not write \(report\.html, zoo\.json\)",
+         r"Choose an empty or new folder", cli=lambda c: [c.base, c.tuned, "--out", _users_zoo_json(c)]),
+    Case("out-is-a-symlink", r"--out '.*link' is a symbolic link", r"Pass the folder itself",
+         cli=lambda c: [c.base, c.tuned, "--out", _link_out(c)]),
+    Case("lora-alpha-null", r"LoRA alpha None; an alpha is a finite number",
+         r"Fix lora_alpha / alpha_pattern in adapter_config\.json",
+         cli=lambda c: [c.base, _adapter(c, "lora_alpha_null", _adapter_null("lora_alpha"))]),
+    Case("llama-mlp-bias", r"bias tensor\(s\) that tv_lens's LlamaForCausalLM layout does not read",
+         r"Open an issue with the checkpoint's config\.json",
+         cli=lambda c: [c.model("mlp_bias_b", lambda: llama_model(mlp_bias=True)),
+                        c.model("mlp_bias_t", lambda: llama_model(seed=1, mlp_bias=True))]),
     Case("cli-top-k", r"--top-k", r"must be at least 1",
          cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
     Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
@@ -1081,6 +1117,47 @@ def test_swapped_folders_are_warned_about_where_the_cards_say_so(ctx, tmp_path, 
                       "swapped? The base comes first."]
     assert main(ANALYZE + [str(base), str(tuned), "--out", str(out)]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_out_may_not_be_the_current_folder(ctx, tmp_path, monkeypatch, capsys):
+    """`--out .` would swap the folder the process stands in (and, empty, stage inside itself)."""
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path.parent)):
+        assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", out]) == 2
+        assert "is the current folder or holds it" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ignored_hangup_stays_ignored():
+    """Under nohup SIGHUP is ignored: tv-lens leaves it so (it handles SIGTERM alone)."""
+    from tv_lens.cli import _signals_interrupt
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _signals_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_torn_or_damaged_records_are_recomputed(tmp_path):
+    """A record whose arrays are truncated, or belong to another write, reads as absent."""
+    import numpy as np
+
+    from tv_lens.records import load_record, save_record
+
+    save_record({"a": np.arange(6.0), "b": [1, "x", None]}, tmp_path / "r", key={"k": 1})
+    got = load_record(tmp_path / "r", key={"k": 1})
+    assert got["b"] == [1, "x", None] and (got["a"] == np.arange(6.0)).all()
+    assert load_record(tmp_path / "r", key={"k": 2}) is None
+    arrays = (tmp_path / "r.safetensors").read_bytes()
+    save_record({"a": np.arange(7.0), "b": []}, tmp_path / "other", key={"k": 1})
+    (tmp_path / "r.safetensors").write_bytes((tmp_path / "other.safetensors").read_bytes())
+    assert load_record(tmp_path / "r", key={"k": 1}) is None  # torn: JSON of one write, arrays of another
+    (tmp_path / "r.safetensors").write_bytes(arrays[:-8])
+    assert load_record(tmp_path / "r", key={"k": 1}) is None  # truncated
 
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     from tv_lens import alignment

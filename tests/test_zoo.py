@@ -311,3 +311,23 @@ def test_workers_in_a_script_without_a_main_guard_are_explained(zoo_dirs, tmp_pa
     last = run.stderr.strip().splitlines()[-1]
     assert "TvLensError: The zoo's worker processes stopped before finishing" in last, run.stderr[-2000:]
     assert 'under `if __name__ == "__main__":`' in last
+
+
+def test_a_zoo_and_analyze_share_an_output_folder_and_old_output_is_updated(zoo_dirs, tmp_path):
+    """A zoo written into analyze's output (and analyze into the zoo's) is tv_lens's own output
+    both ways; a zoo folder of a version before markers and report signatures is updated."""
+    from tv_lens.cli import main
+    from tv_lens.staging import MARKER, REPORT_SIGNATURE
+
+    base, tuned = zoo_dirs
+    out = tmp_path / "shared"
+    assert main(["analyze", str(base), str(tuned["a"]), "--out", str(out)]) == 0
+    analyze_zoo(base, [str(tuned["a"])], out=out, **FAST)
+    assert main(["analyze", str(base), str(tuned["a"]), "--out", str(out)]) == 0
+    old = tmp_path / "old"
+    analyze_zoo(base, [str(tuned["a"])], out=old, **FAST)
+    (old / MARKER).unlink()
+    report = old / "report.html"
+    report.write_text(report.read_text().replace(REPORT_SIGNATURE, ""))
+    analyze_zoo(base, [str(tuned["a"])], out=old, **FAST)
+    assert (old / MARKER).is_file() and REPORT_SIGNATURE in report.read_text()

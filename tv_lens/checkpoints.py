@@ -83,8 +83,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 class SafetensorsFile:
-    """One safetensors file: its header, validated as the ``safetensors`` library validates it,
-    and tensors read on demand.
+    """One safetensors file: its header, validated at least as strictly as the ``safetensors``
+    library validates it (also refusing duplicate names and entries with other keys), and
+    tensors read on demand.
 
     Raises:
         CorruptCheckpointError: the file is shorter than its header says; the header is not a
@@ -126,13 +127,12 @@ class SafetensorsFile:
         self._check_layout(size - self.data_start)
 
     def _entry(self, key: str, info: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-        try:
-            assert isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
-            shape, offsets = info["shape"], info["data_offsets"]
-            assert all(type(x) is int and x >= 0 for x in [*shape, *offsets])
-            assert len(offsets) == 2 and isinstance(info["dtype"], str)
-        except (AssertionError, TypeError):
-            raise _corrupt(self.path, f"the header entry of {_shown(key)} is malformed") from None
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+                and isinstance(info["shape"], list) and isinstance(info["data_offsets"], list)
+                and len(info["data_offsets"]) == 2 and isinstance(info["dtype"], str)
+                and all(type(x) is int and x >= 0 for x in info["shape"] + info["data_offsets"])):
+            raise _corrupt(self.path, f"the header entry of {_shown(key)} is malformed")
+        shape, offsets = info["shape"], info["data_offsets"]
         if info["dtype"] in UNSUPPORTED_DTYPES:
             raise UnsupportedDtypeError(
                 f"{str(self.path)!r} stores {_shown(key)} as {info['dtype']}, which tv_lens does "
@@ -229,13 +229,15 @@ class Checkpoint:
 
     def _index(self, index_name: str) -> None:
         path = self.folder / index_name
+        not_an_index = _corrupt(path, "it is not a shard index: a JSON object whose 'weight_map' "
+                                      "maps tensor names to shard file names")
         try:
             weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(weight_map, dict)
-            assert all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
-            raise _corrupt(path, "it is not a shard index: a JSON object whose 'weight_map' maps "
-                                 "tensor names to shard file names") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise not_an_index from None
+        if not (isinstance(weight_map, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+            raise not_an_index
         pickled = index_name != SAFETENSORS_INDEX
         for name in sorted(set(weight_map.values())):
             if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
@@ -472,6 +474,11 @@ class CheckpointWeights(SlotWeights):
                 f"{where} tensor(s) the layout derived from TransformerLens's adapter does not "
                 f"read, e.g. {unread[:3]}: the tuning vector would miss them. Open an issue with "
                 "the checkpoint's config.json.")
+        if all(k.endswith(".bias") for k in unread):
+            raise UnsupportedArchitectureError(
+                f"{where} bias tensor(s) that tv_lens's {self.spec.architecture} layout does not "
+                f"read, e.g. {unread[:3]} (mlp_bias, say): the tuning vector would miss them. Open "
+                "an issue with the checkpoint's config.json.")
         raise UnsupportedArchitectureError(
             f"{where} tensor(s) its config.json does not describe, e.g. {unread[:3]}: the tuning "
             "vector would miss them. Check that config.json belongs to these weights (its "

@@ -314,7 +314,10 @@ def _signals_interrupt() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    # a signal the caller ignores (SIGHUP under nohup) stays ignored
+    previous = {s: signal.signal(s, handler) for s in wanted
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

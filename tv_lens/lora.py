@@ -189,6 +189,9 @@ class Adapter:
         alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module,
                                self.config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"]),
                                "alpha_pattern")
+        if type(alpha) not in (int, float) or not math.isfinite(alpha):
+            raise TvLensError(f"{module!r}: LoRA alpha {alpha!r}; an alpha is a finite number. Fix "
+                              "lora_alpha / alpha_pattern in adapter_config.json.")
         scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
         conv1d = not embedding and module.rsplit(".", 1)[-1] in self.conv1d
         out = (A.shape[1], B.shape[0]) if embedding else (B.shape[0], A.shape[1])

@@ -2,19 +2,22 @@
 
 tv_lens writes and reads no pickles of its own: unpickling runs code, and a results folder may
 come from anyone. A *record* is two files beside each other: ``NAME.json`` holds the structure
-(dicts, lists, tuples, strings, numbers, ``None``, dataclass fields, DataFrame layouts) with a
-schema version and the key of what the record was computed from; ``NAME.safetensors`` holds
-every array and every numeric DataFrame column, with its dtype. Reading one builds only those
+(dicts, lists, tuples, strings, numbers, ``None``, dataclass fields, DataFrames' columns and
+dtypes, not their index) with a schema version, the key of what the record was computed from and
+the digest of its arrays; ``NAME.safetensors`` holds every array and every numeric DataFrame
+column, with its dtype. Reading one builds only those
 types back: nothing in a record can name a class or a function to call.
 
-A record is written atomically (both files complete before the JSON that points to them
-appears), so a killed writer leaves no record, and :func:`load_record` returns ``None`` for a
-record that is missing, unreadable, of another schema or computed from something else.
+A record's JSON is written last and names its arrays' digest, so a writer killed midway leaves
+no record that reads (an earlier JSON does not match the new arrays), and :func:`load_record`
+returns ``None`` for a record that is missing, unreadable, of another schema, computed from
+something else or torn.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -117,11 +120,13 @@ def save_record(obj: Any, path: str | os.PathLike, *, key: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder = _Encoder()
-    payload = {"schema": SCHEMA, "key": key, "data": encoder.encode(obj)}
+    data = encoder.encode(obj)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
     os.close(fd)
     save_file(encoder.arrays, tmp)
+    digest = _digest(Path(tmp))
     os.replace(tmp, path.with_suffix(".safetensors"))
+    payload = {"schema": SCHEMA, "key": key, "arrays": digest, "data": data}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(payload, f)
@@ -138,7 +143,18 @@ def load_record(path: str | os.PathLike, *, key: dict,
         payload = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         if payload.get("schema") != SCHEMA or payload.get("key") != key:
             return None
-        arrays = load_file(path.with_suffix(".safetensors"))
+        arrays_file = path.with_suffix(".safetensors")
+        if _digest(arrays_file) != payload.get("arrays"):
+            return None  # the arrays of another write (a writer killed between its two files)
+        arrays = load_file(arrays_file)
         return _decode(payload["data"], arrays, {t.__name__: t for t in types})
-    except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
-        return None
+    except Exception:  # noqa: BLE001 - any unreadable record (safetensors' own errors too) is
+        return None  # recomputed, never trusted
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

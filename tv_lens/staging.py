@@ -44,20 +44,28 @@ LEGACY_ZOO_FILES = LEGACY_FILES - {"summary.json"} | {
     "clusters.csv", "zoo.json", ".zoo-tasks"}
 #: The first bytes of every HTML report tv_lens writes (so a report is replaced only by one).
 REPORT_SIGNATURE = '<meta name="generator" content="tv_lens">'
+#: How reports began before the signature: their title.
+_OLD_REPORT_START = "<meta charset='utf-8'><title>tv_lens"
+#: The folder inside a zoo's output that keeps its finished tasks (:mod:`tv_lens.zoo`).
+ZOO_TASKS = ".zoo-tasks"
 
 
 def written_by_tv_lens(folder: Path) -> bool:
     """Whether every entry of ``folder`` is output tv_lens wrote (see the module docstring)."""
-    names = {p.name for p in folder.iterdir()} - {OWNER}
+    names = {p.name for p in folder.iterdir()} - {OWNER, ZOO_TASKS}  # (our own names)
     try:
         if MARKER in names:
             listed = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files", [])
             return names - {MARKER} <= set(listed)
-        if names <= LEGACY_ZOO_FILES and ("zoo.json" in names or names == {".zoo-tasks"}):
-            return True  # a zoo's output, or a zoo interrupted before its tables
+        if not names:
+            return True  # empty, or a zoo interrupted before its tables
+        if "zoo.json" in names:  # what Zoo.save wrote before markers: {failed, info: {base, …}}
+            zoo = json.loads((folder / "zoo.json").read_text(encoding="utf-8"))
+            return (names <= LEGACY_ZOO_FILES and set(zoo) == {"failed", "info"}
+                    and {"base", "models"} <= set(zoo["info"]))
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
         return names <= LEGACY_FILES and "tv_lens_version" in summary.get("info", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return False
 
 
@@ -77,7 +85,7 @@ def check_report_path(path: Path) -> None:
     if path.exists():
         with open(path, "rb") as f:
             head = f.read(4096)
-        if REPORT_SIGNATURE.encode() not in head:
+        if REPORT_SIGNATURE.encode() not in head and _OLD_REPORT_START.encode() not in head:
             raise TvLensError(f"{str(path)!r} exists and is not a report tv_lens wrote; choose "
                               "another path (tv_lens overwrites only its own reports).")
 
@@ -89,10 +97,17 @@ def check_destination(out: Path, inputs: Iterable[str | Path] = ()) -> None:
         TvLensError: ``out`` is an existing file, is (inside, or holds) one of ``inputs``, or is
             a non-empty folder that is not tv_lens's own earlier output.
     """
+    if out.is_symlink():
+        raise TvLensError(f"--out {str(out)!r} is a symbolic link. Pass the folder itself (tv_lens "
+                          "replaces a folder, never what a link points to).")
     if out.exists() and not out.is_dir():
         raise TvLensError(f"--out {str(out)!r} is an existing file, not a folder. Pass a folder "
                           "path (it is created, or an earlier run's output in it is replaced).")
     target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise TvLensError(f"--out {str(out)!r} is the current folder or holds it; tv_lens replaces "
+                          "its output folder whole. Pass a new folder, e.g. --out tv_lens_out.")
     for given in inputs:
         source = Path(given).expanduser()
         if not source.exists():

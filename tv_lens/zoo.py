@@ -56,6 +56,7 @@ from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, _tall, gram, top_eigenpairs
 from tv_lens.records import load_record, save_record
+from tv_lens.staging import ZOO_TASKS, check_destination
 from tv_lens.table_io import write_csv
 
 #: the matrices whose ``d_model`` side is their second axis (they write into the residual)
@@ -560,10 +561,8 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
     probe = ModelPair.from_pretrained(base, base, allow_pickle=allow_pickle).tuning_vector()
     layers: list[int | None] = [*range(probe.spec.n_layers), None]
     if out is not None:
-        from tv_lens.staging import check_destination
-
         check_destination(out, [base, *models.values()])
-    store = Path(out) / ".zoo-tasks" / options.key() if out is not None else None
+    store = out / ZOO_TASKS / options.key() if out is not None else None
     created = out is not None and not Path(out).exists()
     results = _execute(options, layers, store, workers, ray, progress)
     try:
