@@ -142,8 +142,8 @@ def _owner_gone(folder: Path) -> bool:
         pid, host = int(owner["pid"]), owner["host"]
     except (OSError, ValueError, KeyError, TypeError):
         return False  # not ours, or still being made: leave it
-    if host != socket.gethostname():
-        return False  # another machine's run (a shared file system): cannot tell
+    if host != socket.gethostname() or os.name != "posix":
+        return False  # another machine's run (a shared file system), or no kill(pid, 0): unknown
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
