@@ -1159,6 +1159,31 @@ def test_torn_or_damaged_records_are_recomputed(tmp_path):
     (tmp_path / "r.safetensors").write_bytes(arrays[:-8])
     assert load_record(tmp_path / "r", key={"k": 1}) is None  # truncated
 
+
+def test_argument_errors_are_value_errors(ctx):
+    """As the README says: an argument outside what a function accepts is an
+    InvalidArgumentError, a ValueError too (mode, steps, k, positions, score)."""
+    import tv_lens
+    from tv_lens import InvalidArgumentError
+
+    pair = ModelPair.from_pretrained(ctx.base, ctx.tuned)
+    metric = tv_lens.metrics.loss(torch.tensor([[1, 5, 9, 13]]))
+    for call in (lambda: tv_lens.patch(pair, metric, ["L0H1"], mode="bad", progress=False),
+                 lambda: tv_lens.attribute(pair, metric, steps=0, progress=False),
+                 lambda: tv_lens.read_tokens(pair, k=0, progress=False),
+                 lambda: tv_lens.read_tokens(pair, score="dot", progress=False),
+                 lambda: tv_lens.activation_patch(pair, metric, "hook_resid_pre", positions="some")):
+        with pytest.raises(InvalidArgumentError) as info:
+            call()
+        assert isinstance(info.value, ValueError)
+
+
+def test_low_rank_updates_print_their_shape_not_their_entries():
+    from tv_lens.lazy import LowRank
+
+    text = repr(LowRank(torch.ones(6, 2), torch.ones(2, 5)))
+    assert text == "LowRank(6 × 5, rank 2, torch.float32, cpu)"
+
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
     from tv_lens import alignment
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.readouts import _unembedding, token_strings
 from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
@@ -86,7 +86,7 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
         ``df.attrs["d_vocab"]`` and ``df.attrs["norms"]`` (``‖δ_l‖`` per layer).
     """
     if positions < 1 or k < 1:
-        raise TvLensError(f"positions and k must be at least 1, got {positions} and {k}.")
+        raise InvalidArgumentError(f"positions and k must be at least 1, got {positions} and {k}.")
     check_runs_hooks(pair, "The activation-difference lens")
     layers = resolve_layers(layers, pair.spec.n_layers)
     tokens, start = _tokens(pair, texts, positions)

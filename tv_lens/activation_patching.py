@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tv_lens.errors import TvLensError, close_matches
+from tv_lens.errors import InvalidArgumentError, TvLensError, close_matches
 from tv_lens.metrics import Metric, MetricLike, as_metric, model_device
 from tv_lens.patching import normalized_effect
 from tv_lens.sources import check_runs_hooks
@@ -122,9 +122,9 @@ def activation_patch(pair: Any, metric: MetricLike, hooks: Iterable[str] | str =
     """
     check_runs_hooks(pair, "Activation patching")
     if positions not in ("all", "each"):
-        raise TvLensError(f"positions must be 'all' or 'each', got {positions!r}.")
+        raise InvalidArgumentError(f"positions must be 'all' or 'each', got {positions!r}.")
     if direction not in (*DIRECTIONS, "both"):
-        raise TvLensError(f"direction must be one of {DIRECTIONS} or 'both', got {direction!r}.")
+        raise InvalidArgumentError(f"direction must be one of {DIRECTIONS} or 'both', got {direction!r}.")
     metric = as_metric(metric)
     batches = metric.batches(pair.base)
     check_same_tokenization(pair, metric)

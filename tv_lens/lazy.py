@@ -66,6 +66,10 @@ class LowRank:
     left: Float[Tensor, "a r"]
     right: Float[Tensor, "r b"]
 
+    def __repr__(self) -> str:
+        a, b = self.shape
+        return f"LowRank({a} × {b}, rank {self.rank}, {self.left.dtype}, {self.left.device})"
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.left.shape[0], self.right.shape[1])

@@ -223,7 +223,7 @@ class _Texts(Metric):
             raise TvLensError("Pass a list of texts, not one string: loss([text]).")
         self.tokens = texts if isinstance(texts, Tensor) else None
         if self.tokens is not None and (self.tokens.ndim != 2 or self.tokens.shape[1] < 2):
-            raise TvLensError(f"Token ids must be a [batch, pos] tensor with pos >= 2, got shape "
+            raise InvalidArgumentError(f"Token ids must be a [batch, pos] tensor with pos >= 2, got shape "
                               f"{tuple(self.tokens.shape)}.")
         super().__init__(name, [] if self.tokens is not None else texts, tokenizer, batch_size,
                          prepend_bos)

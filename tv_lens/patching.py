@@ -63,7 +63,7 @@ def normalized_effect(patched: float, base: float, tuned: float) -> float:
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise TvLensError(f"mode must be 'add' (τ_c added to the base) or 'remove' (τ_c "
+        raise InvalidArgumentError(f"mode must be 'add' (τ_c added to the base) or 'remove' (τ_c "
                           f"subtracted from the tuned model), got {mode!r}.")
 
 
@@ -97,7 +97,7 @@ def patch(pair: Any, metric: MetricLike, components: Iterable[str] | str,
     _check_mode(mode)
     alphas = list(alphas)
     if not alphas:
-        raise TvLensError("alphas is empty: pass at least one scale, e.g. alphas=(1.0,).")
+        raise InvalidArgumentError("alphas is empty: pass at least one scale, e.g. alphas=(1.0,).")
     for alpha in alphas:
         check_alpha(alpha)
     metric = as_metric(metric)
@@ -202,7 +202,7 @@ def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
     about 1e-6 of the metric, not to float64 precision.
     """
     if not isinstance(steps, int) or steps < 1:
-        raise TvLensError(f"steps must be a positive integer, got {steps!r}.")
+        raise InvalidArgumentError(f"steps must be a positive integer, got {steps!r}.")
     metric = as_metric(metric)
     tv = pair.tuning_vector()
     index = tv.components

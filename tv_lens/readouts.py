@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import FactoredSVD, dense_svd, factored_svd
 
 COLUMNS = ["rank", "token_id", "token", "score", "base_score"]
@@ -223,7 +223,7 @@ def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int 
         ``sigma`` (the direction's singular value, or the neuron slice's norm). ``df.attrs["d_vocab"]`` holds the vocabulary size.
     """
     if k < 1 or directions < 1:
-        raise TvLensError(f"k and directions must be at least 1, got k={k}, directions={directions}.")
+        raise InvalidArgumentError(f"k and directions must be at least 1, got k={k}, directions={directions}.")
     tv = _vector_of(pair_or_vector)
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
@@ -233,7 +233,7 @@ def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int 
         units += [f"L{layer}N{n}.{side}" for side in ("out", "in", "gate")
                   if f"blocks.{layer}.mlp.{_NEURON_MATRIX[side]}" in tv]
     if score not in ("logit", "cosine"):
-        raise TvLensError(f"score must be 'logit' or 'cosine', got {score!r}.")
+        raise InvalidArgumentError(f"score must be 'logit' or 'cosine', got {score!r}.")
     readers = {"write": _unembedding(tv).T, "read": _embedding(tv)}  # [vocab, d_model] each
     if score == "cosine":
         readers = {s: W / W.norm(dim=1, keepdim=True).clamp(min=1e-30) for s, W in readers.items()}
