@@ -190,14 +190,18 @@ def _adapter(c: "Ctx", name: str, edit: Callable[[Path], None]) -> str:
     return c._made[name]
 
 
-def _adapter_config(**changes) -> Callable[[Path], None]:
-    """Set (or, with None, remove) keys of adapter_config.json."""
+def _json_edit(name: str, **changes) -> Callable[[Path], None]:
+    """Set (or, with None, remove) keys of the JSON file ``name`` of a folder."""
     def edit(folder: Path) -> None:
-        config = json.loads((folder / "adapter_config.json").read_text())
+        config = json.loads((folder / name).read_text())
         for key, value in changes.items():
             config.pop(key) if value is None else config.__setitem__(key, value)
-        (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / name).write_text(json.dumps(config))
     return edit
+
+
+def _adapter_config(**changes) -> Callable[[Path], None]:
+    return _json_edit("adapter_config.json", **changes)
 
 
 def _adapter_null(key: str) -> Callable[[Path], None]:
@@ -220,13 +224,7 @@ def _adapter_tensor(key: str, change: Callable[[torch.Tensor], torch.Tensor]) ->
 
 
 def _config_edit(**changes) -> Callable[[Path], None]:
-    """Set (or, with None, remove) keys of config.json."""
-    def damage(folder: Path) -> None:
-        config = json.loads((folder / "config.json").read_text())
-        for key, value in changes.items():
-            config.pop(key) if value is None else config.__setitem__(key, value)
-        (folder / "config.json").write_text(json.dumps(config))
-    return damage
+    return _json_edit("config.json", **changes)
 
 
 def _extra_tensor(folder: Path) -> None:

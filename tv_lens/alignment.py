@@ -744,8 +744,9 @@ def analyze(pair_or_vector: Any, *, top_k: int = 10, tol: float = 1e-6,
     by_layer = names_by_layer(tv)
     options = LayerOptions(top_k, t, rank, (intruder_top_k, intruder_epsilon), null_samples, seed,
                            device)
+    matrices = set(_matrix_names(tv))
     unread = [n for names in by_layer.values() for n in names  # norms: in no table, but a
-              if ".attn." not in n and ".mlp." not in n and n not in set(_matrix_names(tv))]
+              if ".attn." not in n and ".mlp." not in n and n not in matrices]
 
     def rows_of(layer: int | None) -> LayerRows:
         if layer is None:  # the embeddings, and every weight no table reads (a NaN or inf
