@@ -87,3 +87,131 @@ def test_groups_resolve_to_their_components(llama_dirs):
                                                         "L1H0", "L1H1", "L1H2", "L1H3"]
     assert len(index.resolve("neurons")) == 2 * 48 and len(index.resolve("kv_heads")) == 4
     assert [c.name for c in index.resolve("parts")] == index.names("parts")
+
+
+# --------------------------------------------------------------------------- one grammar
+def _index_of(family: str):
+    """A ComponentIndex of a tiny model: Llama with grouped-query attention, GPT-2 (tied
+    embeddings, biases) or Mixtral (3 experts; its layout needs TransformerLens 4.x)."""
+    from transformers import AutoConfig
+
+    from conftest import _LLAMA_LIKE
+    from tv_lens.components import ComponentIndex
+    from tv_lens.layout import layout
+    from tv_lens.spec import ArchSpec
+    from tv_lens.tl_compat import tl_version
+
+    configs = {"llama": ("llama", dict(_LLAMA_LIKE, architectures=["LlamaForCausalLM"])),
+               "gpt2": ("gpt2", dict(n_embd=32, n_head=4, n_layer=2, n_positions=32,
+                                     architectures=["GPT2LMHeadModel"])),
+               "mixtral": ("mixtral", dict(_LLAMA_LIKE, num_experts_per_tok=2, num_local_experts=3,
+                                           architectures=["MixtralForCausalLM"]))}
+    if family == "mixtral" and tl_version() < (4,):
+        pytest.skip("Mixtral's layout is derived from TransformerLens 4.x's adapters (3.x here)")
+    model_type, config = configs[family]
+    hf = AutoConfig.for_model(model_type, **config, vocab_size=96).to_dict()
+    spec = ArchSpec.from_hf_config(hf)
+    return ComponentIndex(spec, {s.tl_name: s for s in layout(spec)})
+
+
+def _name_from_slices(index, kind: str, slices) -> str:
+    """Rebuild a component's name from the weight slices it selects (what the test checks
+    against: the index's own ownership tables are not used)."""
+    from tv_lens.components import (circuit_name, matrix_name, neuron_matrix_name, expert_of)
+    from tv_lens.sources import layer_of
+
+    if kind == "matrix":
+        (s,) = slices
+        assert s.index is None
+        return matrix_name(s.param)
+    if kind == "circuit":
+        by_matrix = {s.param.rsplit(".", 1)[-1]: s for s in slices}
+        head = by_matrix["W_O"].index if "W_O" in by_matrix else by_matrix["W_Q"].index
+        circuit = "OV" if "W_O" in by_matrix else "QK"
+        kv = by_matrix["W_V" if circuit == "OV" else "W_K"].index
+        assert kv == index.spec.kv_head(head)  # the kv group's shared slice under GQA
+        return circuit_name(layer_of(slices[0].param), head, circuit)
+    (s,) = slices  # a neuron's slice of one matrix
+    return neuron_matrix_name(layer_of(s.param), s.index, s.param.rsplit(".", 1)[-1],
+                              expert_of(s.param))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_every_name_round_trips_through_its_weight_slices(family):
+    """name -> slices -> name for every part, unit, expert, circuit, matrix and neuron slice;
+    each part/unit owns exactly the entries whose owner is that name."""
+    from tv_lens.components import NEURON_MATRICES, circuit_name, matrix_name, neuron_matrix_name
+    from tv_lens.sources import layer_of
+
+    index = _index_of(family)
+    spec = index.spec
+    owners = {}  # (param, index) -> the part and unit owning it, from the slots alone
+    for name in index.names():
+        c = index.parse(name)
+        assert index.parse(c.name) == c and c.name == name
+        for s in index.slices(name):
+            if c.granularity in ("unit", "both"):
+                owners.setdefault((s.param, s.index), set()).add(name)
+    for param in index.slots:  # every entry of every weight has exactly one unit
+        assert any(key[0] == param for key in owners), param
+    groups = [circuit_name(l, h, c) for l in range(spec.n_layers) for h in range(spec.n_heads)
+              for c in ("OV", "QK")]
+    groups += [matrix_name(p) for p in index.slots if p.rsplit(".", 1)[-1].startswith("W_")]
+    for param, slot in index.slots.items():
+        matrix = param.rsplit(".", 1)[-1]
+        if slot.unit == "neuron" and matrix in NEURON_MATRICES.values():
+            size = spec.d_mlp_shared if spec.n_experts and ".experts." not in param else spec.d_mlp
+            groups += [neuron_matrix_name(layer_of(param), n, matrix,
+                                          index.parse(matrix_name(param)).expert)
+                       for n in range(size)]
+    assert len(groups) > 2 * spec.n_layers * spec.n_heads
+    for name in groups:
+        c = index.parse(name)
+        assert c.granularity == "group"
+        assert _name_from_slices(index, c.kind, index.slices(name)) == name
+    if family == "mixtral":
+        assert "L1E2.mlp.W_in" in groups and "L0E1N47.out" in groups
+
+
+def test_any_name_works_where_components_are_taken(llama_dirs):
+    """Circuits, matrices, neuron slices, 'mlp' and named groups cut exactly their slices."""
+    tv = ModelPair.from_pretrained(*llama_dirs).tuning_vector()
+    ov = {k: v for k, v in tv.component("L1H3.OV").items() if v.abs().max() > 0}
+    assert set(ov) == {"blocks.1.attn.W_V", "blocks.1.attn.W_O"}
+    assert torch.equal(ov["blocks.1.attn.W_V"][1], tv["blocks.1.attn.W_V"][1])  # kv head 3 // 2
+    assert ov["blocks.1.attn.W_V"][0].abs().max() == 0
+    assert torch.equal(ov["blocks.1.attn.W_O"][3], tv["blocks.1.attn.W_O"][3])
+    out = tv.component("L0N5.out")
+    assert {k for k, v in out.items() if v.abs().max() > 0} == {"blocks.0.mlp.W_out"}
+    assert tv.components.weights_of("L0.attn.W_Q") == {"blocks.0.attn.W_Q"}
+    mlp = tv.components.deltas(tv, "mlp")
+    named = tv.components.deltas(tv, {"all_mlp": ["L0.mlp", "L1.mlp"]})
+    assert set(mlp) == set(named) == {k for k in tv if ".mlp." in k}
+    assert all(torch.equal(mlp[k], tv[k]) for k in mlp)
+    [group] = tv.components.resolve({"early": ["L0H1", "L0N3", "L0N3.out"]})  # overlap: once
+    assert group.kind == "named" and group.granularity == "group"
+    energy = tv.components.total({k: v * v for k, v in tv.items()}, group)
+    by_hand = tv.component(["L0H1", "L0N3"]).norm() ** 2
+    assert energy == pytest.approx(float(by_hand), rel=1e-9)
+    with pytest.raises(TvLensError, match="residual-stream point"):
+        tv.components.deltas(tv, "L1.resid_pre")
+    with pytest.raises(TvLensError, match="Unknown component 'L0H1.OW'"):
+        tv.components.parse("L0H1.OW")
+    with pytest.raises(TvLensError, match="head 9 is out of range"):
+        tv.components.parse("L0H9.OV")
+    with pytest.raises(TvLensError, match="neuron 480 is out of range"):
+        tv.components.parse("L0N480.in")
+
+
+def test_names_from_hooks_and_weights():
+    from tv_lens.components import describe, matrix_name, param_of, stream_of_hook
+
+    assert stream_of_hook("blocks.3.hook_resid_pre") == "L3.resid_pre"
+    assert stream_of_hook("blocks.3.hook_mlp_out") == "L3.mlp"
+    assert stream_of_hook("blocks.3.attn.hook_z") is None
+    for param in ("blocks.3.mlp.experts.2.W_in", "blocks.0.attn.W_Q", "embed.W_E", "unembed.W_U",
+                  "blocks.1.ln1.w", "ln_final.w"):
+        assert param_of(matrix_name(param)) == param
+    assert matrix_name("blocks.3.mlp.experts.2.W_in") == "L3E2.mlp.W_in"
+    c = describe("L3E2N7.gate")
+    assert (c.kind, c.layer, c.expert, c.neuron, c.matrix) == ("neuron_matrix", 3, 2, 7, "W_gate")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import gpt2_model, llama_model, perturb
-from tv_lens import (ModelPair, TvLensError, attribute, compare_attribution, composition_grid,
+from tv_lens import (ModelPair, TvLensError, attribute, compare_attribution, completeness,
+                     composition_grid,
                      metrics, patch)
 from tv_lens.patching import gradient
 from tv_lens.sources import ModelWeights
@@ -55,7 +56,7 @@ def test_patch_finds_the_planted_components(planted, tokens):
     add = patch(planted, metric, "units", progress=False).set_index("component")
     remove = patch(planted, metric, "units", mode="remove", progress=False).set_index("component")
     both = patch(planted, metric, [["L1H2", "L0N5"]] and ["L1H2", "L0N5"], progress=False)
-    assert set(add.columns) >= {"kind", "layer", "index", "alpha", "base", "tuned", "patched",
+    assert set(add.columns) >= {"kind", "layer", "head", "neuron", "expert", "alpha", "base", "tuned", "patched",
                                 "effect", "normalized"}
     moved = add.index[add.effect.abs() > 1e-7].tolist()
     assert sorted(moved) == ["L0N5", "L1H2"]
@@ -167,12 +168,13 @@ def test_attribution_is_the_directional_derivative(pair64, tokens, true_float64)
 def test_attribution_partition_sums_and_errors(pair64, tokens):
     metric = metrics.loss(tokens)
     att = attribute(pair64, metric, progress=False)
-    info = att.attrs["completeness"]
+    info = completeness(att)
     parts, units = att[att.granularity != "unit"], att[att.granularity != "part"]
     assert parts["add"].sum() == pytest.approx(units["add"].sum(), rel=1e-9)
     assert info["add_sum"] == pytest.approx(units["add"].sum())
-    assert list(att.columns) == ["component", "kind", "granularity", "layer", "index", "add",
-                                 "remove"]
+    assert list(att.columns) == ["component", "kind", "granularity", "layer", "head", "kv_head",
+                                 "neuron", "expert", "add", "remove", "base", "tuned"]
+    assert info["difference"] == pytest.approx(metric.value(pair64.tuned) - metric.value(pair64.base))
     snap = _snapshot(pair64.base)
     flags = {n: p.requires_grad for n, p in pair64.base.named_parameters()}
     with pytest.raises(TvLensError, match="has no gradient.*answer_logprob"):
@@ -199,12 +201,13 @@ def test_compare_attribution_tracks_exact_patching_in_the_linear_regime(save, to
     pair = ModelPair.from_pretrained(save(llama_model(), "lin_b"),
                                      save(perturb(llama_model(), scale=0.002), "lin_t"))
     result = compare_attribution(pair, metrics.loss(tokens), "heads", progress=False)
-    assert set(result.table.columns) == {"component", "kind", "layer", "index", "mode",
-                                         "attribution", "exact"}
+    assert set(result.table.columns) == {"component", "kind", "granularity", "layer", "head",
+                                         "kv_head", "neuron", "expert", "mode", "attribution",
+                                         "exact"}
     assert len(result.table) == 2 * 8 and result.correlations["mode"].tolist() == ["add", "remove"]
     assert (result.correlations.spearman > 0.9).all() and (result.correlations.pearson > 0.99).all()
     assert "spearman" in repr(result)
-    top = compare_attribution(pair, metrics.loss(tokens), top_n=5, modes=("add",), progress=False)
+    top = compare_attribution(pair, metrics.loss(tokens), k=5, modes=("add",), progress=False)
     assert len(top.table) == 5
 
 
@@ -257,3 +260,30 @@ def test_composition_grid_one_hot_weights_reproduce_each_fine_tune(llama_dirs, s
     with pytest.raises(TvLensError, match="one weight per vector"):
         composition_grid(a, [a.tuning_vector(), b.tuning_vector()], [metrics.loss(tokens)],
                          weights=[(1,)])
+
+
+def test_named_groups_and_circuits_patch_and_attribute_as_one_row(pair64, tokens):
+    """A dict of named groups patches its members together as one row (equal to 'mlp' and to
+    removing every MLP update by hand); a circuit's attribution is ∇f ⊙ τ summed over exactly
+    W_V's kv-head slice and W_O's head slice."""
+    metric = metrics.loss(tokens)
+    spec, tv = pair64.spec, pair64.tuning_vector()
+    mlps = {"all_mlp": [f"L{layer}.mlp" for layer in range(spec.n_layers)]}
+    grouped = patch(pair64, metric, mlps, mode="remove", progress=False)
+    assert grouped.component.tolist() == ["all_mlp"] and grouped.kind.tolist() == ["named"]
+    assert patch(pair64, metric, "mlp", mode="remove", progress=False).patched.iloc[0] == \
+        grouped.patched.iloc[0]
+    by_hand = {k: v for k, v in tv.items() if ".mlp." in k}
+    with ModelWeights(pair64.tuned).patched(by_hand, -1.0):
+        expect = metric.value(pair64.tuned)
+    assert grouped.patched.iloc[0] == pytest.approx(expect, rel=1e-9, abs=1e-9)
+
+    att = attribute(pair64, metric, components=["L1H2.OV", "L1H2"], progress=False)
+    assert att.component.tolist() == ["L1H2.OV", "L1H2"] and att.granularity.iloc[0] == "group"
+    grad = gradient(metric, pair64.base)
+    kv = spec.kv_head(2)
+    manual = float((grad["blocks.1.attn.W_V"][kv].double() * tv["blocks.1.attn.W_V"][kv].double()).sum()
+                   + (grad["blocks.1.attn.W_O"][2].double() * tv["blocks.1.attn.W_O"][2].double()).sum())
+    assert att["add"].iloc[0] == pytest.approx(manual, rel=1e-9, abs=1e-12)
+    full = attribute(pair64, metric, progress=False).set_index("component")
+    assert att["add"].iloc[1] == pytest.approx(full.loc["L1H2", "add"], rel=1e-12)

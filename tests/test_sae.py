@@ -38,8 +38,8 @@ def planted_pair(model, plant):
     return ModelPair(model, TuningVector(deltas, w.spec).apply_(copy.deepcopy(model)))
 
 
-def top(df, unit, side, source="update", direction=0):
-    rows = df[(df.unit == unit) & (df.source == source) & (df.side == side)
+def top(df, component, side, source="update", direction=0):
+    rows = df[(df.component == component) & (df.source == source) & (df.side == side)
               & (df.direction == direction) & (df["rank"] == 0)]
     best = rows.loc[rows.cosine.idxmax()]
     return int(best.latent), float(best.cosine)
@@ -62,13 +62,13 @@ def test_an_update_along_a_decoder_direction_reads_as_that_latent(model):
         assert latent == j_neuron and cosine == pytest.approx(1.0, abs=1e-6)
     assert top(df, "L0H3.OV", "write")[0] == j_head
     assert top(df, "L0H3.OV", "write")[1] == pytest.approx(1.0, abs=1e-6)
-    reads = sae_readout(pair, sae, k=5, units=["L1N2.in", "L1.mlp.W_in"], progress=False)
+    reads = sae_readout(pair, sae, k=5, components=["L1N2.in", "L1.mlp.W_in"], progress=False)
     for unit in ("L1N2.in", "L1.mlp.W_in"):  # the encoder side: which latent the update reads
         latent, cosine = top(reads, unit, "read")
         assert latent == i_read and cosine == pytest.approx(1.0, abs=1e-6)
     # units with no update have base rows only
-    assert df[(df.unit == "L0H0.OV") & (df.source == "update")].empty
-    assert not df[(df.unit == "L0H0.OV") & (df.source == "base")].empty
+    assert df[(df.component == "L0H0.OV") & (df.source == "update")].empty
+    assert not df[(df.component == "L0H0.OV") & (df.source == "base")].empty
 
 
 def test_cosines_equal_a_direct_computation(model):
@@ -76,7 +76,7 @@ def test_cosines_equal_a_direct_computation(model):
     signs, and z over all latents (the singular vector's own sign is arbitrary)."""
     sae = random_sae()
     pair = ModelPair(model, _noisy(model))
-    df = sae_readout(pair, sae, k=D_SAE, units=["L1.mlp.W_out"], progress=False)
+    df = sae_readout(pair, sae, k=D_SAE, components=["L1.mlp.W_out"], progress=False)
     delta = pair.tuning_vector()["blocks.1.mlp.W_out"].double().numpy()  # [d_mlp, d_model]
     v = np.linalg.svd(delta)[2][0]
     dec = sae.W_dec.double().numpy()
@@ -107,10 +107,10 @@ def test_the_units_writing_into_each_hook(model, site, attn, mlp):
     assert writing_layers(site, 1) == {"attn": attn, "mlp": mlp}
     pair = ModelPair(model, _noisy(model))
     df = sae_readout(pair, random_sae(f"blocks.1.{site}"), k=2, neurons=3, progress=False)
-    layers = {kind: sorted({int(u[1]) for u in df.unit if (("H" in u) == (kind == "attn"))})
+    layers = {kind: sorted({int(u[1]) for u in df.component if (("H" in u) == (kind == "attn"))})
               for kind in ("attn", "mlp")}
     assert layers == {"attn": attn, "mlp": mlp}
-    neurons = {u.split(".")[0] for u in df.unit if "N" in u.split(".")[0]}
+    neurons = {u.split(".")[0] for u in df.component if "N" in u.split(".")[0]}
     assert len(neurons) == (3 if mlp else 0)
     if mlp:  # the writing neurons with the largest ‖ΔW_out[n]‖
         tv = pair.tuning_vector()

@@ -6,6 +6,7 @@ written along token t's direction reads as t with every other token at exactly z
 
 import copy
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from conftest import gpt2_model, llama_model
 from tv_lens import ModelPair, TuningVector
 from tv_lens.activation_lens import activation_difference_lens
 from tv_lens.errors import TvLensError
-from tv_lens.readouts import TOKEN_COLUMNS, _hypergeom_sf, domain_score, read_tokens
+from tv_lens.readouts import TOKEN_COLUMNS, _hypergeom_sf, default_components, domain_score, read_tokens
 from tv_lens.sources import ModelWeights
 
 VOCAB, D = 48, 64
@@ -45,8 +46,8 @@ def _planted(model, plant):
     return ModelPair(model, TuningVector(deltas, w.spec).apply_(copy.deepcopy(model)))
 
 
-def _rank_of(df, unit, token, source="update", side=None, direction=0):
-    rows = df[(df.unit == unit) & (df.source == source) & (df.direction == direction)]
+def _rank_of(df, component, token, source="update", side=None, direction=0):
+    rows = df[(df.component == component) & (df.source == source) & (df.direction == direction)]
     if side:
         rows = rows[rows.side == side]
     hits = rows[rows.token_id == token]
@@ -64,10 +65,11 @@ def test_write_and_read_directions_are_exact(ortho_llama):
         d["blocks.1.attn.W_V"][1] = torch.outer(W_E[t_head_read], torch.ones(w.spec.d_head))
 
     pair = _planted(ortho_llama, plant)
-    df = read_tokens(pair, neurons=[(1, 5), (0, 3)], k=5, progress=False)
+    df = read_tokens(pair, default_components(pair.tuning_vector()) + ["L1N5", "L0N3"], k=5,
+                     progress=False)
     assert list(df.columns) == TOKEN_COLUMNS and set(df.source) == {"update", "base"}
     assert _rank_of(df, "L1N5.out", t_neuron) == 0
-    neuron = df[(df.unit == "L1N5.out") & (df.source == "update") & (df.sign == 1)]
+    neuron = df[(df.component == "L1N5.out") & (df.source == "update") & (df.sign == 1)]
     assert neuron.score.iloc[0] > 1 and np.allclose(neuron.score.iloc[1:], 0, atol=1e-6)
     assert _rank_of(df, "L1.mlp.W_out", t_neuron) == 0  # the layer's top direction (some sign)
     assert _rank_of(df, "L0H2.OV", t_head, side="write") == 0
@@ -78,7 +80,7 @@ def test_write_and_read_directions_are_exact(ortho_llama):
     for h in group:
         assert _rank_of(df, f"L1H{h}.OV", t_head_read, side="read") == 0
     # units with no update have no update rows; base rows are always there
-    quiet = df[df.unit == "L1H0.OV"]
+    quiet = df[df.component == "L1H0.OV"]
     assert set(quiet.source) == {"base"} and set(quiet.side) == {"read", "write"}
 
 
@@ -91,11 +93,18 @@ def test_qk_sides_and_unit_names(ortho_llama):
         d["blocks.0.attn.W_K"][0] = torch.outer(W_E[t_k], torch.ones(w.spec.d_head))
 
     pair = _planted(ortho_llama, plant)
-    df = read_tokens(pair, units=["L0H1.QK"], k=3, progress=False)
+    df = read_tokens(pair, ["L0H1.QK"], k=3, progress=False)
     assert set(df.side) == {"query", "key"}
     assert _rank_of(df, "L0H1.QK", t_q, side="query") == 0
-    with pytest.raises(TvLensError, match="Unknown unit 'L9H0.OV'"):
-        read_tokens(pair, units=["L9H0.OV"], progress=False)
+    with pytest.raises(TvLensError, match="'L9H0.OV': layer 9 is out of range"):
+        read_tokens(pair, ["L9H0.OV"], progress=False)
+    with pytest.raises(TvLensError, match="'L0KV1'.*has no directions to read as tokens"):
+        read_tokens(pair, ["L0KV1"], progress=False)
+    # a head is read as its two circuits, a neuron as its slices: the same rows
+    whole = read_tokens(pair, ["L0H1", "L0N3"], k=3, progress=False)
+    pieces = read_tokens(pair, ["L0H1.OV", "L0H1.QK", "L0N3.in", "L0N3.gate", "L0N3.out"], k=3,
+                         progress=False)
+    pd.testing.assert_frame_equal(whole, pieces)
     with pytest.raises(TvLensError, match="k and directions must be at least 1"):
         read_tokens(pair, k=0, progress=False)
 
@@ -106,11 +115,11 @@ def test_demo_plant_reaches_the_top_five():
     base, t = load_pair("medical").base, 345
     pair = _planted(base, lambda w, d: d["blocks.2.mlp.W_out"].__setitem__(
         17, 0.5 * w["unembed.W_U"][:, t] / w["ln_final.w"]))
-    cos = read_tokens(pair, units=["L2N17.out", "L2.mlp.W_out"], k=5, score="cosine", progress=False)
+    cos = read_tokens(pair, ["L2N17.out", "L2.mlp.W_out"], k=5, score="cosine", progress=False)
     assert _rank_of(cos, "L2N17.out", t) == 0
     assert _rank_of(cos, "L2.mlp.W_out", t) == 0
     # the logit readout ranks t by ⟨W_U[:, t], W_U[:, s]⟩: trained high-norm tokens outrank it
-    logit = read_tokens(pair, units=["L2N17.out"], k=100, progress=False)
+    logit = read_tokens(pair, ["L2N17.out"], k=100, progress=False)
     W_U = ModelWeights(base)["unembed.W_U"].double()
     G = W_U.T @ W_U
     assert _rank_of(logit, "L2N17.out", t) == int((G[t] > G[t, t]).sum()) > 5
@@ -119,7 +128,7 @@ def test_demo_plant_reaches_the_top_five():
 def test_domain_score_counts_and_hypergeometric():
     import pandas as pd
 
-    df = pd.DataFrame(dict(unit="u", source="update", direction=0, sign=[1] * 4 + [-1] * 4,
+    df = pd.DataFrame(dict(component="u", source="update", direction=0, sign=[1] * 4 + [-1] * 4,
                            side="write", token_id=[1, 2, 3, 4, 5, 6, 7, 8]))
     out = domain_score(df, [1, 2, 7], d_vocab=10)
     top = out.iloc[0]
@@ -153,8 +162,10 @@ def test_activation_difference_lens_reads_a_planted_bias(save):
     assert int(lens.token_id.iloc[0]) == t
     scope = df[(df.layer == last) & (df.reading == "patchscope")]
     assert int(scope.token_id.iloc[0]) == t
-    assert df.attrs["norms"][0] == pytest.approx(0.0, abs=1e-6)  # earlier layers unchanged
-    assert df.attrs["norms"][last] == pytest.approx(0.5 * 3.0, rel=1e-4)
+    norms = df.groupby("layer").norm.first()
+    assert norms[0] == pytest.approx(0.0, abs=1e-6)  # earlier layers unchanged
+    assert norms[last] == pytest.approx(0.5 * 3.0, rel=1e-4)
+    assert set(lens.component) == {f"L{last}.resid_post"}
     with pytest.raises(TvLensError, match="fewer than 40 tokens"):
         activation_difference_lens(pair, texts, positions=40)
     with pytest.raises(TvLensError, match="out of range"):
@@ -167,7 +178,7 @@ def test_default_units_are_every_head_circuit_and_mlp_matrix():
     from tv_lens.demo import load_pair
 
     df = read_tokens(load_pair("medical"), k=3, directions=2, progress=False)
-    assert df.unit.nunique() == 4 * (8 * 2 + 3)
-    per = df.groupby(["unit", "source", "side", "sign"]).direction.nunique()
+    assert df.component.nunique() == 4 * (8 * 2 + 3)
+    per = df.groupby(["component", "source", "side", "sign"]).direction.nunique()
     assert (per == 2).all()  # two directions of every unit, both signs, update and base
-    assert (df.groupby(["unit", "source", "side", "sign", "direction"]).size() == 3).all()
+    assert (df.groupby(["component", "source", "side", "sign", "direction"]).size() == 3).all()

@@ -21,12 +21,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from tv_lens.components import stream_name
 from tv_lens.errors import InvalidArgumentError, TvLensError
-from tv_lens.readouts import _unembedding, token_strings
+from tv_lens.readouts import unembedding, token_strings
 from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 
-COLUMNS = ["layer", "reading", "rank", "token", "token_id", "score"]
+COLUMNS = ["component", "layer", "reading", "rank", "token", "token_id", "score", "norm", "d_vocab"]
 
 
 def _tokens(pair: Any, texts: Sequence[str], positions: int) -> tuple[Tensor, int]:
@@ -59,7 +60,7 @@ def _tokens(pair: Any, texts: Sequence[str], positions: int) -> tuple[Tensor, in
 
 def _final_norm(tv, delta: Tensor) -> Tensor:
     """``δ`` through the tuned model's final norm without its gain (applied with ``W_U`` by
-    :func:`tv_lens.readouts._unembedding`): LayerNorm centres first; both scale to unit RMS."""
+    :func:`tv_lens.readouts.unembedding`): LayerNorm centres first; both scale to unit RMS."""
     if tv.spec.normalization.startswith("LN"):
         delta = delta - delta.mean(-1, keepdim=True)
     return delta / delta.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-30)
@@ -82,8 +83,9 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
         batch_size: texts per forward pass.
 
     Returns:
-        ``layer, reading ("logit_lens" | "patchscope"), rank, token, token_id, score``;
-        ``df.attrs["d_vocab"]`` and ``df.attrs["norms"]`` (``‖δ_l‖`` per layer).
+        ``component`` (the residual stream read: ``L3.resid_post``), ``layer, reading
+        ("logit_lens" | "patchscope"), rank, token, token_id, score``, ``norm`` (``‖δ_l‖``,
+        the mean difference's norm at that layer) and ``d_vocab``.
     """
     if positions < 1 or k < 1:
         raise InvalidArgumentError(f"positions and k must be at least 1, got {positions} and {k}.")
@@ -105,7 +107,7 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
                 base_norms[name] += float(b.norm(dim=-1).sum())
         count = len(tokens) * positions
         deltas = {name: sums[name] / count for name in names}
-        W = _unembedding(tv, tuned=True)
+        W = unembedding(tv, tuned=True)
         rows = []
         for layer, name in zip(layers, names):
             scores = _final_norm(tv, deltas[name]) @ W
@@ -115,14 +117,13 @@ def activation_difference_lens(pair: Any, texts: Sequence[str], positions: int =
                 rows += _top(layer, "patchscope",
                              _patched_gain(pair.base, tokens, name, deltas[name] * scale, start,
                                            batch_size), k)
-    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "token"])
-    ids = [int(i) for i in df.token_id]
-    tok = pair.tokenizer
-    df["token"] = token_strings(tok, ids)
-    df = df[COLUMNS]
-    df.attrs["d_vocab"] = pair.spec.d_vocab
-    df.attrs["norms"] = {layer: float(deltas[name].norm()) for layer, name in zip(layers, names)}
-    return df
+    df = pd.DataFrame(rows, columns=["layer", "reading", "rank", "token_id", "score"])
+    norms = {layer: float(deltas[name].norm()) for layer, name in zip(layers, names)}
+    df["component"] = [stream_name(layer, "resid_post") for layer in df.layer]
+    df["token"] = token_strings(pair.tokenizer, [int(i) for i in df.token_id])
+    df["norm"] = df.layer.map(norms)
+    df["d_vocab"] = pair.spec.d_vocab
+    return df[COLUMNS]
 
 
 def _device(model: Any) -> torch.device:

@@ -10,8 +10,8 @@ Three tools, all keyed by the component names of :mod:`tv_lens.components` (``L3
   ``add = ⟨∇θ f(θ_base), τ_c⟩`` and ``remove = ⟨∇θ f(θ_tuned), τ_c⟩`` from one forward and one
   backward pass per batch at each end. With ``steps > 1`` also ``path``, the gradient averaged
   at ``steps`` midpoints of the straight line from base to tuned (integrated gradients in weight
-  space), whose sum over a partition of τ tends to ``f(tuned) − f(base)``; the gap is reported
-  in ``result.attrs["completeness"]``.
+  space), whose sum over a partition of τ tends to ``f(tuned) − f(base)``; :func:`completeness`
+  reports the gap.
 - :func:`compare_attribution` — both, side by side, with Spearman and Pearson correlations, so
   one sees where the linear estimate holds.
 
@@ -32,24 +32,28 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tv_lens.components import Component
+from tv_lens.components import Component, Components
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.metrics import Metric, MetricLike, as_metric, check_value
 from tv_lens.sources import ModelWeights, compute_dtype
 from tv_lens.vector import TuningVector, check_alpha
 
 MODES = ("add", "remove")
-_ID_COLUMNS = ["component", "kind", "granularity", "layer", "index"]
+#: the columns that say which component a row is about (``<NA>`` where they do not apply)
+ID_COLUMNS = ["component", "kind", "granularity", "layer", "head", "kv_head", "neuron", "expert"]
+_INDEX_COLUMNS = ("layer", "head", "kv_head", "neuron", "expert")
 
 
-def _id_columns(component: Component) -> dict[str, Any]:
+def id_columns(component: Component) -> dict[str, Any]:
+    """A row's :data:`ID_COLUMNS` for ``component``."""
     return dict(component=component.name, kind=component.kind,
-                granularity=component.granularity, layer=component.layer, index=component.index)
+                granularity=component.granularity,
+                **{col: getattr(component, col) for col in _INDEX_COLUMNS})
 
 
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=columns)
-    for col in ("layer", "index"):
+    for col in _INDEX_COLUMNS:
         if col in df:
             df[col] = df[col].astype("Int64")
     return df
@@ -74,7 +78,7 @@ def _target(pair: Any, mode: str) -> tuple[Any, ModelWeights, int]:
 
 
 # ---------------------------------------------------------------------- exact patching
-def patch(pair: Any, metric: MetricLike, components: Iterable[str] | str,
+def patch(pair: Any, metric: MetricLike, components: Components,
           mode: str = "add", alphas: Sequence[float | int] = (1.0,), *,
           progress: bool = True) -> pd.DataFrame:
     """Exact weight patching of tuning-vector components.
@@ -82,15 +86,17 @@ def patch(pair: Any, metric: MetricLike, components: Iterable[str] | str,
     Args:
         pair: a :class:`~tv_lens.ModelPair`.
         metric: a :mod:`tv_lens.metrics` metric or any ``f(model) -> scalar tensor``.
-        components: names (``["L2H5", "L1N30", "L3.mlp"]``, a DataFrame column works), or a
-            group: ``"parts"``, ``"units"``, ``"heads"``, ``"kv_heads"``, ``"neurons"``.
+        components: names of any kind (``["L2H5", "L1N30", "L3.mlp", "L2H5.OV", "mlp"]``, a
+            DataFrame column works), a selector (``"parts"``, ``"units"``, ``"heads"``,
+            ``"kv_heads"``, ``"neurons"``, ``"experts"``) or a dict of named groups patched as
+            one row each (``{"all_mlp": ["L0.mlp", "L1.mlp"]}``); :mod:`tv_lens.components`.
         mode: ``"add"`` patches ``θ_base + α·τ_c``; ``"remove"`` patches ``θ_tuned − α·τ_c``.
         alphas: the scales α to evaluate each component at (negative values allowed).
         progress: show a tqdm bar over components.
 
     Returns:
-        One row per (component, α): ``component, kind, granularity, layer, index, mode, alpha,
-        base, tuned, patched, effect, normalized`` where ``effect`` is ``patched − base``
+        One row per (component, α): ``component, kind, granularity, layer, head, kv_head,
+        neuron, expert, mode, alpha, base, tuned, patched, effect, normalized`` where ``effect`` is ``patched − base``
         (add) or ``tuned − patched`` (remove) and ``normalized`` is
         ``(patched − base)/(tuned − base)``.
     """
@@ -104,19 +110,19 @@ def patch(pair: Any, metric: MetricLike, components: Iterable[str] | str,
     tv = pair.tuning_vector()
     chosen = tv.components.resolve(components)
     model, weights, sign = _target(pair, mode)
-    tv._check_fits(weights, tv.components.weights_of([c.name for c in chosen]))
+    tv.check_fits(weights, tv.components.weights_of(chosen))
     f_base, f_tuned = metric.value(pair.base), metric.value(pair.tuned)
     rows = []
     for component in tqdm(chosen, desc=f"patch ({mode})", disable=not progress):
-        cut = tv.components.deltas(tv, component.name)  # one at a time: bounded memory
+        cut = tv.components.deltas(tv, [component])  # one at a time: bounded memory
         for alpha in alphas:
             with weights.patched(cut, sign * alpha):
                 value = metric.value(model)
             effect = value - f_base if mode == "add" else f_tuned - value
-            rows.append(dict(**_id_columns(component), mode=mode, alpha=float(alpha), base=f_base,
+            rows.append(dict(**id_columns(component), mode=mode, alpha=float(alpha), base=f_base,
                              tuned=f_tuned, patched=value, effect=effect,
                              normalized=normalized_effect(value, f_base, f_tuned)))
-    columns = _ID_COLUMNS + ["mode", "alpha", "base", "tuned", "patched", "effect", "normalized"]
+    columns = ID_COLUMNS + ["mode", "alpha", "base", "tuned", "patched", "effect", "normalized"]
     return _frame(rows, columns)
 
 
@@ -176,8 +182,9 @@ def _path_gradient(tv: TuningVector, metric: Metric, pair: Any, steps: int,
 
 
 def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
-              progress: bool = True) -> pd.DataFrame:
-    """First-order attribution of every component of τ (both granularities) at once.
+              components: Components | None = None, progress: bool = True) -> pd.DataFrame:
+    """First-order attribution of every part, unit and expert of τ at once (or of the
+    ``components`` given).
 
     Args:
         pair: a :class:`~tv_lens.ModelPair`.
@@ -185,16 +192,18 @@ def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
             ``f(model) -> scalar tensor`` with a gradient.
         steps: ``1`` gives ``add`` and ``remove``; ``steps > 1`` adds ``path``, the gradient
             averaged at ``steps`` midpoints between base and tuned.
+        components: ``None`` for every part, unit and expert; else any names, selector or
+            named groups (see :func:`patch`), e.g. circuits ``L2H5.OV`` or ``{"all_mlp": [...]}``.
         progress: show a tqdm bar over path steps.
 
     Returns:
-        One row per component: ``component, kind, granularity, layer, index, add, remove``
-        (and ``path``). ``granularity`` is ``part``, ``unit``, ``both`` or, in a mixture of
-        experts, ``group`` (``L3E5``: all of an expert's neurons, in neither partition): the rows
-        of one granularity (``df[df.granularity.isin(["part", "both"])]`` for parts,
-        ``isin(["unit", "both"])`` for units) sum to ``⟨∇f, τ⟩``. ``df.attrs["completeness"]`` holds ``f_base``, ``f_tuned``,
-        ``difference``, ``add_sum``, ``remove_sum`` and, with ``steps > 1``, ``path_sum``,
-        ``gap = path_sum − difference`` and ``relative_gap = gap / difference``.
+        One row per component: ``component, kind, granularity, layer, head, kv_head, neuron,
+        expert, add, remove`` (and ``path``), ``base`` and ``tuned`` (the metric at each end,
+        the same on every row). ``granularity`` is ``part``, ``unit``, ``both`` or ``group``
+        (in neither partition: ``L3E5``, circuits, named groups): the rows of one granularity
+        (``df[df.granularity.isin(["part", "both"])]`` for parts, ``isin(["unit", "both"])``
+        for units) sum to ``⟨∇f, τ⟩``; :func:`completeness` checks this against
+        ``tuned − base``.
 
     Precision: gradients are exactly as precise as the forward pass. Even a float64 bridge
     takes its attention softmax in float32 (TransformerLens 4.3), and HF's Llama RMSNorm
@@ -206,25 +215,41 @@ def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
     metric = as_metric(metric)
     tv = pair.tuning_vector()
     index = tv.components
-    columns = {"add": index.totals(_products(tv, gradient(metric, pair.base, tv.deltas))),
-               "remove": index.totals(_products(tv, gradient(metric, pair.tuned, tv.deltas)))}
+    chosen = None if components is None else index.resolve(components)
+    gradients = {"add": lambda: gradient(metric, pair.base, tv.deltas),
+                 "remove": lambda: gradient(metric, pair.tuned, tv.deltas)}
     if steps > 1:
-        columns["path"] = index.totals(_products(tv, _path_gradient(tv, metric, pair, steps,
-                                                                    progress)))
-    rows = [dict(**_id_columns(c), **{k: v[name] for k, v in columns.items()})
-            for name, c in index.components.items()]
-    df = _frame(rows, _ID_COLUMNS + list(columns))
+        gradients["path"] = lambda: _path_gradient(tv, metric, pair, steps, progress)
+    columns = {}
+    for column, grad in gradients.items():
+        products = _products(tv, grad())
+        columns[column] = (index.totals(products) if chosen is None else
+                           {c.name: index.total(products, c) for c in chosen})
+    chosen = list(index.components.values()) if chosen is None else chosen
     f_base, f_tuned = metric.value(pair.base), metric.value(pair.tuned)
-    units = df[df.granularity.isin(["unit", "both"])]  # one partition: no part, no group
-    info = dict(f_base=f_base, f_tuned=f_tuned, difference=f_tuned - f_base,
+    rows = [dict(**id_columns(c), **{k: v[c.name] for k, v in columns.items()},
+                 base=f_base, tuned=f_tuned) for c in chosen]
+    return _frame(rows, ID_COLUMNS + list(columns) + ["base", "tuned"])
+
+
+def completeness(attribution: pd.DataFrame) -> dict[str, float]:
+    """How well an :func:`attribute` table of every unit accounts for the metric's change:
+    ``base``, ``tuned``, ``difference = tuned − base``, the units' ``add_sum`` and
+    ``remove_sum`` and, for path attribution, ``path_sum``, ``gap = path_sum − difference`` and
+    ``relative_gap = gap / difference`` (→ 0 as ``steps`` grows)."""
+    units = attribution[attribution.granularity.isin(["unit", "both"])]  # one partition
+    if units.empty:
+        raise InvalidArgumentError("completeness needs the unit rows of attribute(pair, metric) "
+                                   "(computed without components=).")
+    base, tuned = float(units["base"].iloc[0]), float(units["tuned"].iloc[0])
+    info = dict(base=base, tuned=tuned, difference=tuned - base,
                 add_sum=float(units["add"].sum()), remove_sum=float(units["remove"].sum()))
-    if steps > 1:
+    if "path" in units:
         path_sum = float(units["path"].sum())
         gap = path_sum - info["difference"]
-        info.update(steps=steps, path_sum=path_sum, gap=gap,
+        info.update(path_sum=path_sum, gap=gap,
                     relative_gap=gap / info["difference"] if info["difference"] else float("nan"))
-    df.attrs["completeness"] = info
-    return df
+    return info
 
 
 # ---------------------------------------------------------------------- comparison
@@ -233,7 +258,7 @@ class AttributionComparison:
     """Attribution beside exact patching.
 
     Attributes:
-        table: one row per (component, mode): ``component, kind, layer, index, mode,
+        table: one row per (component, mode): the :data:`ID_COLUMNS`, ``mode,
             attribution, exact`` (``exact`` is :func:`patch`'s ``effect``).
         correlations: one row per mode: ``mode, n, spearman, pearson``.
     """
@@ -255,7 +280,7 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
 
 
 def compare_attribution(pair: Any, metric: MetricLike,
-                        components: Iterable[str] | str | None = None, *, top_n: int = 20,
+                        components: Components | None = None, *, k: int = 20,
                         modes: Sequence[str] = MODES, attribution: pd.DataFrame | None = None,
                         exact: pd.DataFrame | None = None,
                         progress: bool = True) -> AttributionComparison:
@@ -263,8 +288,8 @@ def compare_attribution(pair: Any, metric: MetricLike,
     correlations per mode.
 
     Args:
-        components: names or a group (see :func:`patch`); ``None`` takes the ``top_n`` units
-            with the largest ``|add|`` attribution.
+        components: names, a selector or named groups (see :func:`patch`); ``None`` takes
+            the ``k`` units with the largest ``|add|`` attribution.
         attribution: a result of :func:`attribute` on the same pair and metric, to reuse.
         exact: a result of :func:`patch` (or several, concatenated) on the same pair and
             metric, to reuse: its ``alpha == 1`` rows stand in for the (component, mode)
@@ -275,8 +300,13 @@ def compare_attribution(pair: Any, metric: MetricLike,
     att = attribute(pair, metric, progress=progress) if attribution is None else attribution
     if components is None:
         units = att[att.granularity.isin(["unit", "both"])]
-        components = units.loc[units["add"].abs().nlargest(top_n).index, "component"].tolist()
-    names = [c.name for c in pair.tuning_vector().components.resolve(components)]
+        components = units.loc[units["add"].abs().nlargest(k).index, "component"].tolist()
+    chosen = pair.tuning_vector().components.resolve(components)
+    names = [c.name for c in chosen]
+    missing = [c for c in chosen if c.name not in set(att["component"])]
+    if missing:  # groups (circuits, named groups) the given attribution has no rows for
+        att = pd.concat([att, attribute(pair, metric, components=missing, progress=progress)],
+                        ignore_index=True)
     done = _reusable(exact)
     frames = []
     for mode in modes:
@@ -287,8 +317,7 @@ def compare_attribution(pair: Any, metric: MetricLike,
         rows = pd.concat(parts, ignore_index=True).set_index("component").loc[names]
         merged = rows.reset_index().merge(att[["component", mode]], on="component", how="left")
         merged = merged.rename(columns={mode: "attribution", "effect": "exact"})
-        frames.append(merged[["component", "kind", "layer", "index", "mode", "attribution",
-                              "exact"]])
+        frames.append(merged[ID_COLUMNS + ["mode", "attribution", "exact"]])
     table = pd.concat(frames, ignore_index=True)
     correlations = pd.DataFrame(
         [dict(mode=mode, n=int((table["mode"] == mode).sum()),
@@ -300,7 +329,7 @@ def compare_attribution(pair: Any, metric: MetricLike,
 
 def _reusable(exact: pd.DataFrame | None) -> pd.DataFrame:
     """The ``alpha == 1`` rows of earlier :func:`patch` results, one per (component, mode)."""
-    columns = _ID_COLUMNS + ["mode", "effect"]
+    columns = ID_COLUMNS + ["mode", "effect"]
     if exact is None:
         return pd.DataFrame(columns=columns)
     lacking = [c for c in columns + ["alpha"] if c not in exact.columns]

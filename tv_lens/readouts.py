@@ -22,7 +22,7 @@ change of token t's logit the head's update can write per unit of input.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,13 +30,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from tv_lens.components import (CIRCUITS, NEURON_MATRICES, Component, Components, circuit_name,
+                                matrix_name, neuron_matrix_name)
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import FactoredSVD, dense_svd, factored_svd
+from tv_lens.pair import token_strings
 
 COLUMNS = ["rank", "token_id", "token", "score", "base_score"]
 
 
-def _unembedding(tv, tuned: bool = False) -> torch.Tensor:
+def unembedding(tv, tuned: bool = False) -> torch.Tensor:
     """``diag(γ) · W_U`` (``[d_model, vocab]``; ``W_Eᵀ`` when embeddings are tied) of the base,
     or with ``tuned`` of the fine-tuned model (base + update)."""
     def weight(name: str) -> Tensor:
@@ -60,7 +63,7 @@ def ov_tokens(pair_or_vector: Any, layer: int, head: int, k: int = 10,
     tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
     tokenizer = tokenizer or getattr(pair_or_vector, "tokenizer", None)
     with torch.no_grad():
-        W_U = _unembedding(tv)
+        W_U = unembedding(tv)
         delta = tv.ov(layer, head)
         A, B = delta.A.double(), delta.B.double()
         a = f"blocks.{layer}.attn."
@@ -81,13 +84,13 @@ def ov_tokens(pair_or_vector: Any, layer: int, head: int, k: int = 10,
 
 
 # --------------------------------------------------------------------------- weight lens
-TOKEN_COLUMNS = ["unit", "source", "direction", "sign", "side", "rank", "token", "token_id",
-                 "score", "z", "sigma"]
+TOKEN_COLUMNS = ["component", "source", "direction", "sign", "side", "rank", "token", "token_id",
+                 "score", "z", "sigma", "d_vocab"]
 _MLP_SIDES = {"W_out": ("write",), "W_in": ("read",), "W_gate": ("read",)}
 _NEURON_MATRIX = {"out": "W_out", "in": "W_in", "gate": "W_gate"}
 
 
-def _vector_of(pair_or_vector: Any):
+def vector_of(pair_or_vector: Any):
     return pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
 
 
@@ -117,137 +120,144 @@ def _matrix_svd(tv, name: str, base: bool) -> FactoredSVD:
     return dense_svd(tv[name].double())
 
 
-def mlp_matrix_units(tv, layer: int, matrices: tuple[str, ...] = ("W_in", "W_gate", "W_out")) -> list[str]:
-    """A layer's MLP matrices as units: ``L3.mlp.W_in`` (the dense or shared-expert MLP's) and,
-    in a mixture of experts, ``L3E5.mlp.W_in`` (expert 5's), for each matrix the vector has."""
-    experts = [""] + [f"E{e}" for e in range(tv.spec.n_experts)]
-    return [f"L{layer}{e}.mlp.{m}" for e in experts for m in matrices
-            if _mlp_name(layer, e[1:] or None, m) in tv]
+def mlp_matrices(tv, layer: int, matrices: tuple[str, ...] = ("W_in", "W_gate", "W_out")) -> list[str]:
+    """A layer's MLP matrices the vector holds, as component names: ``L3.mlp.W_in`` (the dense
+    or shared-expert MLP's) and, in a mixture of experts, ``L3E5.mlp.W_in`` (expert 5's)."""
+    prefixes = [f"blocks.{layer}.mlp."] + [f"blocks.{layer}.mlp.experts.{e}."
+                                           for e in range(tv.spec.n_experts)]
+    return [matrix_name(p + m) for p in prefixes for m in matrices if p + m in tv]
 
 
-def _mlp_name(layer: int | str, expert: int | str | None, matrix: str) -> str:
-    return f"blocks.{layer}.mlp.{'' if expert is None else f'experts.{expert}.'}{matrix}"
+def default_components(tv) -> list[str]:
+    """What :func:`read_tokens` reads by default: every head's OV and QK circuit and every MLP
+    matrix, layer by layer."""
+    names = []
+    for layer in range(tv.spec.n_layers):
+        names += [circuit_name(layer, h, c) for h in range(tv.spec.n_heads) for c in CIRCUITS]
+        names += mlp_matrices(tv, layer)
+    return names
 
 
-def _default_units(tv) -> list[str]:
-    spec, units = tv.spec, []
-    for layer in range(spec.n_layers):
-        units += [f"L{layer}H{h}.{c}" for h in range(spec.n_heads) for c in ("OV", "QK")]
-        units += mlp_matrix_units(tv, layer)
-    return units
+#: what each readable matrix's d_model side does
+_MLP_SIDES = {"W_out": "write", "W_in": "read", "W_gate": "read"}
 
 
-def _parse_unit(unit: str, tv) -> tuple[str, int, Any]:
-    """``(kind, layer, detail)``: ``("head", l, (h, circuit))``, ``("mlp", l, (TL name,
-    matrix))`` or ``("neuron", l, (TL name, n, side))``; a clear error for anything else."""
-    import re
+def readable(tv, components: Components) -> list[Component]:
+    """The circuits, MLP matrices and neuron slices that ``components`` name, a larger piece
+    read as its readable pieces: a head as its OV and QK circuits, ``L3.mlp`` (or an expert,
+    or ``mlp``) as its MLP matrices, a neuron as its ``in``/``gate``/``out`` slices."""
+    index = tv.components
+    if not isinstance(components, (str, Mapping)):
+        components = list(components)
+        if not components:
+            return []
+    out: list[Component] = []
+    for c in index.resolve(components):
+        if c.kind in ("circuit", "neuron_matrix") or (c.kind == "matrix" and c.matrix in _MLP_SIDES):
+            out.append(c)
+        elif c.kind == "head":
+            out += [index.parse(circuit_name(c.layer, c.head, k)) for k in CIRCUITS]
+        elif c.kind == "mlp":
+            out += [index.parse(n) for n in mlp_matrices(tv, c.layer)]
+        elif c.kind == "expert":
+            out += [index.parse(n) for n in mlp_matrices(tv, c.layer)
+                    if index.parse(n).expert == c.expert]
+        elif c.kind == "neuron":
+            out += [index.parse(neuron_matrix_name(c.layer, c.neuron, m, c.expert))
+                    for m in NEURON_MATRICES.values()
+                    if neuron_matrix_name(c.layer, c.neuron, m, c.expert) in index]
+        elif c.kind == "all_layers":
+            out += readable(tv, list(c.members))
+        else:
+            raise InvalidArgumentError(
+                f"{c.name!r} ({c.kind.replace('_', ' ')}) has no directions to read as tokens: "
+                f"read heads or circuits ('L2H5', 'L2H5.OV'), MLP matrices ('L3.mlp', "
+                f"'L3.mlp.W_out') or neurons ('L3N100', 'L3N100.out').")
+    return out
 
-    spec = tv.spec
-    m = re.fullmatch(r"L(\d+)H(\d+)\.(OV|QK)", unit)
-    if m and int(m[1]) < spec.n_layers and int(m[2]) < spec.n_heads:
-        return "head", int(m[1]), (int(m[2]), m[3])
-    m = re.fullmatch(r"L(\d+)(?:E(\d+))?\.mlp\.(W_in|W_gate|W_out)", unit)
-    if m and _mlp_name(m[1], m[2], m[3]) in tv:
-        return "mlp", int(m[1]), (_mlp_name(m[1], m[2], m[3]), m[3])
-    m = re.fullmatch(r"L(\d+)(?:E(\d+))?N(\d+)\.(out|in|gate)", unit)
-    name = m and _mlp_name(m[1], m[2], _NEURON_MATRIX[m[4]])
-    if m and name in tv:
-        shape = tv.meta(name)[0]  # W_out [d_mlp, d_model], W_in / W_gate [d_model, d_mlp]
-        if int(m[3]) < shape[0 if m[4] == "out" else 1]:
-            return "neuron", int(m[1]), (name, int(m[3]), m[4])
-    raise TvLensError(
-        f"Unknown unit {unit!r} for this model ({spec.n_layers} layers, {spec.n_heads} heads, "
-        f"d_mlp {spec.d_mlp}). Units are 'L2H5.OV', 'L2H5.QK', 'L3.mlp.W_out' (W_in, W_gate) "
-        f"and 'L3N100.out' (in, gate); in a mixture of experts 'L3E5.mlp.W_out' and "
-        f"'L3E5N100.out'.")
 
-
-def _unit_directions(tv, unit: str, directions: int) -> list[tuple[str, str, int, Tensor, float]]:
-    """``(source, side, direction, vector, sigma)`` of one unit, update and base."""
-    kind, layer, detail = _parse_unit(unit, tv)
+def _unit_directions(tv, c: Component, directions: int) -> list[tuple[str, str, int, Tensor, float]]:
+    """``(source, side, direction, vector, sigma)`` of one readable component, update and base."""
     out = []
-    if kind == "neuron":
-        name, n, side = detail
-        axis_row = side == "out"  # W_out rows, W_in / W_gate columns
-        upd = tv[name].double()
-        for source, W in (("update", upd), ("base", tv.base[name].double())):
-            v = W[n] if axis_row else W[:, n]
+    if c.kind == "neuron_matrix":
+        (piece,) = tv.components.slices(c)
+        axis_row = c.matrix == "W_out"  # W_out rows, W_in / W_gate columns
+        for source, W in (("update", tv[piece.param].double()),
+                          ("base", tv.base[piece.param].double())):
+            v = W[piece.index] if axis_row else W[:, piece.index]
             norm = float(v.norm())
             if norm > 0:
                 out.append((source, "write" if axis_row else "read", 0, v / norm, norm))
         return out
-    if kind == "head":
-        head, circuit = detail
-        sides = ("read", "write") if circuit == "OV" else ("query", "key")
-        for source, (A, B) in zip(("update", "base"), _circuit_factors(tv, layer, head, circuit)):
+    if c.kind == "circuit":
+        sides = ("read", "write") if c.circuit == "OV" else ("query", "key")
+        for source, (A, B) in zip(("update", "base"),
+                                  _circuit_factors(tv, c.layer, c.head, c.circuit)):
             svd = factored_svd(A, B)
             for side, vecs in zip(sides, (svd.U, svd.V)):
                 out += [(source, side, j, vecs[:, j], float(svd.S[j]))
                         for j in range(min(directions, svd.S.numel()))]
         return out
-    name, matrix = detail
     for source in ("update", "base"):
-        svd = _matrix_svd(tv, name, source == "base")
-        vecs = svd.V if matrix == "W_out" else svd.U  # the d_model side
-        out += [(source, _MLP_SIDES[matrix][0], j, vecs[:, j], float(svd.S[j]))
+        svd = _matrix_svd(tv, c.param, source == "base")
+        vecs = svd.V if c.matrix == "W_out" else svd.U  # the d_model side
+        out += [(source, _MLP_SIDES[c.matrix], j, vecs[:, j], float(svd.S[j]))
                 for j in range(min(directions, svd.S.numel()))]
     return out
 
 
-def read_tokens(pair_or_vector: Any, units: Iterable[str] | None = None, k: int = 20,
-                directions: int = 3, *, neurons: Iterable[tuple[int, int]] | None = None,
-                score: str = "logit", tokenizer: Any = None, progress: bool = True) -> pd.DataFrame:
-    """Every unit's update directions (and the base unit's) read as tokens (module docstring).
+def read_tokens(pair: Any, components: Components | None = None, k: int = 20,
+                directions: int = 3, *, score: str = "logit", tokenizer: Any = None,
+                progress: bool = True) -> pd.DataFrame:
+    """Components' update directions (and the base's) read as tokens (module docstring).
 
     Args:
-        pair_or_vector: a ``ModelPair`` or a tuning vector that carries its base.
-        units: unit names (``"L2H5.OV"``, ``"L2H5.QK"``, ``"L3.mlp.W_out"``, ``"L3.mlp.W_in"``,
-            ``"L3N100.out"``, ``"L3N100.in"``, …); default every head circuit and MLP matrix.
+        pair: a ``ModelPair`` or a tuning vector that carries its base.
+        components: what to read (:func:`readable`): circuits ``"L2H5.OV"``/``"L2H5.QK"``, MLP
+            matrices ``"L3.mlp.W_out"`` (``W_in``, ``W_gate``), neuron slices ``"L3N100.out"``
+            (``in``, ``gate``), or larger pieces read as these (``"L2H5"``, ``"L3.mlp"``,
+            ``"L3N100"``, ``"heads"``, ``"mlp"``); default :func:`default_components` (every
+            head circuit and MLP matrix).
         k: tokens per direction and sign.
-        directions: top singular directions per unit (neurons have one).
-        neurons: ``(layer, neuron)`` pairs whose ``out`` (and ``in``/``gate``) directions to
-            add to ``units``.
+        directions: top singular directions per component (neuron slices have one).
         score: ``"logit"`` (the logit-lens dot product above: the logit change per unit
             written) or ``"cosine"`` (divided by each token's ``‖γ ⊙ W_U[:, t]‖`` /
             ``‖W_E[t]‖``: which token's direction the update points at, whatever the token's
             norm; in a trained model high-norm tokens can otherwise outrank the token an update
             was written along).
         tokenizer: to name the tokens (default the pair's).
-        progress: a tqdm bar over units.
+        progress: a tqdm bar over components.
 
     Returns:
-        One row per token: ``unit, source ("update" | "base"), direction (0 = top), sign
+        One row per token: ``component, source ("update" | "base"), direction (0 = top), sign
         (+1 | −1), side ("write" | "read" | "query" | "key"), rank (0 = top), token, token_id,
         score`` (the signed readout, larger = more), ``z`` (the score in standard deviations
         of that direction's readout over the whole vocabulary: how much the token stands out),
-        ``sigma`` (the direction's singular value, or the neuron slice's norm). ``df.attrs["d_vocab"]`` holds the vocabulary size.
+        ``sigma`` (the direction's singular value, or the neuron slice's norm), ``d_vocab``
+        (the vocabulary size, for :func:`domain_score`).
     """
     if k < 1 or directions < 1:
         raise InvalidArgumentError(f"k and directions must be at least 1, got k={k}, directions={directions}.")
-    tv = _vector_of(pair_or_vector)
+    tv = vector_of(pair)
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
-    tokenizer = tokenizer or getattr(pair_or_vector, "tokenizer", None)
-    units = list(units) if units is not None else _default_units(tv)
-    for layer, n in neurons or ():
-        units += [f"L{layer}N{n}.{side}" for side in ("out", "in", "gate")
-                  if f"blocks.{layer}.mlp.{_NEURON_MATRIX[side]}" in tv]
+    tokenizer = tokenizer or getattr(pair, "tokenizer", None)
+    chosen = readable(tv, default_components(tv) if components is None else components)
     if score not in ("logit", "cosine"):
         raise InvalidArgumentError(f"score must be 'logit' or 'cosine', got {score!r}.")
-    readers = {"write": _unembedding(tv).T, "read": _embedding(tv)}  # [vocab, d_model] each
+    readers = {"write": unembedding(tv).T, "read": _embedding(tv)}  # [vocab, d_model] each
     if score == "cosine":
         readers = {s: W / W.norm(dim=1, keepdim=True).clamp(min=1e-30) for s, W in readers.items()}
-    df = read_directions(tv, units, readers, k, directions, desc="read_tokens", progress=progress)
+    df = read_directions(tv, chosen, readers, k, directions, desc="read_tokens", progress=progress)
     ids = [int(i) for i in df.token_id]
     df["token"] = token_strings(tokenizer, ids)
-    df = df[TOKEN_COLUMNS]
-    df.attrs["d_vocab"] = tv.spec.d_vocab
-    return df
+    df["d_vocab"] = tv.spec.d_vocab
+    return df[TOKEN_COLUMNS]
 
 
-def read_directions(tv, units: list[str], readers: dict[str, Tensor], k: int, directions: int, *,
-                    desc: str, progress: bool) -> pd.DataFrame:
-    """Every unit's update and base directions scored against the rows of ``readers[side]``
+def read_directions(tv, components: list[Component], readers: dict[str, Tensor], k: int,
+                    directions: int, *, desc: str, progress: bool) -> pd.DataFrame:
+    """Every readable component's update and base directions scored against the rows of ``readers[side]``
     (``[n_rows, d_model]`` per side; ``read`` also serves ``query`` and ``key``): the top ``k``
     rows per direction and sign, as ``token_id`` / ``score`` columns (:func:`_top_rows`)."""
     from tqdm.auto import tqdm
@@ -255,16 +265,16 @@ def read_directions(tv, units: list[str], readers: dict[str, Tensor], k: int, di
     readers = {**readers, "query": readers["read"], "key": readers["read"]}
     frames = []
     with torch.no_grad():
-        for unit in tqdm(units, desc=desc, disable=not progress):
-            found = _unit_directions(tv, unit, directions)
+        for c in tqdm(components, desc=desc, disable=not progress):
+            found = _unit_directions(tv, c, directions)
             for side in {f[1] for f in found}:
                 batch = [f for f in found if f[1] == side]
                 scores = readers[side] @ torch.stack([f[3] for f in batch], 1).to(readers[side].device)
-                frames += _top_rows(unit, batch, scores.cpu(), k)  # [n_rows, n] scores
+                frames += _top_rows(c.name, batch, scores.cpu(), k)  # [n_rows, n] scores
     return _assemble(frames)
 
 
-def _top_rows(unit: str, batch: list, scores: Tensor, k: int) -> list[dict]:
+def _top_rows(component: str, batch: list, scores: Tensor, k: int) -> list[dict]:
     """Columns of the top-``k`` tokens of every direction in ``batch``, both signs."""
     k = min(k, scores.shape[0])
     mean, std = scores.mean(0), scores.std(0).clamp(min=1e-30)
@@ -273,7 +283,7 @@ def _top_rows(unit: str, batch: list, scores: Tensor, k: int) -> list[dict]:
         top = torch.topk(sign * scores, k, dim=0)  # [k, n]
         z = (top.values - sign * mean) / std
         for j, (source, side, direction, _, sigma) in enumerate(batch):
-            rows.append(dict(unit=unit, source=source, direction=direction, sign=sign, side=side,
+            rows.append(dict(component=component, source=source, direction=direction, sign=sign, side=side,
                              rank=np.arange(k), token_id=top.indices[:, j].numpy(),
                              score=top.values[:, j].numpy(), z=z[:, j].numpy(), sigma=sigma))
     return rows
@@ -281,7 +291,7 @@ def _top_rows(unit: str, batch: list, scores: Tensor, k: int) -> list[dict]:
 
 def _assemble(blocks: list[dict]) -> pd.DataFrame:
     if not blocks:
-        return pd.DataFrame(columns=[c for c in TOKEN_COLUMNS if c != "token"])
+        return pd.DataFrame(columns=[c for c in TOKEN_COLUMNS if c not in ("token", "d_vocab")])
     return pd.concat([pd.DataFrame(b) for b in blocks], ignore_index=True)
 
 
@@ -292,20 +302,21 @@ def domain_score(df: pd.DataFrame, token_ids: Iterable[int], d_vocab: int | None
     Args:
         df: a :func:`read_tokens` table (or any table with its key columns and ``token_id``).
         token_ids: the word list as token ids.
-        d_vocab: vocabulary size (default ``df.attrs["d_vocab"]``).
+        d_vocab: vocabulary size (default the table's ``d_vocab`` column).
 
     Returns:
-        One row per (unit, source, direction, sign, side): ``hits`` of ``k`` top tokens in the
+        One row per (component, source, direction, sign, side): ``hits`` of ``k`` top tokens in the
         list, ``expected = k·|list|/d_vocab``, ``ratio`` and ``p_value`` (hypergeometric
         ``P(X ≥ hits)`` for ``k`` tokens drawn without replacement), most hits first.
     """
     ids = set(int(t) for t in token_ids)
-    d_vocab = d_vocab or df.attrs.get("d_vocab")
+    if not d_vocab and "d_vocab" in df and len(df):
+        d_vocab = int(df["d_vocab"].iloc[0])
     if not d_vocab:
-        raise TvLensError("domain_score needs the vocabulary size: pass d_vocab=... (read_tokens "
-                          "tables carry it in df.attrs['d_vocab']).")
+        raise InvalidArgumentError("domain_score needs the vocabulary size: pass d_vocab=... "
+                                   "(read_tokens tables carry it in their d_vocab column).")
     K = len(ids)
-    keys = ["unit", "source", "direction", "sign", "side"]
+    keys = ["component", "source", "direction", "sign", "side"]
     grouped = df.assign(hit=df.token_id.isin(ids)).groupby(keys, sort=False)
     out = grouped.agg(hits=("hit", "sum"), k=("hit", "size")).reset_index()
     out["expected"] = out.k * K / d_vocab
@@ -321,17 +332,10 @@ def _hypergeom_sf(hits: int, N: int, K: int, n: int) -> float:
                  / total)
 
 
-def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each id's token string; ``<id N>`` where there is no tokenizer or it cannot decode the id
-    (a padded vocabulary: embedding rows past the tokenizer's last token)."""
-    names = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [None] * len(ids)
-    return [n if isinstance(n, str) else f"<id {i}>" for i, n in zip(ids, names)]
-
-
-def top_token_text(tokens: pd.DataFrame, unit: str, n: int = 5, side: str | None = None) -> str:
-    """``"+ a b c / − d e f"``: a unit's top update direction's ``n`` tokens of each sign (its
+def top_token_text(tokens: pd.DataFrame, component: str, n: int = 5, side: str | None = None) -> str:
+    """``"+ a b c / − d e f"``: a component's top update direction's ``n`` tokens of each sign (its
     ``write`` side by default, else its first side), for hover texts; ``""`` without rows."""
-    rows = tokens[(tokens.unit == unit) & (tokens.source == "update") & (tokens.direction == 0)]
+    rows = tokens[(tokens.component == component) & (tokens.source == "update") & (tokens.direction == 0)]
     if rows.empty:
         return ""
     side = side or ("write" if (rows.side == "write").any() else rows.side.iloc[0])
@@ -343,8 +347,8 @@ def top_token_text(tokens: pd.DataFrame, unit: str, n: int = 5, side: str | None
 
 def concentrated_units(tokens: pd.DataFrame, n: int = 8, top: int = 5) -> pd.DataFrame:
     """The update directions whose top tokens stand out most from the vocabulary: mean ``z`` of
-    each (unit, direction, sign, side)'s ``top`` tokens, highest ``n`` first."""
+    each (component, direction, sign, side)'s ``top`` tokens, highest ``n`` first."""
     upd = tokens[(tokens.source == "update") & (tokens["rank"] < top)]
-    keys = ["unit", "direction", "sign", "side"]
+    keys = ["component", "direction", "sign", "side"]
     out = upd.groupby(keys, sort=False).agg(mean_z=("z", "mean")).reset_index()
     return out.nlargest(n, "mean_z").reset_index(drop=True)

@@ -36,13 +36,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tv_lens.errors import CheckpointNotFoundError, InvalidArgumentError, ShapeMismatchError
-from tv_lens.readouts import _vector_of, mlp_matrix_units, read_directions, token_strings
+from tv_lens.components import Components, circuit_name, neuron_matrix_name
+from tv_lens.readouts import mlp_matrices, read_directions, readable, token_strings, vector_of
 
 #: Hooks an SAE can sit on, and which units of which layers write into each.
 _SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 _HOOK = re.compile(r"blocks\.(\d+)\.(" + "|".join(_SITES) + r")")
-SAE_COLUMNS = ["unit", "source", "direction", "sign", "side", "rank", "latent", "cosine", "z",
-               "chance", "sigma"]
+SAE_COLUMNS = ["component", "source", "direction", "sign", "side", "rank", "latent", "cosine", "z",
+               "chance", "sigma", "d_sae", "hook"]
 WEIGHTS_FILE, CONFIG_FILE = "sae_weights.safetensors", "cfg.json"
 
 
@@ -185,20 +186,20 @@ def writing_layers(site: str, layer: int) -> dict[str, list[int]]:
             "hook_mlp_out": {"attn": [], "mlp": [layer]}}[site]
 
 
-def _default_units(tv, sae: SAEWeights, neurons: int) -> list[str]:
+def _default_components(tv, sae: SAEWeights, neurons: int) -> list[str]:
     """Every writing head's OV, every writing MLP's matrices, and the ``neurons`` writing neurons
     with the largest ``‖ΔW_out[n]‖``."""
     writers = writing_layers(sae.site, sae.layer)
-    units = [f"L{l}H{h}.OV" for l in writers["attn"] for h in range(tv.spec.n_heads)]
-    units += [u for l in writers["mlp"] for u in mlp_matrix_units(tv, l, ("W_out", "W_in", "W_gate"))]
+    units = [circuit_name(l, h, "OV") for l in writers["attn"] for h in range(tv.spec.n_heads)]
+    units += [u for l in writers["mlp"] for u in mlp_matrices(tv, l, ("W_out", "W_in", "W_gate"))]
     if neurons and writers["mlp"] and all(f"blocks.{l}.mlp.W_out" in tv for l in writers["mlp"]):
         norms = torch.stack([tv[f"blocks.{l}.mlp.W_out"].double().norm(dim=1)
                              for l in writers["mlp"]])  # [layers, d_mlp]
         top = torch.topk(norms.flatten(), min(neurons, norms.numel())).indices.tolist()
         for i in top:
             l, n = writers["mlp"][i // norms.shape[1]], i % norms.shape[1]
-            units += [f"L{l}N{n}.{s}" for s, m in (("out", "W_out"), ("in", "W_in"),
-                                                 ("gate", "W_gate")) if f"blocks.{l}.mlp.{m}" in tv]
+            units += [neuron_matrix_name(l, n, m) for m in ("W_out", "W_in", "W_gate")
+                      if f"blocks.{l}.mlp.{m}" in tv]
     return units
 
 
@@ -212,36 +213,36 @@ def chance_cosine(directions: Float[Tensor, "n d_in"], samples: int = 256, seed:
     return float(torch.quantile(cos.max(dim=1).values, quantile))
 
 
-def sae_readout(pair_or_vector: Any, sae: Any, k: int = 20, directions: int = 1, *,
-                units: Iterable[str] | None = None, neurons: int = 8,
+def sae_readout(pair: Any, sae: Any, k: int = 20, directions: int = 1, *,
+                components: Components | None = None, neurons: int = 8,
                 progress: bool = True) -> pd.DataFrame:
     """The update directions of the units writing into an SAE's hook, read in its latents.
 
     Args:
-        pair_or_vector: a ``ModelPair`` or a tuning vector carrying its base.
+        pair: a ``ModelPair`` or a tuning vector carrying its base.
         sae: an SAELens ``SAE``, an :class:`SAEWeights` or a dict of its weights (see
             :meth:`SAEWeights.of`); its ``d_in`` must be the model's ``d_model``.
         k: latents per direction and sign.
         directions: top singular directions per unit (neurons have one).
-        units: unit names as in :func:`tv_lens.read_tokens` (default: every head OV and MLP
-            matrix whose output reaches the hook, and the ``neurons`` writing neurons with the
-            largest update).
-        neurons: how many single neurons the default units include.
-        progress: a tqdm bar over units.
+        components: what to read, as in :func:`tv_lens.read_tokens` (default: every head OV
+            and MLP matrix whose output reaches the hook, and the ``neurons`` writing neurons
+            with the largest update).
+        neurons: how many single neurons the default components include.
+        progress: a tqdm bar over components.
 
     Returns:
-        One row per latent: ``unit, source ("update" | "base"), direction, sign, side ("write"
+        One row per latent: ``component, source ("update" | "base"), direction, sign, side ("write"
         against the decoder, "read" against the encoder), rank (0 = top), latent, cosine`` (of
         the signed direction with the latent's decoder/encoder direction), ``z`` (the cosine in
         standard deviations of that direction's cosines over all latents), ``chance`` (the 99th
         percentile of the top cosine of a random direction, per side) and ``sigma`` (the
-        direction's singular value or the neuron slice's norm). ``df.attrs`` holds ``d_sae``,
-        ``hook_name`` and the ``chance`` levels.
+        direction's singular value or the neuron slice's norm), ``d_sae`` and ``hook`` (the
+        SAE's hook name).
     """
     if k < 1 or directions < 1:
         raise InvalidArgumentError(f"k and directions must be at least 1, got k={k}, "
                                    f"directions={directions}.")
-    tv = _vector_of(pair_or_vector)
+    tv = vector_of(pair)
     sae = SAEWeights.of(sae)
     if sae.d_in != tv.spec.d_model:
         raise ShapeMismatchError(
@@ -254,15 +255,15 @@ def sae_readout(pair_or_vector: Any, sae: Any, k: int = 20, directions: int = 1,
     readers = {"write": sae.W_dec.double(), "read": sae.W_enc.T.double()}
     readers = {s: W / W.norm(dim=1, keepdim=True).clamp(min=1e-30) for s, W in readers.items()}
     chance = {s: chance_cosine(W) for s, W in readers.items()}
-    units = list(units) if units is not None else _default_units(tv, sae, neurons)
-    df = read_directions(tv, units, readers, k, directions, desc="sae_readout", progress=progress)
+    chosen = readable(tv, _default_components(tv, sae, neurons) if components is None
+                      else components)
+    df = read_directions(tv, chosen, readers, k, directions, desc="sae_readout", progress=progress)
     df = df.rename(columns={"token_id": "latent", "score": "cosine"})
     if df.empty:
         return pd.DataFrame(columns=SAE_COLUMNS)
     df["chance"] = df.side.map(lambda s: chance["write" if s == "write" else "read"])
-    df = df[SAE_COLUMNS]
-    df.attrs.update(d_sae=sae.d_sae, hook_name=sae.hook_name, chance=chance)
-    return df
+    df["d_sae"], df["hook"] = sae.d_sae, sae.hook_name
+    return df[SAE_COLUMNS]
 
 
 @torch.no_grad()
