@@ -22,8 +22,10 @@ def planted(save):
 def test_only_the_planted_head_carries_the_difference(planted):
     metric = metrics.loss(TEXTS)
     df = activation_patch(planted, metric, ["attn.hook_z", "hook_resid_post"], progress=False)
-    assert list(df.columns) == ["direction", "hook", "layer", "head", "pos", "base", "tuned",
-                                "patched", "normalized"]
+    assert list(df.columns) == ["component", "direction", "hook", "layer", "head", "pos", "base",
+                                "tuned", "patched", "normalized"]
+    assert df.set_index(["hook", "head"]).component.loc[("blocks.1.attn.hook_z", 2)].iloc[0] == "L1H2"
+    assert set(df[df.hook.str.endswith("resid_post")].component) == {"L0.resid_post", "L1.resid_post"}
     assert abs(df.tuned.iloc[0] - df.base.iloc[0]) > 0.1
     z = df[df.hook.str.endswith("hook_z")].set_index(["direction", "layer", "head"]).normalized
     assert len(z) == 2 * 2 * 4  # directions × layers × heads

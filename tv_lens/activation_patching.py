@@ -27,6 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tv_lens.errors import InvalidArgumentError, TvLensError, close_matches
+from tv_lens.components import head_name, stream_of_hook
+from tv_lens.protocols import LoadedPair
 from tv_lens.metrics import Metric, MetricLike, as_metric, model_device
 from tv_lens.patching import normalized_effect
 from tv_lens.sources import check_runs_hooks
@@ -36,7 +38,8 @@ DIRECTIONS = ("into_base", "into_tuned")
 #: Hook points whose activations are ``[batch, pos, head, d_head]``.
 _PER_HEAD = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-COLUMNS = ["direction", "hook", "layer", "head", "pos", "base", "tuned", "patched", "normalized"]
+COLUMNS = ["component", "direction", "hook", "layer", "head", "pos", "base", "tuned", "patched",
+           "normalized"]
 
 
 def _hook_names(model: Any, hooks: Iterable[str] | str, layers: Sequence[int] | None,
@@ -100,7 +103,7 @@ def _replace(source: torch.Tensor, head: int | None, pos: int | None):
     return hook
 
 
-def activation_patch(pair: Any, metric: MetricLike, hooks: Iterable[str] | str = "hook_resid_pre", *,
+def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] | str = "hook_resid_pre", *,
                      layers: Sequence[int] | None = None, positions: str = "all",
                      direction: str = "both", progress: bool = True) -> pd.DataFrame:
     """Run one model of the pair with the other's activations at chosen hook points.
@@ -117,8 +120,11 @@ def activation_patch(pair: Any, metric: MetricLike, hooks: Iterable[str] | str =
         progress: show a tqdm bar over batches.
 
     Returns:
-        One row per (direction, hook, head, position): ``direction, hook, layer, head, pos,
-        base, tuned, patched, normalized`` (``head``/``pos`` are NA where not split).
+        One row per (direction, hook, head, position): ``component`` (the head ``L2H5`` where
+        split by head, else the hook's residual-stream point ``L2.resid_pre`` or part
+        ``L2.attn``/``L2.mlp`` (:func:`tv_lens.components.stream_of_hook`), else the hook name),
+        ``direction, hook, layer, head, pos, base, tuned, patched, normalized`` (``head``/``pos``
+        are NA where not split).
     """
     check_runs_hooks(pair, "Activation patching")
     if positions not in ("all", "each"):
@@ -152,7 +158,9 @@ def activation_patch(pair: Any, metric: MetricLike, hooks: Iterable[str] | str =
                             term = metric.term(receiver(batch.tokens), batch)
                         key = (d, name, layer, spec["head"], spec["pos"])
                         totals[key] = totals.get(key, 0.0) + float(term)
-    rows = [dict(direction=d, hook=name, layer=layer, head=head, pos=pos, base=f_base,
+    rows = [dict(component=head_name(layer, head) if head is not None else
+                 stream_of_hook(name) or name, direction=d, hook=name, layer=layer, head=head,
+                 pos=pos, base=f_base,
                  tuned=f_tuned, patched=value, normalized=normalized_effect(value, f_base, f_tuned))
             for (d, name, layer, head, pos), value in totals.items()]
     df = pd.DataFrame(rows, columns=COLUMNS)

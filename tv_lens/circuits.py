@@ -25,8 +25,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-KINDS = ("Q", "K", "V")
-COLUMNS = ["layer_a", "head_a", "layer_b", "head_b", "kind", "base", "tuned", "change"]
+from tv_lens.components import head_name
+from tv_lens.protocols import PairLike
+
+EDGES = ("Q", "K", "V")
+COLUMNS = ["component_a", "component_b", "layer_a", "head_a", "layer_b", "head_b", "edge", "base",
+           "tuned", "change"]
 
 
 def _factors(weights: Any, spec: Any, layer: int, gain: bool) -> dict[str, Tensor]:
@@ -88,8 +92,8 @@ class _Tuned:
         return name in self.tv
 
 
-def composition(pair: Any, *, fold_norm_gains: bool = True) -> pd.DataFrame:
-    """Composition scores of every (earlier head, later head, kind) in both models.
+def composition(pair: PairLike, *, fold_norm_gains: bool = True) -> pd.DataFrame:
+    """Composition scores of every (earlier head, later head, edge) in both models.
 
     Args:
         pair: a :class:`~tv_lens.ModelPair` (or anything with ``tuning_vector()``).
@@ -97,8 +101,10 @@ def composition(pair: Any, *, fold_norm_gains: bool = True) -> pd.DataFrame:
             TransformerLens' processed weights would).
 
     Returns:
-        One row per ``(layer_a, head_a, layer_b, head_b, kind)`` with ``layer_a < layer_b`` and
-        ``kind`` in Q/K/V: ``base``, ``tuned`` and ``change = tuned − base``.
+        One row per (``component_a``, ``component_b``, ``edge``): the writing head
+        ``component_a`` (``L0H3``, also as ``layer_a``/``head_a``) before the reading head
+        ``component_b`` (``layer_a < layer_b``), ``edge`` in Q/K/V (which of the reader's inputs
+        composes), and ``base``, ``tuned`` and ``change = tuned − base``.
     """
     tv = pair.tuning_vector()
     spec, base = tv.spec, tv.base
@@ -111,10 +117,11 @@ def composition(pair: Any, *, fold_norm_gains: bool = True) -> pd.DataFrame:
             for lb in range(la + 1, spec.n_layers):
                 before = _scores(per_layer[la][0], per_layer[lb][0])
                 after = _scores(per_layer[la][1], per_layer[lb][1])
-                for kind in KINDS:
-                    b, t = before[kind].cpu(), after[kind].cpu()
+                for edge in EDGES:
+                    b, t = before[edge].cpu(), after[edge].cpu()
                     for ha in range(spec.n_heads):
                         for hb in range(spec.n_heads):
-                            rows.append((la, ha, lb, hb, kind, float(b[ha, hb]), float(t[ha, hb]),
+                            rows.append((head_name(la, ha), head_name(lb, hb), la, ha, lb, hb, edge,
+                                         float(b[ha, hb]), float(t[ha, hb]),
                                          float(t[ha, hb] - b[ha, hb])))
     return pd.DataFrame(rows, columns=COLUMNS)

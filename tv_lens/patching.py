@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from tv_lens.components import Component, Components
 from tv_lens.errors import InvalidArgumentError, TvLensError
+from tv_lens.protocols import LoadedPair
 from tv_lens.metrics import Metric, MetricLike, as_metric, check_value
 from tv_lens.sources import ModelWeights, compute_dtype
 from tv_lens.vector import TuningVector, check_alpha
@@ -78,7 +79,7 @@ def _target(pair: Any, mode: str) -> tuple[Any, ModelWeights, int]:
 
 
 # ---------------------------------------------------------------------- exact patching
-def patch(pair: Any, metric: MetricLike, components: Components,
+def patch(pair: LoadedPair, metric: MetricLike, components: Components,
           mode: str = "add", alphas: Sequence[float | int] = (1.0,), *,
           progress: bool = True) -> pd.DataFrame:
     """Exact weight patching of tuning-vector components.
@@ -181,7 +182,7 @@ def _path_gradient(tv: TuningVector, metric: Metric, pair: Any, steps: int,
     return {name: g / steps for name, g in total.items()}
 
 
-def attribute(pair: Any, metric: MetricLike, steps: int = 1, *,
+def attribute(pair: LoadedPair, metric: MetricLike, steps: int = 1, *,
               components: Components | None = None, progress: bool = True) -> pd.DataFrame:
     """First-order attribution of every part, unit and expert of τ at once (or of the
     ``components`` given).
@@ -279,7 +280,7 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
     return float(a.rank().corr(b.rank()))
 
 
-def compare_attribution(pair: Any, metric: MetricLike,
+def compare_attribution(pair: LoadedPair, metric: MetricLike,
                         components: Components | None = None, *, k: int = 20,
                         modes: Sequence[str] = MODES, attribution: pd.DataFrame | None = None,
                         exact: pd.DataFrame | None = None,

@@ -33,6 +33,7 @@ from torch import Tensor
 from tv_lens.components import (CIRCUITS, NEURON_MATRICES, Component, Components, circuit_name,
                                 matrix_name, neuron_matrix_name)
 from tv_lens.errors import InvalidArgumentError, TvLensError
+from tv_lens.protocols import PairLike
 from tv_lens.linalg import FactoredSVD, dense_svd, factored_svd
 from tv_lens.pair import token_strings
 
@@ -52,7 +53,7 @@ def unembedding(tv, tuned: bool = False) -> torch.Tensor:
     return W_U
 
 
-def ov_tokens(pair_or_vector: Any, layer: int, head: int, k: int = 10,
+def ov_tokens(pair: PairLike, layer: int, head: int, k: int = 10,
               tokenizer: Any = None) -> pd.DataFrame:
     """The ``k`` tokens whose logits head ``(layer, head)``'s ΔOV can move most.
 
@@ -60,8 +61,8 @@ def ov_tokens(pair_or_vector: Any, layer: int, head: int, k: int = 10,
         ``rank, token_id, token, score, base_score``: ``score = ‖ΔOV W_U[:, t]‖`` and, for
         scale, ``base_score = ‖OV W_U[:, t]‖`` of the base head.
     """
-    tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
-    tokenizer = tokenizer or getattr(pair_or_vector, "tokenizer", None)
+    tv = pair.tuning_vector()
+    tokenizer = tokenizer or getattr(pair, "tokenizer", None)
     with torch.no_grad():
         W_U = unembedding(tv)
         delta = tv.ov(layer, head)
@@ -89,9 +90,6 @@ TOKEN_COLUMNS = ["component", "source", "direction", "sign", "side", "rank", "to
 _MLP_SIDES = {"W_out": ("write",), "W_in": ("read",), "W_gate": ("read",)}
 _NEURON_MATRIX = {"out": "W_out", "in": "W_in", "gate": "W_gate"}
 
-
-def vector_of(pair_or_vector: Any):
-    return pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
 
 
 def _embedding(tv) -> Tensor:
@@ -206,7 +204,7 @@ def _unit_directions(tv, c: Component, directions: int) -> list[tuple[str, str, 
     return out
 
 
-def read_tokens(pair: Any, components: Components | None = None, k: int = 20,
+def read_tokens(pair: PairLike, components: Components | None = None, k: int = 20,
                 directions: int = 3, *, score: str = "logit", tokenizer: Any = None,
                 progress: bool = True) -> pd.DataFrame:
     """Components' update directions (and the base's) read as tokens (module docstring).
@@ -238,7 +236,7 @@ def read_tokens(pair: Any, components: Components | None = None, k: int = 20,
     """
     if k < 1 or directions < 1:
         raise InvalidArgumentError(f"k and directions must be at least 1, got k={k}, directions={directions}.")
-    tv = vector_of(pair)
+    tv = pair.tuning_vector()
     if tv.base is None:
         tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
     tokenizer = tokenizer or getattr(pair, "tokenizer", None)

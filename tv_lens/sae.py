@@ -37,7 +37,8 @@ from torch import Tensor
 
 from tv_lens.errors import CheckpointNotFoundError, InvalidArgumentError, ShapeMismatchError
 from tv_lens.components import Components, circuit_name, neuron_matrix_name
-from tv_lens.readouts import mlp_matrices, read_directions, readable, token_strings, vector_of
+from tv_lens.protocols import PairLike
+from tv_lens.readouts import mlp_matrices, read_directions, readable, token_strings
 
 #: Hooks an SAE can sit on, and which units of which layers write into each.
 _SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -213,7 +214,7 @@ def chance_cosine(directions: Float[Tensor, "n d_in"], samples: int = 256, seed:
     return float(torch.quantile(cos.max(dim=1).values, quantile))
 
 
-def sae_readout(pair: Any, sae: Any, k: int = 20, directions: int = 1, *,
+def sae_readout(pair: PairLike, sae: Any, k: int = 20, directions: int = 1, *,
                 components: Components | None = None, neurons: int = 8,
                 progress: bool = True) -> pd.DataFrame:
     """The update directions of the units writing into an SAE's hook, read in its latents.
@@ -242,7 +243,7 @@ def sae_readout(pair: Any, sae: Any, k: int = 20, directions: int = 1, *,
     if k < 1 or directions < 1:
         raise InvalidArgumentError(f"k and directions must be at least 1, got k={k}, "
                                    f"directions={directions}.")
-    tv = vector_of(pair)
+    tv = pair.tuning_vector()
     sae = SAEWeights.of(sae)
     if sae.d_in != tv.spec.d_model:
         raise ShapeMismatchError(
