@@ -2,8 +2,8 @@
 
 One table of cases drives the command line (exit status 2, a message naming the problem and the
 fix, no traceback) and the Python API (a ``TvLensError`` subclass with that message). The cases
-marked for the README generate its "When something goes wrong" list, checked below, so the two
-cannot drift apart.
+marked for the docs generate the "When something goes wrong" list of ``docs/bad-input.md``, checked
+below, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from tv_lens import ModelPair, Thresholds, TuningVector, analyze, compose
 from tv_lens.cli import main
 from tv_lens.errors import TvLensError
 
-README = Path(__file__).parent.parent / "README.md"
+BAD_INPUT_DOC = Path(__file__).parent.parent / "docs" / "bad-input.md"
 
 
 @dataclass(frozen=True)
 class Case:
     """A bad input: ``cli`` builds argv from the context (exit 2 expected), or ``api`` is a call
     that must raise; ``problem`` and ``fix`` are regexes the message must match; ``readme``
-    (situation) puts the case in the README's list with its ``fix_text``."""
+    (situation) puts the case in docs/bad-input.md's list with its ``fix_text``."""
 
     id: str
     problem: str
@@ -776,9 +776,9 @@ def test_at_least_a_hundred_bad_inputs():
     assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
 
 
-def test_readme_lists_the_suite():
-    """The README's "When something goes wrong" list is the cases marked for it."""
-    text = README.read_text()
+def test_docs_list_the_suite():
+    """docs/bad-input.md's "When something goes wrong" list is the cases marked for it."""
+    text = BAD_INPUT_DOC.read_text()
     section = text.split("## When something goes wrong", 1)[1].split("\n## ", 1)[0]
     listed = [line for line in section.splitlines() if line.startswith("- ")]
     expected = [f"- {c.readme}" + (f": `{c.fix_text}`" if c.fix_text else "") for c in CASES if c.readme]

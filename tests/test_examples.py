@@ -1,7 +1,8 @@
-"""The example scripts run on the shipped pairs and print the numbers the README quotes.
+"""The example scripts run on the shipped pairs and print the numbers the docs quote.
 
-Each number is read from the README's text (so an edit of either side that drifts fails here)
-and compared with what the example computes, to the README's rounding (plus a little for the
+Each number is read from the text of the docs page that quotes it (``docs/research-claims.md``,
+``docs/token-readouts.md``, ``docs/patching.md``), so an edit of either side that drifts fails here,
+and is compared with what the example computes, to the page's rounding (plus a little for the
 two TransformerLens lines' different softmax code paths).
 """
 
@@ -9,13 +10,14 @@ import re
 import runpy
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +35,11 @@ def _numbers(text: str, pattern: str) -> list[float]:
     return [float(g.replace("−", "-")) for g in match.groups()]
 
 
-def quoted(pattern: str) -> list[float]:
-    """Numbers the README quotes, found by a regex over its text (line breaks read as spaces)."""
-    return _numbers(README.read_text(), pattern)
+def quoter(page: str) -> Callable[[str], list[float]]:
+    """``quoted(pattern)``: numbers ``docs/<page>`` quotes, found by a regex over its text (line
+    breaks read as spaces)."""
+    text = (DOCS / page).read_text()
+    return lambda pattern: _numbers(text, pattern)
 
 
 def _run(script: str, argv: list[str], capsys, monkeypatch) -> str:
@@ -45,6 +49,7 @@ def _run(script: str, argv: list[str], capsys, monkeypatch) -> str:
 
 
 def test_research_claims_example(capsys, monkeypatch):
+    quoted = quoter("research-claims.md")
     out = _run("research_claims.py", [], capsys, monkeypatch)
     for marker in ("0. labels per part", "calibrated", "update energy labelled new",
                    "1. MLP: update energy share", "2. attention OV", "2. attention QK",
@@ -80,6 +85,7 @@ def test_research_claims_example(capsys, monkeypatch):
 
 
 def test_research_claims_example_on_the_math_pair(capsys, monkeypatch):
+    quoted = quoter("research-claims.md")
     out = _run("research_claims.py", ["math"], capsys, monkeypatch)
     mlp_new = _numbers(out, r"MLP: update energy labelled new ([\d.]+)")[0]
     pct, aligned, total = quoted(r"(\d+)% on the math pair \((\d+) of (\d+) output directions `aligned`\)")
@@ -90,6 +96,7 @@ def test_research_claims_example_on_the_math_pair(capsys, monkeypatch):
 
 
 def test_token_readouts_example(capsys, monkeypatch):
+    quoted = quoter("token-readouts.md")
     out = _run("token_readouts.py", [], capsys, monkeypatch)
     for marker in ("== medical", "== math", "weight lens, best update direction",
                    "weight lens, best base direction", "activation-difference lens, layer 3"):
@@ -117,8 +124,9 @@ def test_token_readouts_example(capsys, monkeypatch):
 
 def test_patching_example(capsys):
     """examples/patching_medical.py, step by step on one attribution: path attribution recovers
-    the whole change (first order does not), and the parts, heads and rankings the README
-    quotes."""
+    the whole change (first order does not), and the parts, heads and rankings
+    docs/patching.md quotes."""
+    quoted = quoter("patching.md")
     example = runpy.run_path(str(EXAMPLES / "patching_medical.py"))
     pair, metric = example["medical_pair_and_metric"]()
     att = example["tv_lens"].attribute(pair, metric, steps=32, progress=False)

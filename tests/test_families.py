@@ -172,15 +172,15 @@ def test_a_checkpoint_tensor_the_derived_layout_does_not_read_is_refused(save, t
         ModelPair.from_pretrained(folder, folder).tuning_vector()
 
 
-def test_readme_family_table_matches_the_code():
-    """The README's table lists exactly the architectures tv_lens has a layout for, derived
+def test_docs_family_table_matches_the_code():
+    """docs/families.md's table lists exactly the architectures tv_lens has a layout for, derived
     ones marked as such (so the table cannot drift from the code)."""
     import pathlib
     import re
 
     from tv_lens.spec import FAMILIES
 
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "families.md").read_text()
     table = text.split("<!-- families-table -->")[1].split("<!-- /families-table -->")[0]
     listed, derived = set(), set()
     for row in table.strip().splitlines()[2:]:
@@ -197,7 +197,7 @@ def _table(marker: str) -> list[tuple[set[str], str]]:
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "families.md").read_text()
     table = text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
     rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table.strip().splitlines()[2:]]
     return [(set(re.split(r",\s*", row[-2])), row[-1]) for row in rows]
@@ -205,8 +205,8 @@ def _table(marker: str) -> list[tuple[set[str], str]]:
 
 @needs_adapters
 def test_every_adapted_causal_lm_is_listed_as_supported_or_not():
-    """Each TransformerLens 4.x-adapted ``transformers`` causal LM is in the README's family
-    table or in its not-yet table (with a reason), and the not-yet ones are refused."""
+    """Each TransformerLens 4.x-adapted ``transformers`` causal LM is in docs/families.md's
+    family table or in its not-yet table (with a reason), and the not-yet ones are refused."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
