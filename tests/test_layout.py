@@ -72,7 +72,7 @@ def test_fused_blocks_against_direct_splits():
     [q | k | v] against splits written out by hand; writing a block back touches only it."""
     import pytest
 
-    from tv_lens.layout import Fused, fused_blocks
+    from tv_lens.slots import Fused, fused_blocks
     from tv_lens.spec import ArchSpec
 
     spec = ArchSpec("x", "adapter", 1, 12, 3, 3, 4, 10, 20, False, "LN", "rotary")
@@ -98,7 +98,7 @@ def test_an_unknown_fused_order_is_refused():
     an order it cannot write back."""
     from tv_lens.adapters import _fused_layout
     from tv_lens.errors import UnsupportedArchitectureError
-    from tv_lens.layout import fused_blocks
+    from tv_lens.slots import fused_blocks
     from tv_lens.spec import ArchSpec
 
     spec = ArchSpec("x", "adapter", 1, 8, 2, 2, 4, 10, 20, True, "RMS", "rotary")
@@ -134,12 +134,12 @@ def test_contiguous_copy_in_slabs_equals_one_pass(monkeypatch, shape, pattern, s
     a contiguous tensor of the asked dtype, whatever the slab size."""
     import einops
 
-    from tv_lens import layout
+    from tv_lens import slots
 
     view = einops.rearrange(torch.randn(shape).bfloat16(), pattern, **sizes)
     expected = torch.empty(view.shape).copy_(view)
     for slab in (1, 7, 64, 1 << 17):
-        monkeypatch.setattr(layout, "_SLAB", slab)
-        got = layout.contiguous_copy(view, torch.float32)
+        monkeypatch.setattr(slots, "_SLAB", slab)
+        got = slots.contiguous_copy(view, torch.float32)
         assert got.is_contiguous() and got.dtype == torch.float32
         assert torch.equal(got, expected), slab

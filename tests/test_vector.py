@@ -136,9 +136,11 @@ def test_apply_to_returns_patched_copy_and_leaves_input(pair, tokens):
 def test_apply_to_hf_model(llama_dirs, tokens):
     from transformers import AutoModelForCausalLM
 
+    from tv_lens.pair import difference
+
     base = AutoModelForCausalLM.from_pretrained(llama_dirs[0])
     tuned = AutoModelForCausalLM.from_pretrained(llama_dirs[1])
-    tv = TuningVector.between(base, tuned)
+    tv = difference(base, tuned)
     with torch.no_grad(), tv.applied(base):
         torch.testing.assert_close(base(tokens).logits, tuned(tokens).logits, atol=1e-4, rtol=1e-4)
 

@@ -210,7 +210,7 @@ def test_hover_text_column_by_column_equals_row_by_row():
 
     import pandas as pd
 
-    from tv_lens.viz.figures import _hover
+    from tv_lens.viz.figures import hover_text
 
     mixed = pd.DataFrame({"layer": [1, 2, 100000], "share": [0.123456, np.nan, 1e-9],
                           "token": ["<b>&", "z", None], "flag": [True, False, True],
@@ -224,6 +224,6 @@ def test_hover_text_column_by_column_equals_row_by_row():
 
     for frame in (mixed, mixed[["layer", "share"]], mixed.iloc[:0], mixed.iloc[[2, 0]]):
         columns = ["share", "nope", *frame.columns]
-        assert _hover(frame, columns) == row_by_row(frame, columns)
-    assert _hover(mixed, ["token"])[0] == "token: &lt;b&gt;&amp;"
-    assert _hover(mixed, ["nope"]) == ["", "", ""]
+        assert hover_text(frame, columns) == row_by_row(frame, columns)
+    assert hover_text(mixed, ["token"])[0] == "token: &lt;b&gt;&amp;"
+    assert hover_text(mixed, ["nope"]) == ["", "", ""]

@@ -4,7 +4,7 @@ TransformerLens 4.x ships an adapter per architecture whose ``component_mapping`
 Hugging Face module holds each TransformerLens component: ``blocks`` → ``model.layers``,
 ``attn.q`` → ``self_attn.q_proj``, ``mlp.gate`` → ``mlp.gate_proj``, ``ln1`` →
 ``input_layernorm``, and so on. :func:`derived_slots` walks that mapping and builds the same
-:class:`~tv_lens.layout.Slot` table the hand-written layouts hold, so a family whose adapter uses
+:class:`~tv_lens.slots.Slot` table the hand-written layouts hold, so a family whose adapter uses
 the standard components needs no hand-written entry.
 
 What the walk understands (anything else is refused with the component it stopped at):
@@ -25,7 +25,7 @@ What the walk understands (anything else is refused with the component it stoppe
   ``gate_up_proj``, GPT-NeoX's per-head interleaved ``query_key_value``): each adapter splits
   them with its own function, so the walk *asks* that function where each block lies, by
   splitting a tensor whose rows hold their own index, and accepts only an order it knows how to
-  write back (:class:`~tv_lens.layout.Fused`); anything else is refused.
+  write back (:class:`~tv_lens.slots.Fused`); anything else is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from tv_lens.errors import UnsupportedArchitectureError
-from tv_lens.layout import Fused, Slot, fused_blocks, linear_attention
+from tv_lens.slots import Fused, Slot, fused_blocks, linear_attention
 from tv_lens.spec import DERIVED_ARCHITECTURES, ArchSpec
 
 _NORM = "Normalization"

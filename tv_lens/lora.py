@@ -34,7 +34,7 @@ from torch import Tensor
 
 from tv_lens.errors import (CheckpointNotFoundError, NonFiniteWeightsError,
                             PickleCheckpointError, TvLensError)
-from tv_lens.layout import Fused
+from tv_lens.slots import Fused
 from tv_lens.lazy import LazyDeltas, LowRank
 from tv_lens.spec import ArchSpec
 from tv_lens.vector import TuningVector

@@ -153,7 +153,7 @@ def compose(vectors: Sequence[TuningVector], weights: Sequence[float | int] | No
     normalize = _NORMALIZE[method] if normalize is None else normalize
     first = vectors[0]
     for other in vectors[1:]:
-        first._check_same(other)
+        first.check_same(other)
     g = torch.Generator().manual_seed(seed)
     merged = {}
     for names in _tensor_groups(first):
@@ -161,7 +161,7 @@ def compose(vectors: Sequence[TuningVector], weights: Sequence[float | int] | No
         out = _merge(flat, weights, method, density, rescale, normalize, g) * lambda_
         for name, part in zip(names, out.split([first[n].numel() for n in names])):
             merged[name] = part.view_as(first[name])
-    return first._new(merged)
+    return first.with_deltas(merged)
 
 
 def to_mergekit_config(vectors: Sequence[TuningVector], weights: Sequence[float | int] | None = None,

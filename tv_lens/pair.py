@@ -165,6 +165,13 @@ def _vocab_error(n_base: int, n_tuned: int) -> VocabMismatchError:
     )
 
 
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each id's token string; ``<id N>`` where there is no tokenizer or it cannot decode the id
+    (a padded vocabulary: embedding rows past the tokenizer's last token)."""
+    names = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [None] * len(ids)
+    return [n if isinstance(n, str) else f"<id {i}>" for i, n in zip(ids, names)]
+
+
 def difference(base: Any, tuned: Any, *, vocab: str = "error",
                metadata: dict[str, Any] | None = None) -> TuningVector:
     """``tuned − base`` for two loaded models, checked (see :class:`ModelPair`).
@@ -357,8 +364,6 @@ class ModelPair:
         n_base, n_tuned = self.base_spec.d_vocab, self.tuned_spec.d_vocab
         if n_tuned <= n_base:
             return []
-        from tv_lens.readouts import token_strings
-
         return token_strings(getattr(self.tuned, "tokenizer", None), list(range(n_base, n_tuned)))
 
     def tuning_vector(self, *, dense: bool = False) -> TuningVector:

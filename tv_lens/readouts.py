@@ -238,7 +238,7 @@ def read_tokens(pair: PairLike, components: Components | None = None, k: int = 2
         raise InvalidArgumentError(f"k and directions must be at least 1, got k={k}, directions={directions}.")
     tv = pair.tuning_vector()
     if tv.base is None:
-        tv._base_tensor("embed.W_E")  # raises MissingBaseError with the fix
+        tv.base_tensor("embed.W_E")  # raises MissingBaseError with the fix
     tokenizer = tokenizer or getattr(pair, "tokenizer", None)
     chosen = readable(tv, default_components(tv) if components is None else components)
     if score not in ("logit", "cosine"):

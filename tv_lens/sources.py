@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from tv_lens.errors import ProcessedWeightsError, TvLensError, UnsupportedArchitectureError
-from tv_lens.layout import Slot, layout
+from tv_lens.layout import layout
+from tv_lens.slots import Slot
 from tv_lens.spec import ArchSpec
 
 

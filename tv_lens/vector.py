@@ -45,8 +45,9 @@ from torch import Tensor
 from tv_lens.components import PART_KINDS, ComponentIndex, part_kind
 from tv_lens.errors import (CheckpointNotFoundError, InvalidArgumentError, MissingBaseError,
                             OutOfRangeError, ShapeMismatchError, TvLensError, close_matches)
-from tv_lens.layout import Slot, layout
+from tv_lens.layout import layout
 from tv_lens.lazy import LazyDeltas, LowRank, Meta
+from tv_lens.slots import Slot
 from tv_lens.sources import ModelWeights, layer_of
 from tv_lens.spec import ArchSpec, check_compatible, resolve_layers
 
@@ -142,20 +143,9 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         self._components: ComponentIndex | None = None
 
     # ----------------------------------------------------------------- construction
-    @classmethod
-    def between(cls, base: Any, tuned: Any, *, vocab: str = "error",
-                metadata: dict[str, Any] | None = None) -> "TuningVector":
-        """``tuned − base`` for two models (bridges, HF causal LMs or TL-native modules).
-
-        Prefer :meth:`tv_lens.ModelPair.tuning_vector`, which also checks compatibility.
-        ``vocab="shared"`` compares embeddings/unembeddings on the first ``min(d_vocab)`` rows.
-        """
-        from tv_lens.pair import difference  # the pair module owns loading and checking
-
-        return difference(base, tuned, vocab=vocab, metadata=metadata)
-
-    def _new(self, deltas: Mapping[str, Any],
-             factors: Mapping[str, LowRank] | None = None) -> "TuningVector":
+    def with_deltas(self, deltas: Mapping[str, Any],
+                    factors: Mapping[str, LowRank] | None = None) -> "TuningVector":
+        """A vector of the same model, base and metadata holding ``deltas`` (and ``factors``)."""
         return TuningVector(deltas, self.spec, base=self.base, metadata=self.metadata,
                             factors=factors)
 
@@ -184,10 +174,10 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
                 compute = lambda k: fn(k, self[k])  # noqa: E731
             else:
                 compute = lambda k: fn(k, self[k], other[k])  # noqa: E731
-            return self._new(LazyDeltas({k: self.meta(k) for k in self.deltas}, compute), factors)
+            return self.with_deltas(LazyDeltas({k: self.meta(k) for k in self.deltas}, compute), factors)
         if other is None:
-            return self._new({k: fn(k, v) for k, v in self.deltas.items()}, factors)
-        return self._new({k: fn(k, v, other.deltas[k]) for k, v in self.deltas.items()}, factors)
+            return self.with_deltas({k: fn(k, v) for k, v in self.deltas.items()}, factors)
+        return self.with_deltas({k: fn(k, v, other.deltas[k]) for k, v in self.deltas.items()}, factors)
 
     def dense(self) -> "TuningVector":
         """This vector with every entry computed and held in memory (itself if it already is)."""
@@ -242,8 +232,8 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         cut = self.components.deltas(self, names)
         entry = lambda k: cut[k] if k in cut else self._zeros(k)  # noqa: E731
         if self.lazy:  # zeros of a 7B vector would fill memory: made on access instead
-            return self._new(LazyDeltas({k: self.meta(k) for k in self.deltas}, entry))
-        return self._new({k: entry(k) for k in self.deltas})
+            return self.with_deltas(LazyDeltas({k: self.meta(k) for k in self.deltas}, entry))
+        return self.with_deltas({k: entry(k) for k in self.deltas})
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.n_layers:
@@ -273,7 +263,9 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         return NeuronDelta(layer, neuron, self[m + "W_in"][:, neuron],
                            None if gate is None else gate[:, neuron], self[m + "W_out"][neuron])
 
-    def _base_tensor(self, name: str, device: torch.device | None = None) -> Tensor:
+    def base_tensor(self, name: str, device: torch.device | None = None) -> Tensor:
+        """The base weight of entry ``name`` on ``device`` (default: the update's); a
+        :class:`~tv_lens.MissingBaseError` with the fix where the vector carries no base."""
         if self.base is None:
             raise MissingBaseError(
                 "This tuning vector carries no base weights, which circuit differences need "
@@ -288,12 +280,12 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         if isinstance(self.deltas, LazyDeltas) and self.deltas.with_base is not None:
             return self.deltas.with_base(name)
         update = self[name]
-        return self._base_tensor(name, update.device), update
+        return self.base_tensor(name, update.device), update
 
     def with_base(self, base_model: Any) -> "TuningVector":
         """This vector with ``base_model``'s weights attached (for :meth:`ov`, :meth:`qk`)."""
         weights = ModelWeights(base_model)
-        self._check_fits(weights)
+        self.check_fits(weights)
         return TuningVector(self.deltas, self.spec, base=weights, metadata=self.metadata,
                             factors=self._factors)
 
@@ -307,8 +299,8 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
 
         h = self.head(layer, head)
         a = f"blocks.{layer}.attn."
-        V = self._base_tensor(a + "W_V", h.W_V.device)[h.kv_head]
-        O = self._base_tensor(a + "W_O", h.W_O.device)[head]
+        V = self.base_tensor(a + "W_V", h.W_V.device)[h.kv_head]
+        O = self.base_tensor(a + "W_O", h.W_O.device)[head]
         return FactoredMatrix(torch.cat([V + h.W_V, -V], dim=-1), torch.cat([O + h.W_O, O], dim=0))
 
     def qk(self, layer: int, head: int):
@@ -317,13 +309,15 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
 
         h = self.head(layer, head)
         a = f"blocks.{layer}.attn."
-        Q = self._base_tensor(a + "W_Q", h.W_Q.device)[head]
-        K = self._base_tensor(a + "W_K", h.W_K.device)[h.kv_head]
+        Q = self.base_tensor(a + "W_Q", h.W_Q.device)[head]
+        K = self.base_tensor(a + "W_K", h.W_K.device)[h.kv_head]
         return FactoredMatrix(torch.cat([Q + h.W_Q, -Q], dim=-1),
                               torch.cat([(K + h.W_K).T, K.T], dim=0))
 
     # ----------------------------------------------------------------- arithmetic
-    def _check_same(self, other: "TuningVector") -> None:
+    def check_same(self, other: "TuningVector") -> None:
+        """Raise a clear error unless ``other`` is a vector of the same parameters and shapes
+        (fine-tunes of one base), which vectors need to combine."""
         if not isinstance(other, TuningVector):
             raise TypeError(f"Cannot combine a TuningVector with a {type(other).__name__}.")
         check_compatible(self.spec, other.spec, "combine")
@@ -338,11 +332,11 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
             )
 
     def __add__(self, other: "TuningVector") -> "TuningVector":
-        self._check_same(other)
+        self.check_same(other)
         return self._map(lambda k, a, b: a + b, other)
 
     def __sub__(self, other: "TuningVector") -> "TuningVector":
-        self._check_same(other)
+        self.check_same(other)
         return self._map(lambda k, a, b: a - b, other)
 
     def __neg__(self) -> "TuningVector":
@@ -449,7 +443,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         return df
 
     # ----------------------------------------------------------------- application
-    def _check_fits(self, weights: ModelWeights, names: Iterable[str] | None = None) -> None:
+    def check_fits(self, weights: ModelWeights, names: Iterable[str] | None = None) -> None:
         """Raise a clear error unless every delta (or those of ``names``) has the model's shape
         for that parameter."""
         check_compatible(self.spec, weights.spec, "apply")
@@ -483,7 +477,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         """
         check_alpha(alpha)
         weights = ModelWeights(model)
-        self._check_fits(weights)
+        self.check_fits(weights)
         with weights.patched(self.deltas, alpha):
             yield model
 
@@ -491,7 +485,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         """Add ``alpha·τ`` to ``model``'s weights in place, permanently. Returns ``model``."""
         check_alpha(alpha)
         weights = ModelWeights(model)
-        self._check_fits(weights)
+        self.check_fits(weights)
         weights.add_(self.deltas, alpha)
         return model
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from tv_lens.viz.figures import _hover, _require, _with_tokens
+from tv_lens.viz.figures import hover_text, require_columns, with_tokens
 
 _KIND_COLORS = {"Q": "#2ca02c", "K": "#9467bd", "V": "#ff7f0e"}
 
@@ -47,7 +47,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
             tokens its update writes (heads: the circuit's top direction; MLPs: W_out's).
     """
     heads = analysis.heads[analysis.heads.circuit == circuit_kind].copy()
-    _require(heads, ["layer", "head", "new_share", "delta_norm"], "viz.circuit")
+    require_columns(heads, ["layer", "head", "new_share", "delta_norm"], "viz.circuit")
     n_heads_total = len(heads)
     heads = heads.nlargest(min(top_heads, len(heads)), "delta_norm")
     heads["component"] = [f"L{l}H{h}" for l, h in zip(heads.layer, heads["head"])]
@@ -56,8 +56,8 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     mlp["layer"] = mlp.layer.astype(int)
     mlp["component"] = [f"L{l}.mlp" for l in mlp.layer]
     mlp["new_share"], mlp["delta_norm"] = mlp.mean_new_share, np.sqrt(mlp.update_energy)
-    heads = _with_tokens(heads, tokens, [f"{c}.{circuit_kind}" for c in heads.component])
-    mlp = _with_tokens(mlp, tokens, [f"L{l}.mlp.W_out" for l in mlp.layer])
+    heads = with_tokens(heads, tokens, [f"{c}.{circuit_kind}" for c in heads.component])
+    mlp = with_tokens(mlp, tokens, [f"L{l}.mlp.W_out" for l in mlp.layer])
     n_heads = int(analysis.heads["head"].max()) + 1
 
     size_h, size_m = _sizes(heads.delta_norm), _sizes(mlp.delta_norm)
@@ -75,7 +75,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     fig = go.Figure()
     edges = pd.DataFrame()
     if composition is not None:
-        _require(composition, ["layer_a", "head_a", "layer_b", "head_b", "kind", "change"],
+        require_columns(composition, ["layer_a", "head_a", "layer_b", "head_b", "kind", "change"],
                  "viz.circuit")
         shown = set(x_head)
         keep = [(la, ha) in shown and (lb, hb) in shown for la, ha, lb, hb in
@@ -95,7 +95,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
             x=[(2 * a + 2 * b) / 2 for a, b in zip(edges.layer_a, edges.layer_b)],
             y=[(a + b) / 2 for a, b in zip(edges.head_a, edges.head_b)], mode="markers",
             marker=dict(size=6, color=[_KIND_COLORS[k] for k in edges.kind]),
-            name="composition change", text=_hover(edges, list(edges.columns)), hoverinfo="text",
+            name="composition change", text=hover_text(edges, list(edges.columns)), hoverinfo="text",
             customdata=edges[["layer_a", "head_a", "layer_b", "head_b", "kind", "change"]].to_numpy()))
     mid = float(analysis.heads.baseline_subspace_share_weights.iloc[0]) \
         if "baseline_subspace_share_weights" in analysis.heads else 0.5
@@ -105,12 +105,12 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
                              y=heads["head"], mode="markers+text", text=heads.component,
                              textposition="top center", name="heads",
                              marker=dict(size=size_h, color=heads.new_share, **color),
-                             hovertext=_hover(heads, list(heads.columns)), hoverinfo="text"))
+                             hovertext=hover_text(heads, list(heads.columns)), hoverinfo="text"))
     fig.add_trace(go.Scatter(x=2 * mlp.layer + 1, y=[(n_heads - 1) / 2] * len(mlp),
                              mode="markers+text", text=mlp.component, textposition="top center",
                              name="MLPs", marker=dict(size=size_m, symbol="square",
                                                       color=mlp.new_share, **color),
-                             hovertext=_hover(mlp, ["component", "new_share", "delta_norm",
+                             hovertext=hover_text(mlp, ["component", "new_share", "delta_norm",
                                                     "energy_share", "effect", "tokens"]),
                              hoverinfo="text"))
     shown_note = (f"{len(heads)} of {n_heads_total} heads (largest updates)"

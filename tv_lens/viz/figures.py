@@ -26,14 +26,15 @@ HEAD_BASELINES = {"subspace_share": "baseline_subspace_share_weights",
                   "relative_norm": None, "delta_norm": None}
 
 
-def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
+def require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:
+    """Raise a clear error unless ``df`` has ``columns`` (``what``: the function that needs them)."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise TvLensError(f"{what} needs a table with columns {columns}; this one lacks "
                           f"{missing}. Pass the matching tv_lens result.")
 
 
-def _hover(rows: pd.DataFrame, columns: list[str]) -> list[str]:
+def hover_text(rows: pd.DataFrame, columns: list[str]) -> list[str]:
     """One hover text per row: ``column: value`` lines, numbers to 4 significant digits.
     Values are read as ``rows.iterrows()`` would give them (one dtype for the whole frame),
     column by column: 20 000 neurons in 0.34 s instead of 3.5 s row by row."""
@@ -53,11 +54,11 @@ def _grid(df: pd.DataFrame, value: str, n_heads: int | None = None):
     row = {layer: i for i, layer in enumerate(layers)}
     i, j = [row[layer] for layer in df["layer"]], df["head"].to_numpy().astype(int)
     z[i, j] = df[value].to_numpy(dtype=float)
-    text[i, j] = _hover(df, list(df.columns))
+    text[i, j] = hover_text(df, list(df.columns))
     return layers, z, text
 
 
-def _with_tokens(df: pd.DataFrame, tokens: pd.DataFrame | None, units: list[str]) -> pd.DataFrame:
+def with_tokens(df: pd.DataFrame, tokens: pd.DataFrame | None, units: list[str]) -> pd.DataFrame:
     """``df`` plus a ``tokens`` hover column: each unit's top update tokens (read_tokens)."""
     if tokens is None:
         return df
@@ -78,9 +79,9 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share",
     :func:`tv_lens.readouts.read_tokens` table) the tokens its update writes (reads, for QK).
     """
     table = analysis.heads
-    _require(table, ["layer", "head", "circuit", value], "viz.heads")
+    require_columns(table, ["layer", "head", "circuit", value], "viz.heads")
     df = table[table.circuit == circuit]
-    df = _with_tokens(df, tokens, [f"L{l}H{h}.{circuit}" for l, h in zip(df.layer, df["head"])])
+    df = with_tokens(df, tokens, [f"L{l}H{h}.{circuit}" for l, h in zip(df.layer, df["head"])])
     if df.empty:
         raise TvLensError(f"No rows for circuit {circuit!r}; circuits are "
                           f"{sorted(table.circuit.unique())}.")
@@ -118,7 +119,7 @@ def neurons(analysis, side: str = "out", layer: int | None = None,
     updates are drawn, and the title says so. ``tokens`` (a :func:`~tv_lens.readouts.read_tokens`
     table with neurons, ``neurons=[...]``) adds each neuron's top tokens to its hover."""
     table = analysis.neurons
-    _require(table, ["layer", "neuron", "side", "cos", "relative_norm", "label"], "viz.neurons")
+    require_columns(table, ["layer", "neuron", "side", "cos", "relative_norm", "label"], "viz.neurons")
     df = table[(table.side == side) & ((table.layer == layer) if layer is not None else True)]
     if df.empty:
         raise TvLensError(f"No neurons for side={side!r}, layer={layer!r}; sides are "
@@ -127,14 +128,14 @@ def neurons(analysis, side: str = "out", layer: int | None = None,
     if total > max_points:
         df = df.nlargest(max_points, "delta_norm")
     experts = df["expert"] if "expert" in df else [pd.NA] * len(df)  # mixture of experts
-    df = _with_tokens(df, tokens, [f"L{l}{'' if pd.isna(e) else f'E{int(e)}'}N{n}.{side}"
+    df = with_tokens(df, tokens, [f"L{l}{'' if pd.isna(e) else f'E{int(e)}'}N{n}.{side}"
                                    for l, e, n in zip(df.layer, experts, df.neuron)])
     fig = go.Figure()
     trace = go.Scatter if len(df) <= 20000 else go.Scattergl  # WebGL only where SVG is too slow
     for label, rows in df.groupby("label"):
         fig.add_trace(trace(x=rows.relative_norm, y=rows.cos, mode="markers", name=label,
                                    marker=dict(size=5, color=LABEL_COLORS.get(label)),
-                                   text=_hover(rows, list(rows.columns)), hoverinfo="text"))
+                                   text=hover_text(rows, list(rows.columns)), hoverinfo="text"))
     band = float(np.sqrt(df.baseline_cos2.iloc[0]))
     for y in (band, -band):
         fig.add_hline(y=y, line_dash="dash", line_color="grey")
@@ -151,7 +152,7 @@ def summary(analysis) -> go.Figure:
     """Attention vs MLP per layer: share of the update energy, and mean new_share against its
     random baselines (the research question at a glance)."""
     df = analysis.summary
-    _require(df, ["layer", "part", "energy_share", "mean_new_share", "baseline_new_share"],
+    require_columns(df, ["layer", "part", "energy_share", "mean_new_share", "baseline_new_share"],
              "viz.summary")
     df = df[df.layer.astype(str) != "all"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("share of update energy",
@@ -176,9 +177,9 @@ def summary(analysis) -> go.Figure:
 
 def spectrum(table: pd.DataFrame) -> go.Figure:
     """Singular values of Δ against those of W for one matrix (from
-    :func:`tv_lens.alignment.matrix_spectrum`); Δ's top directions are marked by their best
+    :func:`tv_lens.analysis.spectrum.matrix_spectrum`); Δ's top directions are marked by their best
     match with W's singular vectors (red = new, below 0.5)."""
-    _require(table, ["index", "sigma_base", "sigma_delta", "match", "matched_index"],
+    require_columns(table, ["index", "sigma_base", "sigma_delta", "match", "matched_index"],
              "viz.spectrum")
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=table["index"], y=table.sigma_base, name="W (base)",
@@ -200,7 +201,7 @@ def spectrum(table: pd.DataFrame) -> go.Figure:
 def patching(table: pd.DataFrame, value: str = "normalized") -> go.Figure:
     """Effects per component from :func:`tv_lens.patch` or :func:`tv_lens.attribute`: heads as
     a layer × head grid, the top neurons and other components as ranked bars."""
-    _require(table, ["component", "kind", "layer", "index", value], "viz.patching")
+    require_columns(table, ["component", "kind", "layer", "index", value], "viz.patching")
     heads_df = table[table.kind == "head"].rename(columns={"index": "head"})
     others = table[table.kind != "head"]
     others = others.reindex(others[value].abs().sort_values(ascending=False).index).head(30)
@@ -213,7 +214,7 @@ def patching(table: pd.DataFrame, value: str = "normalized") -> go.Figure:
                                  colorscale="RdBu_r", zmid=0, colorbar=dict(title=value, x=0.45)),
                       row=1, col=1)
     fig.add_trace(go.Bar(x=others[value], y=others.component, orientation="h",
-                         text=_hover(others, list(others.columns)), hoverinfo="text",
+                         text=hover_text(others, list(others.columns)), hoverinfo="text",
                          name=value), row=1, col=2)
     fig.update_xaxes(title_text="head", row=1, col=1)
     fig.update_xaxes(title_text=value, row=1, col=2)
@@ -245,7 +246,7 @@ def attribution_vs_exact(comparison) -> go.Figure:
 def composition_grid(grid: pd.DataFrame) -> go.Figure:
     """A :func:`tv_lens.composition_grid` table as a heatmap: one row per setting (method,
     weights, α), one column per metric."""
-    _require(grid, ["method", "alpha", "metric", "value"], "viz.composition_grid")
+    require_columns(grid, ["method", "alpha", "metric", "value"], "viz.composition_grid")
     w_cols = [c for c in grid.columns if c.startswith("w_")]
     setting = grid.apply(lambda r: f"{r.method} " + ",".join(f"{r[c]:g}" for c in w_cols)
                          + f" α={r.alpha:g}", axis=1)
