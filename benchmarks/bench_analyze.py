@@ -37,7 +37,7 @@ def _gpt2_small_pair(n_layer: int):
 
 
 def bench(name: str, pair, vocab: int) -> None:
-    from tv_lens.alignment import analyze
+    from tv_lens.analysis.run import analyze
 
     tokens = torch.randint(0, vocab, (8, 128))
     with torch.no_grad():

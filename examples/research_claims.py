@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 import tv_lens
+from tv_lens.analysis.labels import LABELS
 
 
 def energy_weighted(df: pd.DataFrame, column: str) -> float:
@@ -38,7 +39,7 @@ def label_counts(calibrated: tv_lens.Analysis, fixed: tv_lens.Analysis) -> pd.Da
                                   ("matrix", result.matrices, "matrix")):
             for k, labels in table.groupby(kind, sort=False).label:
                 rows.append({"part": part, "kind": k, "mode": mode, **labels.value_counts().to_dict()})
-    cols = ["part", "kind", "mode", *[c for c in tv_lens.alignment.LABELS if any(c in r for r in rows)]]
+    cols = ["part", "kind", "mode", *[c for c in LABELS if any(c in r for r in rows)]]
     return pd.DataFrame(rows).reindex(columns=cols).fillna(0).astype({c: int for c in cols[3:]})
 
 

@@ -9,7 +9,8 @@ import torch
 
 from conftest import gpt2_model, llama_model
 from tv_lens import ModelPair, TuningVector
-from tv_lens.alignment import HEAD_COLUMNS, MATRIX_COLUMNS, NEURON_COLUMNS, SUMMARY_COLUMNS, analyze
+from tv_lens.analysis.labels import HEAD_COLUMNS, MATRIX_COLUMNS, NEURON_COLUMNS, SUMMARY_COLUMNS
+from tv_lens.analysis.run import analyze
 from tv_lens.cli import main
 from tv_lens.sources import ModelWeights
 
@@ -194,13 +195,13 @@ def test_summary_energy_and_concentration(llama_dirs):
     ((0.1, 0.2, 0.7, 0.2), "new"), ((0.1, 0.3, 0.4, 0.2), "mixed"),
 ])
 def test_label_rules(args, expected):
-    from tv_lens.alignment import label
+    from tv_lens.analysis.labels import label
 
     assert label(*args) == expected
 
 
 def test_thresholds_are_parameters(llama_dirs):
-    from tv_lens.alignment import Thresholds
+    from tv_lens.analysis.labels import Thresholds
 
     pair = ModelPair.from_pretrained(*llama_dirs)
     strict = analyze(pair, thresholds=Thresholds(new=0.999), progress=False).heads

@@ -885,18 +885,18 @@ def test_output_folder_follows_the_umask(ctx):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
 
 def test_a_write_failing_midway_leaves_the_earlier_output(ctx, capsys, monkeypatch):
-    from tv_lens import alignment
+    from tv_lens.analysis import summary
 
     out = Path(ctx.out("midway"))
     assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    original = alignment.Analysis.save
+    original = summary.Analysis.save
 
     def failing_save(self, folder):
         original(self, folder)
         raise OSError(28, "No space left on device")  # after some files were written
 
-    monkeypatch.setattr(alignment.Analysis, "save", failing_save)
+    monkeypatch.setattr(summary.Analysis, "save", failing_save)
     with pytest.raises(OSError):
         main(ANALYZE + [ctx.base, ctx.tuned, "--out", str(out)])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -932,9 +932,9 @@ def test_saved_vector_failing_midway_leaves_no_file(ctx, monkeypatch, tmp_path):
 
 _PAUSED = """
 import pathlib, sys, time
-import tv_lens.alignment, tv_lens.reporting
+import tv_lens.analysis.run, tv_lens.reporting
 flag, point = pathlib.Path(sys.argv[1]), sys.argv[2]
-module = tv_lens.reporting if point == "report" else tv_lens.alignment
+module = tv_lens.reporting if point == "report" else tv_lens.analysis.run
 real = getattr(module, point)
 def paused(*args, **kwargs):
     flag.touch()  # the signal comes now: inside the staged block, tables saved for "report"
@@ -1183,12 +1183,12 @@ def test_low_rank_updates_print_their_shape_not_their_entries():
     assert text == "LowRank(6 × 5, rank 2, torch.float32, cpu)"
 
 def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
-    from tv_lens import alignment
+    from tv_lens.analysis import run
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(alignment, "analyze", interrupted)
+    monkeypatch.setattr(run, "analyze", interrupted)
     out = ctx.out("interrupted")
     assert main(ANALYZE + [ctx.base, ctx.tuned, "--out", out]) == 130
     captured = capsys.readouterr()

@@ -14,7 +14,8 @@ import torch
 
 from conftest import gpt2_model, llama_model, runs_once_in
 from tv_lens import ModelPair, TuningVector
-from tv_lens.alignment import analyze, calibrated_labels
+from tv_lens.analysis.labels import calibrated_labels
+from tv_lens.analysis.run import analyze
 from tv_lens.cli import main
 from tv_lens.linalg import align_circuits, cluster_ids, core_shares
 from tv_lens.nulls import (_same_cluster, _shared_draws, _unit_shares, block_counts, circuit_null,
@@ -291,7 +292,7 @@ def test_calibrated_label_rules():
         relative_norm=[0.1, 0.1, 0.1, 0.1, 0.0], amplification_share=[0.9, 0.9, 0.2, 0.2, np.nan],
         q_value=[1e-5, 1e-5, 1e-5, 0.5, np.nan], amplification_q_value=[1e-5, 0.5, 1e-5, 0.5, np.nan],
         signed_scale=[-1.0, 1.0, 1.0, 1.0, 0.0]))
-    from tv_lens.alignment import Thresholds
+    from tv_lens.analysis.labels import Thresholds
 
     assert list(calibrated_labels(table, Thresholds())) == ["dampened", "aligned", "aligned", "new",
                                                             "unchanged"]
@@ -336,7 +337,7 @@ def test_summary_and_cli_options(llama_dirs, tmp_path, capsys):
 def test_fast_mode_keeps_fixed_matrix_labels():
     """--fast finds the base's top directions with the update's as probes, so a random-subspace
     null would call every matrix aligned: no matrix tests there, fixed labels instead."""
-    from tv_lens.alignment import label
+    from tv_lens.analysis.labels import label
     from tv_lens import Thresholds
 
     pair = _noise_pair(_bigger_llama())

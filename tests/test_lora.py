@@ -9,7 +9,7 @@ import torch
 
 from conftest import llama_model
 from tv_lens import ModelPair, analyze
-from tv_lens.alignment import _as_2d
+from tv_lens.analysis.rows import as_2d
 from tv_lens.cli import main
 from tv_lens.demo import checkpoint_dir, load_pair
 from tv_lens.errors import PickleCheckpointError, TvLensError
@@ -99,7 +99,7 @@ def test_lora_vector_equals_the_merged_models(lora):
     else:
         assert factored
         for name in factored:
-            torch.testing.assert_close(tv.factors(name).dense(), _as_2d(name, tv[name]),
+            torch.testing.assert_close(tv.factors(name).dense(), as_2d(name, tv[name]),
                                        atol=1e-7, rtol=1e-6)
     if variant == "patterns":  # rank_pattern: down_proj has rank 3, the others 2
         assert tv.factors("blocks.0.mlp.W_out").rank == 3

@@ -61,8 +61,10 @@ def test_fast_report_draws_the_fast_spectrum(pair, tmp_path, monkeypatch):
     """A --fast analysis's report draws the top ``fast_rank`` values, as the analysis saw them
     (no exact decomposition of the most-changed matrix just for the figure)."""
     calls = []
-    real = tv_lens.alignment.matrix_spectrum
-    monkeypatch.setattr(tv_lens.alignment, "matrix_spectrum",
+    from tv_lens.analysis import spectrum
+
+    real = spectrum.matrix_spectrum
+    monkeypatch.setattr(spectrum, "matrix_spectrum",
                         lambda *a, **k: calls.append(k) or real(*a, **k))
     analysis = tv_lens.analyze(pair, progress=False, fast=True, fast_rank=12)
     text = tv_lens.report(analysis, tmp_path / "r.html", pair=pair).read_text()

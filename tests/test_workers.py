@@ -46,15 +46,15 @@ def test_workers_give_the_same_tables_in_the_same_order(family_dirs, threads):
 def test_embeddings_go_first_beside_the_layers(llama_dirs, monkeypatch):
     """With several workers the embeddings (the largest matrices) start first, beside layer 0,
     instead of after every layer on their own; their rows still come last."""
-    import tv_lens.alignment as alignment
+    from tv_lens.analysis import run
 
     seen = []
 
-    def recording(fn, items, workers):
+    def recording(fn, items, workers, threads=None):
         seen.append((list(items), workers))
-        return ordered_map(fn, items, workers)
+        return ordered_map(fn, items, workers, threads)
 
-    monkeypatch.setattr(alignment, "ordered_map", recording)
+    monkeypatch.setattr(run, "ordered_map", recording)
     pair = ModelPair.from_pretrained(*llama_dirs)
     two = analyze(pair, progress=False, workers=2)
     one = analyze(pair, progress=False, workers=1)
@@ -159,3 +159,17 @@ def test_checkpoint_reads_from_many_threads(llama_dirs):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(checkpoint.read, order))
     assert all(torch.equal(g, want[k]) for g, k in zip(got, order))
+
+
+def test_threads_per_worker_are_set_for_the_work_and_restored(threads):
+    """``threads`` BLAS threads per worker while the items run (with one worker or several),
+    torch's count given back after; a bad value is refused."""
+    from tv_lens.workers import check_threads
+
+    threads(4)
+    seen = []
+    list(ordered_map(lambda i: seen.append(torch.get_num_threads()), range(3), 2, threads=1))
+    list(ordered_map(lambda i: seen.append(torch.get_num_threads()), range(2), 1, threads=2))
+    assert seen == [1, 1, 1, 2, 2] and torch.get_num_threads() == 4
+    with pytest.raises(InvalidArgumentError, match="threads must be a positive integer"):
+        check_threads(0)

@@ -40,6 +40,30 @@ def serial(zoo_dirs):
     return analyze_zoo(base, {k: str(v) for k, v in tuned.items()}, **FAST)
 
 
+@pytest.mark.parametrize("options", [
+    # every option off its default (intruders were fixed at (10, 0.5) in the zoo before)
+    dict(top_k=4, tol=1e-5, level=0.05, labels="fixed", seed=3, intruder_top_k=3,
+         intruder_epsilon=0.9, thresholds=None),
+    dict(fast=True, fast_rank=12, top_k=6),
+])
+def test_the_zoo_takes_analyzes_own_options(zoo_dirs, options):
+    """One AnalysisOptions for both: a zoo's tables equal analyze's under the same options,
+    passed as an object or as keywords; the task key changes with any option."""
+    from tv_lens.analysis.options import AnalysisOptions
+    from tv_lens.zoo import ZooOptions
+
+    base, tuned = zoo_dirs
+    given = AnalysisOptions(null_samples=20, **options)
+    zoo = analyze_zoo(base, {"a": str(tuned["a"])}, given, progress=False, threads=1)
+    alone = analyze(ModelPair.from_pretrained(base, tuned["a"]), progress=False, **{
+        "null_samples": 20, **options})
+    for kind in ("heads", "neurons", "matrices", "summary"):
+        pd.testing.assert_frame_equal(getattr(zoo.analyses["a"], kind), getattr(alone, kind))
+    assert ZooOptions("b", {}, given).key() != ZooOptions("b", {}, AnalysisOptions(null_samples=20)).key()
+    with pytest.raises(TypeError, match="'top_kk' is not an analysis option.*Did you mean 'top_k'"):
+        analyze_zoo(base, {"a": str(tuned["a"])}, top_kk=3)
+
+
 def _vector(base, tuned):
     return ModelPair.from_pretrained(base, tuned).tuning_vector()
 
@@ -255,7 +279,7 @@ def test_base_decompositions_are_cached_under_the_bases_content_hash(zoo_dirs, s
                                                                       monkeypatch, save):
     """A second zoo of the same base reads every base decomposition from the cache (no
     decomposition computed) and gives the same tables; a changed base gets its own entry."""
-    import tv_lens.alignment as alignment
+    from tv_lens.analysis import run
     from tv_lens.zoo import content_hash
 
     base, tuned = zoo_dirs
@@ -268,7 +292,7 @@ def test_base_decompositions_are_cached_under_the_bases_content_hash(zoo_dirs, s
     def no_base_decomposition(*args, **kwargs):
         raise AssertionError("the base was decomposed again")
 
-    monkeypatch.setattr(alignment, "base_decompositions", no_base_decomposition)
+    monkeypatch.setattr(run, "base_decompositions", no_base_decomposition)
     monkeypatch.setattr("tv_lens.zoo.base_decompositions", no_base_decomposition)
     _assert_same(serial, analyze_zoo(base, {"a": tuned["a"], "b": tuned["b"], "c": tuned["c"]},
                                      cache=tmp_path / "cache", **FAST))

@@ -24,9 +24,10 @@ _EXPORTS: dict[str, str] = {
     # components
     "Component": "tv_lens.components", "ComponentIndex": "tv_lens.components",
     # analysis
-    "Analysis": "tv_lens.alignment", "Thresholds": "tv_lens.alignment",
-    "analyze": "tv_lens.alignment", "compare_representations": "tv_lens.representations",
-    "composition": "tv_lens.circuits", "matrix_spectrum": "tv_lens.alignment",
+    "Analysis": "tv_lens.analysis.summary", "AnalysisOptions": "tv_lens.analysis.options",
+    "Thresholds": "tv_lens.analysis.labels", "analyze": "tv_lens.analysis.run",
+    "compare_representations": "tv_lens.representations", "composition": "tv_lens.circuits",
+    "matrix_spectrum": "tv_lens.analysis.spectrum",
     # model zoos: many fine-tunes of one base
     "Zoo": "tv_lens.zoo", "analyze_zoo": "tv_lens.zoo",
     # reading updates as tokens

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("tuned", help="local checkpoint folder, PEFT adapter folder (or HF name)")
     analyze.add_argument("--out", required=True, type=Path, help="folder for the CSV/JSON tables")
     _analysis_options(analyze)
+    _worker_options(analyze, "layers worked on at once, in threads of one process (default 2 on "
+                             "a CPU with two or more threads, 1 on a GPU; each holds one layer)")
+    _prompt_option(analyze)
     analyze.add_argument("--device", default=None,
                          help="where the per-layer work and the models run: cpu, cuda, cuda:1")
     analyze.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -51,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--domain", default="medical", choices=("medical", "math", "medical_lora"))
     demo.add_argument("--out", type=Path, default=Path("tv_lens_demo_out"))
     _analysis_options(demo)
+    _worker_options(demo, "layers worked on at once, in threads of one process (default 2 on "
+                          "a CPU with two or more threads, 1 on a GPU; each holds one layer)")
+    _prompt_option(demo)
     zoo = sub.add_parser("zoo", help="many fine-tunes of one base: per-model tables and the "
                                      "tables comparing them, each base layer decomposed once")
     zoo.add_argument("base", help="local checkpoint folder of the base model")
@@ -58,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     zoo.add_argument("--out", required=True, type=Path,
                      help="folder for the tables; finished tasks are kept in it, so running the "
                           "same command again resumes")
-    zoo.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    _analysis_options(zoo)
+    _worker_options(zoo, "layers worked on at once, one process each (default 1: serial; each "
+                         "holds one layer of the base and of every fine-tune)")
     zoo.add_argument("--ray", nargs="?", const=True, default=False, metavar="ADDRESS",
                      help="schedule the per-layer tasks on Ray: a local instance, or the cluster "
                           "at ADDRESS")
@@ -72,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`~tv_lens.analysis.options.AnalysisOptions` (read by :func:`_options`)."""
     parser.add_argument("--top-k", type=int, default=10,
                         help="singular directions per matrix matched against the base (default 10)")
     parser.add_argument("--fast", action="store_true",
@@ -89,9 +98,25 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--null-samples", type=int, default=200,
                         help="Monte Carlo draws per head circuit for its null (default 200; 0 "
                              "skips the head tests, only with --labels fixed)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="layers analysed at once, in threads sharing the CPU's (default 2 on "
-                             "a CPU with two or more threads, 1 on a GPU; each holds one layer)")
+
+
+def _options(args: argparse.Namespace):
+    """The :class:`~tv_lens.analysis.options.AnalysisOptions` of the flags above."""
+    from tv_lens.analysis.options import AnalysisOptions
+
+    return AnalysisOptions(top_k=args.top_k, tol=args.tol, level=args.level, labels=args.labels,
+                           null_samples=args.null_samples, fast=args.fast,
+                           fast_rank=args.fast_rank)
+
+
+def _worker_options(parser: argparse.ArgumentParser, workers: str) -> None:
+    parser.add_argument("--workers", type=int, default=None, help=workers)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS threads per worker (default: the CPU's threads shared out "
+                             "evenly between the workers)")
+
+
+def _prompt_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None,
                         help="text for the report's attention patterns and per-token effects")
 
@@ -113,7 +138,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     import torch
 
     from tv_lens import ModelPair, __version__
-    from tv_lens.alignment import analyze
+    from tv_lens.analysis.run import analyze
     from tv_lens.errors import TvLensError
     from tv_lens.pair import check_order
 
@@ -133,10 +158,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
     with staged_folder(args.out, inputs=(args.base, args.tuned), command=args.command) as stage:
         with warnings.catch_warnings():  # identical models: the error below says it
             warnings.filterwarnings("ignore", "The two models are identical")
-            result = analyze(pair, top_k=args.top_k, tol=args.tol, fast=args.fast,
-                             fast_rank=args.fast_rank, device=device, labels=args.labels,
-                             level=args.level, null_samples=args.null_samples,
-                             workers=args.workers)
+            result = analyze(pair, _options(args), device=device, workers=args.workers,
+                             threads=args.threads)
         if result.info.get("degenerate") == "identical":
             raise TvLensError("The two checkpoints are identical: every weight difference is "
                               "zero, so there is no update to analyse. Pass the fine-tuned "
@@ -167,8 +190,9 @@ def _run_zoo(args: argparse.Namespace) -> int:
 
     from tv_lens.zoo import analyze_zoo
 
-    zoo = analyze_zoo(args.base, args.tuned, out=args.out, workers=args.workers, ray=args.ray,
-                      rank=args.rank, top_neurons=args.top_neurons,
+    zoo = analyze_zoo(args.base, args.tuned, _options(args), out=args.out,
+                      workers=1 if args.workers is None else args.workers, threads=args.threads,
+                      ray=args.ray, rank=args.rank, top_neurons=args.top_neurons,
                       allow_pickle=args.allow_pickle)
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print("cosine similarity of the tuning vectors:")

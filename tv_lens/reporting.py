@@ -164,7 +164,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
         top_heads: how many of the most-changed heads get their own views.
     """
     from tv_lens import viz
-    from tv_lens.alignment import matrix_spectrum
+    from tv_lens.analysis.spectrum import matrix_spectrum
     from tv_lens.circuits import composition as composition_scores
 
     started = time.perf_counter()

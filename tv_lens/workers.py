@@ -97,19 +97,54 @@ def split_threads(workers: int) -> Iterator[None]:
             put(before)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def check_threads(threads: Any) -> int | None:
+    """``threads`` (BLAS threads per worker) checked: ``None`` or a positive integer."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise InvalidArgumentError(f"threads must be a positive integer (BLAS threads per "
+                                   f"worker) or None, got {threads!r}.")
+    return threads
+
+
+@contextmanager
+def worker_threads(workers: int, threads: int | None = None) -> Iterator[None]:
+    """Each worker's threads for the block, restored after it: ``threads`` for torch and every
+    BLAS pool where given, else :func:`split_threads`'s even share."""
+    if threads is None:
+        with split_threads(workers):
+            yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                threads: int | None = None) -> Iterator[R]:
     """``fn`` of each item, in the items' order, ``workers`` at a time (threads; ``1``: in this
-    thread). torch's grad mode is per thread, so each call runs under ``torch.no_grad()``. When
-    a call raises (or the caller stops iterating), calls not yet started are cancelled and the
-    error is raised once the running ones have finished."""
+    thread), each with ``threads`` BLAS threads (:func:`worker_threads`). torch's grad mode is
+    per thread, so each call runs under ``torch.no_grad()``. When a call raises (or the caller
+    stops iterating), calls not yet started are cancelled and the error is raised once the
+    running ones have finished."""
     def call(item: T) -> R:
         with torch.no_grad():
             return fn(item)
 
     if workers == 1:
-        yield from map(call, items)
+        if threads is None:
+            yield from map(call, items)
+        else:
+            with worker_threads(1, threads):
+                yield from map(call, items)
         return
-    with split_threads(workers), ThreadPoolExecutor(workers, thread_name_prefix="tv_lens") as pool:
+    with worker_threads(workers, threads), ThreadPoolExecutor(workers,
+                                                              thread_name_prefix="tv_lens") as pool:
         futures = [pool.submit(call, item) for item in items]
         try:
             for future in futures:

@@ -18,7 +18,7 @@ that compare fine-tunes with each other:
   (average-linkage hierarchical clustering on ``1 − cosine``), ``clusters(threshold)``.
 
 Execution: the work is one task per layer (plus one for the embeddings). A task reads the base
-layer once, decomposes its matrices once (:func:`~tv_lens.alignment.base_decompositions`) and
+layer once, decomposes its matrices once (:func:`~tv_lens.analysis.run.base_decompositions`) and
 compares every fine-tune's layer with it and with each other, so the cross tables need no
 second pass. Tasks run serially, in ``workers`` local processes, or on Ray (``ray=True`` for a
 local instance, ``ray="ADDRESS"`` for a cluster); only paths and options travel to a task and
@@ -49,15 +49,18 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tv_lens.alignment import (Analysis, LayerOptions, Thresholds, _as_2d, _matrix_names,
-                               _neuron_norm2, assemble, base_decompositions, layer_rows,
-                               layer_tensors, model_rows, names_by_layer)
+from tv_lens.analysis.options import AnalysisOptions
+from tv_lens.analysis.rows import as_2d, matrix_names, mlp_prefixes, neuron_norm2
+from tv_lens.analysis.run import (LayerRows, base_decompositions, layer_rows, layer_tensors,
+                                  model_rows, names_by_layer)
+from tv_lens.analysis.summary import Analysis, assemble
 from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
-from tv_lens.linalg import GramSVD, _tall, gram, top_eigenpairs
+from tv_lens.linalg import GramSVD, gram, tall, top_eigenpairs
 from tv_lens.records import load_record, save_record
+from tv_lens.speedups import write_csv
 from tv_lens.staging import ZOO_TASKS, check_destination
-from tv_lens.table_io import write_csv
+from tv_lens.workers import check_threads
 
 #: the matrices whose ``d_model`` side is their second axis (they write into the residual)
 _WRITERS = ("W_O", "W_out", "W_E")
@@ -69,12 +72,7 @@ class ZooOptions:
 
     base: str
     tuned: dict[str, str]  # name -> checkpoint folder
-    top_k: int = 10
-    tol: float = 1e-6
-    labels: str = "calibrated"
-    level: float = 0.01
-    null_samples: int = 200
-    seed: int = 0
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
     rank: int = 8
     top_neurons: int = 20
     threads: int | None = None
@@ -84,14 +82,12 @@ class ZooOptions:
     #: checkpoint name ("base" or a fine-tune's) -> content hash, where tasks are stored
     contents: dict[str, str] = field(default_factory=dict)
 
-    def layer_options(self) -> LayerOptions:
-        t = Thresholds(tol=self.tol, level=self.level)
-        return LayerOptions(self.top_k, t, None, (10, 0.5), self.null_samples, self.seed,
-                            torch.device("cpu"))
-
     def key(self) -> str:
         """A digest of the options that decide a task's result (checkpoint paths included;
-        their contents are checked per task record, so a changed file is named)."""
+        their contents are checked per task record, so a changed file is named). Every
+        :class:`AnalysisOptions` field is in it (before they were one object, only ``top_k``,
+        ``tol``, ``labels``, ``level``, ``null_samples`` and ``seed`` were: tasks stored then
+        are recomputed once)."""
         data = {k: v for k, v in asdict(self).items() if k not in ("threads", "cache", "contents")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -234,8 +230,8 @@ def _neuron_slices(delta: dict[str, Tensor], prefix: str, rows: list[int]) -> Te
 def _neuron_norm2s(delta: dict[str, Tensor], prefix: str) -> Tensor:
     """Squared norm of every neuron's update (W_in / W_gate columns, W_out row), float64."""
     inputs = [m for m in ("W_in", "W_gate") if prefix + m in delta]
-    return sum((_neuron_norm2(delta[prefix + m], 1) for m in inputs),
-               _neuron_norm2(delta[prefix + "W_out"], 0))
+    return sum((neuron_norm2(delta[prefix + m], 1) for m in inputs),
+               neuron_norm2(delta[prefix + "W_out"], 0))
 
 
 #: up to this side dimension the subspace is exact (Gram eigenvectors); above it randomized
@@ -316,19 +312,20 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
         return out
     first = next(iter(vectors.values()))
     names = names_by_layer(first).get(layer, [])
-    o = options.layer_options()
-    bases = _base_decompositions(options, first, layer)  # once for every fine-tune
+    o, cpu = options.analysis, torch.device("cpu")
+    # once for every fine-tune (fast mode decomposes base and update together, per fine-tune)
+    bases = {} if o.fast else _base_decompositions(options, first, layer)
     weights = [n for n in names if n in first]
     deltas: dict[str, dict[str, Tensor]] = {}  # fine-tune -> its update of this layer, dense
     for name, tv in list(vectors.items()):
         try:
             if layer is None:
-                out["rows"][name] = model_rows(tv, names, o, bases)
+                out["rows"][name] = model_rows(tv, names, o, cpu, bases)
                 deltas[name] = {n: tv[n] for n in weights}
             else:  # read once: for its own rows and for the comparisons below
                 base, delta = layer_tensors(tv, [n for n in weights if ".attn." in n or ".mlp." in n],
-                                            o.device)
-                out["rows"][name] = layer_rows(tv, layer, names, o, bases, (base, delta))
+                                            cpu)
+                out["rows"][name] = layer_rows(tv, layer, names, o, cpu, bases, (base, delta))
                 deltas[name] = {n: d.dense() if isinstance(d, LowRank) else d for n, d in delta.items()}
                 deltas[name].update({n: tv[n] for n in weights if n not in delta})  # norms
                 del base, delta
@@ -338,14 +335,14 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
             deltas.pop(name, None)
     out["models"] = list(vectors)
     out["dots"] = np.zeros((len(vectors), len(vectors)))
-    matrices, rows = set(_matrix_names(first)), []
+    matrices, rows = set(matrix_names(first)), []
     for name in weights:
         update = {k: d[name] for k, d in deltas.items()}
         dots = _gram_of(list(update.values())).numpy()
         out["dots"] += dots
         if name in matrices:
             rows += [dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None else name,
-                          **r) for r in _matrix_pairs({k: _as_2d(name, d) for k, d in update.items()},
+                          **r) for r in _matrix_pairs({k: as_2d(name, d) for k, d in update.items()},
                                                       dots, name, options.rank)]
     out["matrix_similarity"] = pd.DataFrame(rows)
     if layer is None:
@@ -363,10 +360,8 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
 def _neuron_pairs(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int,
                   top: int) -> pd.DataFrame:
     """Pairwise cosines of the union of every fine-tune's ``top`` largest neuron updates."""
-    prefixes = ([(f"blocks.{layer}.mlp.experts.{e}.", e) for e in range(spec.n_experts)]
-                if spec.n_experts else []) + [(f"blocks.{layer}.mlp.", None)]
     rows = []
-    for prefix, expert in prefixes:
+    for prefix, expert in mlp_prefixes(spec, layer):
         if prefix + "W_out" not in next(iter(deltas.values())):
             continue
         norms = [_neuron_norm2s(d, prefix) for d in deltas.values()]
@@ -407,7 +402,7 @@ def _base_decompositions(options: ZooOptions, tv, layer: int | None) -> dict[str
     if saved is not None:
         out = {}
         for name, d in saved.items():
-            Wt, transposed = _tall(_as_2d(name, tv.base[name]))
+            Wt, transposed = tall(as_2d(name, tv.base[name]))
             gram_ = None if d["gram"] is None else torch.from_numpy(d["gram"])
             out[name] = GramSVD(Wt, torch.from_numpy(d["S"]), torch.from_numpy(d["V"]),
                                 transposed, float(d["energy"]), gram=gram_)
@@ -427,8 +422,6 @@ def _execute(options: ZooOptions, layers: list[int | None], store: Path | None, 
     checkpoint contents, computed otherwise (and then stored), serially, in worker processes or
     on Ray."""
     from tqdm.auto import tqdm
-
-    from tv_lens.alignment import LayerRows
 
     done: dict[int | None, dict] = {}
     path = (lambda layer: store / ("embed" if layer is None else f"L{layer}")) if store else None
@@ -508,35 +501,39 @@ def _on_ray(options: ZooOptions, todo: list, address: Any, finished) -> None:
         finished(futures[ready[0]], ray.get(ready[0]))
 
 
-def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | dict[str, str], *,
-                out: str | os.PathLike | None = None, workers: int = 1, ray: bool | str = False,
-                rank: int = 8, top_neurons: int = 20, top_k: int = 10, tol: float = 1e-6,
-                labels: str = "calibrated", level: float = 0.01, null_samples: int = 200,
-                seed: int = 0, threads: int | None = None, allow_pickle: bool = False,
-                cache: str | os.PathLike | None = None, progress: bool = True) -> Zoo:
+def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | dict[str, str],
+                options: AnalysisOptions | None = None, *, out: str | os.PathLike | None = None,
+                workers: int = 1, threads: int | None = None, ray: bool | str = False,
+                rank: int = 8, top_neurons: int = 20, allow_pickle: bool = False,
+                cache: str | os.PathLike | None = None, progress: bool = True,
+                **overrides: Any) -> Zoo:
     """:func:`~tv_lens.analyze` of every fine-tune of ``base`` and the tables comparing them
     (module docstring), each base layer decomposed once.
 
     Args:
         base: the base checkpoint folder.
         tuned: fine-tune checkpoint folders (named by folder name) or ``{name: folder}``.
+        options: what decides each fine-tune's tables, as for :func:`~tv_lens.analyze`
+            (:class:`~tv_lens.analysis.options.AnalysisOptions`; its fields may be passed as
+            keywords, which override it: ``analyze_zoo(base, tuned, top_k=5)``).
         out: a folder for finished tasks (``out/.zoo-tasks/``, reused by a re-run of the same
             zoo: a killed run resumes) and the tables (:meth:`Zoo.save`); ``None`` keeps
             everything in memory.
-        workers: local worker processes (1: serial in this process).
+        workers: layers worked on at once, each in its own process (default 1: serial, in
+            this process). Each worker holds one layer of the base and of every fine-tune.
+        threads: BLAS (torch) threads per worker (default: with one worker, as set; with
+            several, this process's torch threads shared out evenly, at least one each; on Ray,
+            as Ray sets them). Give the same value to get bit-identical tables from serial,
+            worker and Ray runs.
         ray: ``True`` for a local Ray instance (or the one already initialised), an address
             string for a cluster; tasks are scheduled per layer.
         rank: update directions per matrix compared between fine-tunes (principal angles).
         top_neurons: neurons per layer and fine-tune compared between fine-tunes.
-        threads: torch threads per task (default: as set; give the same value to get
-            bit-identical tables from serial, worker and Ray runs).
         cache: a folder for the base's per-layer decompositions, stored under the base
             checkpoint's content hash (:func:`content_hash`): any later zoo of the same base
             reuses them, a changed base file gets new ones. Two ``n × n`` float64 matrices per
             matrix of width ``n`` (the Gram matrix and its eigenvectors): 64 MB at n = 2048,
             about 320 MB per layer of a 1.1B Llama and 7 GB for all of it.
-        top_k, tol, labels, level, null_samples, seed: as for :func:`~tv_lens.analyze`
-            (exact mode).
     """
     out = Path(out).expanduser() if out is not None else None
     if isinstance(tuned, dict):
@@ -551,10 +548,14 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
     if workers < 1 or rank < 1 or top_neurons < 1:
         raise InvalidArgumentError(f"workers, rank and top_neurons must be at least 1, got "
                                    f"{workers}, {rank}, {top_neurons}.")
+    analysis = AnalysisOptions.of(options, **overrides)
+    threads = check_threads(threads)
+    if threads is None and workers > 1 and not ray:
+        threads = max(1, torch.get_num_threads() // workers)
     contents = ({"base": content_hash(base), **{n: content_hash(f) for n, f in models.items()}}
                 if out is not None else {})
-    options = ZooOptions(str(base), models, top_k, tol, labels, level, null_samples, seed, rank,
-                         top_neurons, threads, allow_pickle, None if cache is None else str(cache),
+    options = ZooOptions(str(base), models, analysis, rank, top_neurons, threads, allow_pickle,
+                         None if cache is None else str(cache),
                          content_hash(base) if cache is not None else "", contents)
     from tv_lens.pair import ModelPair
 
@@ -587,7 +588,7 @@ def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -
         raise TvLensError("Every fine-tune of the zoo failed: " + "; ".join(
             f"{name}: {why}" for name, why in failed.items()))
     analyses = {}
-    o = options.layer_options()
+    o = options.analysis
     for name in ok:
         heads, neurons, matrices, energies = [], [], [], {}
         for layer in range(spec.n_layers):
@@ -599,9 +600,8 @@ def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -
         matrices += results[None]["rows"][name]
         with warnings.catch_warnings():  # an identical fine-tune is reported as failed below
             warnings.filterwarnings("ignore", "The two models are identical")
-            analysis = assemble(spec, heads, neurons, matrices, energies, fast=False,
-                                labels=options.labels, t=o.t,
-                                info={"top_k": options.top_k, "labels": options.labels,
+            analysis = assemble(spec, heads, neurons, matrices, energies, o,
+                                info={"top_k": o.top_k, "labels": o.labels, "fast": o.fast,
                                       "spec": spec.to_dict(), "zoo": True})
         if analysis.info.get("degenerate") == "identical":
             failed[name] = ("its weights are identical to the base's (τ = 0): there is no update "
