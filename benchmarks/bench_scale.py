@@ -292,7 +292,7 @@ def compare(out: Path, shape: dict) -> dict:
     labels = {}
     for folder in (exact, fast):
         heads = pd.read_csv(folder / "heads.csv").set_index(["layer", "head", "circuit"])
-        neurons = pd.read_csv(folder / "neurons.csv").set_index(["layer", "neuron", "side"])
+        neurons = pd.read_csv(folder / "neurons.csv").set_index(["layer", "neuron", "matrix"])
         mats = pd.read_csv(folder / "matrices.csv").set_index(["layer", "matrix"])
         labels[folder.name] = {"L3H3.OV": heads.loc[(3, 3, "OV"), "label"],
                                "L3N100.out": neurons.loc[(3, 100, "out"), "label"],

@@ -15,6 +15,7 @@ import time
 import torch
 
 import tv_lens
+from tv_lens.components import neuron_name
 from tv_lens.demo import load_pair
 from tv_lens.readouts import read_tokens
 
@@ -43,11 +44,10 @@ def main() -> None:
         pair = make()
         pair.tuning_vector()  # the difference itself is not what is timed
         df, t_read = _timed(lambda: read_tokens(pair, progress=False))
-        _, t_neurons = _timed(lambda: read_tokens(pair, units=[], neurons=[(l, n) for l in range(4)
-                                                                          for n in range(16)],
-                                                  progress=False))
+        _, t_neurons = _timed(lambda: read_tokens(pair, [neuron_name(l, n) for l in range(4)
+                                                         for n in range(16)], progress=False))
         _, t_analyze = _timed(lambda: tv_lens.analyze(pair, progress=False))
-        print(f"{name}: read_tokens of all {df.unit.nunique()} units ({len(df)} rows) "
+        print(f"{name}: read_tokens of all {df.component.nunique()} components ({len(df)} rows) "
               f"{t_read:.2f} s; 64 neurons {t_neurons:.2f} s; analyze {t_analyze:.2f} s; "
               f"read_tokens / analyze = {t_read / t_analyze:.2f}")
 

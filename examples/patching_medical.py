@@ -34,7 +34,7 @@ def medical_pair_and_metric() -> tuple[tv_lens.ModelPair, tv_lens.metrics.Metric
 def parts_table(pair, metric, att: pd.DataFrame) -> pd.DataFrame:
     """Per part: normalised exact effects of adding τ_c to the base and removing it from the
     tuned model, beside the path attribution and its share of the whole change."""
-    info = att.attrs["completeness"]
+    info = tv_lens.completeness(att)
     added = tv_lens.patch(pair, metric, "parts", progress=False)
     removed = tv_lens.patch(pair, metric, "parts", mode="remove", progress=False)
     table = added[["component", "normalized"]].rename(columns={"normalized": "add_exact"})
@@ -58,8 +58,8 @@ def main() -> None:
     pair, metric = medical_pair_and_metric()
     started = time.perf_counter()
     att = tv_lens.attribute(pair, metric, steps=32, progress=False)
-    info = att.attrs["completeness"]
-    print(f"1. answer log-prob: base {info['f_base']:.2f}, tuned {info['f_tuned']:.2f}; "
+    info = tv_lens.completeness(att)
+    print(f"1. answer log-prob: base {info['base']:.2f}, tuned {info['tuned']:.2f}; "
           f"path attribution (32 steps) sums to {info['path_sum']:.2f} "
           f"(gap {100 * info['relative_gap']:+.2f}%), first-order add {info['add_sum']:.2f}, "
           f"remove {info['remove_sum']:.2f}  [{time.perf_counter() - started:.1f} s]")

@@ -35,7 +35,7 @@ def label_counts(calibrated: tv_lens.Analysis, fixed: tv_lens.Analysis) -> pd.Da
     """Units per label, per part and kind, under both labelings (one row per part/kind/mode)."""
     rows = []
     for mode, result in (("calibrated", calibrated), ("fixed", fixed)):
-        for part, table, kind in (("attn", result.heads, "circuit"), ("mlp", result.neurons, "side"),
+        for part, table, kind in (("attn", result.heads, "circuit"), ("mlp", result.neurons, "matrix"),
                                   ("matrix", result.matrices, "matrix")):
             for k, labels in table.groupby(kind, sort=False).label:
                 rows.append({"part": part, "kind": k, "mode": mode, **labels.value_counts().to_dict()})
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     print("0. labels per part (calibrated: level 0.01 against each unit's null; fixed: 0.5 "
           "thresholds)")
     print(counts.to_string(index=False))
-    for part, table, kind in (("attention", heads, "circuit"), ("MLP", neurons, "side")):
+    for part, table, kind in (("attention", heads, "circuit"), ("MLP", neurons, "matrix")):
         changed = table[table.label != "unchanged"]
         w = changed.delta_norm ** 2
         share = {lab: float(w[changed.label == lab].sum() / w.sum()) for lab in ("new", "aligned", "amplified", "dampened")}
@@ -78,11 +78,11 @@ def main(argv: list[str]) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
         print(summary.to_string(index=False))
-    allrow = summary.set_index(["layer", "part"])
+    allrow = summary.set_index("component")
     print("\n1. MLP: update energy share {:.3f}; energy-weighted neuron new_share {:.3f} "
           "(random direction: {:.3f}); mean cos² {:.4f} vs 1/d_model = {:.4f}".format(
-              allrow.loc[("all", "mlp"), "energy_share"], energy_weighted(neurons, "new_share"),
-              allrow.loc[("all", "mlp"), "baseline_new_share"],
+              allrow.loc["mlp", "energy_share"], energy_weighted(neurons, "new_share"),
+              allrow.loc["mlp", "baseline_new_share"],
               energy_weighted(neurons, "amplification_share"), 1 / pair.spec.d_model))
     for circuit in ("OV", "QK"):
         h = heads[heads.circuit == circuit]

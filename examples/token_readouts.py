@@ -18,8 +18,9 @@ from tv_lens.demo import load_pair
 from tv_lens.demo.corpus import build_corpora, domain_token_ids
 
 
-def show(df: pd.DataFrame, unit: str, direction: int, sign: int, side: str, source: str = "update") -> str:
-    rows = df[(df.unit == unit) & (df.source == source) & (df.direction == direction)
+def show(df: pd.DataFrame, component: str, direction: int, sign: int, side: str,
+         source: str = "update") -> str:
+    rows = df[(df.component == component) & (df.source == source) & (df.direction == direction)
               & (df.sign == sign) & (df.side == side)].sort_values("rank")
     return " ".join(rows.token.astype(str))
 
@@ -34,15 +35,15 @@ def main() -> None:
         print(f"== {domain}: {len(words)} domain tokens of {pair.spec.d_vocab}")
         for source in ("update", "base"):
             best = scores[scores.source == source].iloc[0]
-            print(f"weight lens, best {source} direction: {best.unit} direction {best.direction} "
+            print(f"weight lens, best {source} direction: {best.component} direction {best.direction} "
                   f"sign {best.sign:+d} ({best.side}): {best.hits}/{best.k} domain tokens, "
                   f"{best.expected:.2f} expected by chance (p = {best.p_value:.1e})")
-            print("   ", show(tokens, best.unit, best.direction, best.sign, best.side, source))
+            print("   ", show(tokens, best.component, best.direction, best.sign, best.side, source))
         mlp_out = scores[(scores.source == "update") & (scores.direction == 0)
-                         & scores.unit.str.endswith(".mlp.W_out")]
-        top = mlp_out.sort_values("hits", ascending=False).drop_duplicates("unit").sort_values("unit")
+                         & scores.component.str.endswith(".mlp.W_out")]
+        top = mlp_out.sort_values("hits", ascending=False).drop_duplicates("component").sort_values("component")
         print("weight lens, top ΔW_out direction per layer (better sign): "
-              + ", ".join(f"{r.unit} {r.hits}/{r.k}" for r in top.itertuples()))
+              + ", ".join(f"{r.component} {r.hits}/{r.k}" for r in top.itertuples()))
         lens = tv_lens.activation_difference_lens(pair, general, positions=5)
         for layer, g in lens.groupby("layer"):
             hits = int(g.token_id.isin(words).sum())

@@ -54,8 +54,8 @@ def plant(model):
     group = [h for h in range(spec.n_heads) if spec.kv_head(h) == kv]
     expected_heads = {(1, 0, "OV"): "amplified", (1, 1, "OV"): "dampened", (0, 2, "OV"): "new"}
     changed_heads = set(expected_heads) | {(1, h, "OV") for h in group}
-    expected_neurons = {(0, 3, "out"): "amplified", (1, 5, "out"): "new",
-                        (1, 7, "out"): "dampened"}
+    expected_neurons = {(0, 3, "W_out"): "amplified", (1, 5, "W_out"): "new",
+                        (1, 7, "W_out"): "dampened"}
     return tuned, expected_heads, changed_heads, expected_neurons
 
 
@@ -73,13 +73,13 @@ def check_planted(heads, neurons, expected_heads, changed_heads, expected_neuron
     assert changed == changed_heads
     unchanged = heads[heads.label == "unchanged"]
     assert unchanged["subspace_share"].isna().all()
-    if "expert" in neurons:  # mixture of experts: planted in expert 1, every other one unchanged
+    if neurons.expert.notna().any():  # mixture of experts: planted in expert 1, every other one unchanged
         assert set(neurons.loc[neurons.label != "unchanged", "expert"]) == {1}
         neurons = neurons[neurons.expert == 1]
-    neurons = neurons.set_index(["layer", "neuron", "side"])
-    assert abs(neurons.loc[(0, 3, "out"), "cos"] - 1) < 1e-5
-    assert abs(neurons.loc[(1, 5, "out"), "cos"]) < 1e-5
-    assert abs(neurons.loc[(1, 7, "out"), "cos"] + 1) < 1e-5
+    neurons = neurons.set_index(["layer", "neuron", "matrix"])
+    assert abs(neurons.loc[(0, 3, "W_out"), "cos"] - 1) < 1e-5
+    assert abs(neurons.loc[(1, 5, "W_out"), "cos"]) < 1e-5
+    assert abs(neurons.loc[(1, 7, "W_out"), "cos"] + 1) < 1e-5
     assert {k: r["label"] for k, r in neurons.iterrows() if r["label"] != "unchanged"} == expected_neurons
 
 
@@ -154,12 +154,12 @@ def test_unchanged_pair_is_all_unchanged(save):
 def test_neuron_cosines_match_direct_computation(llama_dirs):
     pair = ModelPair.from_pretrained(*llama_dirs)
     tv = pair.tuning_vector()
-    neurons = analyze(pair, progress=False).neurons.set_index(["layer", "neuron", "side"])
+    neurons = analyze(pair, progress=False).neurons.set_index(["layer", "neuron", "matrix"])
     for layer, n in [(0, 0), (1, 17)]:
         w, d = tv.base[f"blocks.{layer}.mlp.W_gate"][:, n], tv[f"blocks.{layer}.mlp.W_gate"][:, n]
         cos = float(torch.nn.functional.cosine_similarity(w.double(), d.double(), dim=0))
-        assert math.isclose(neurons.loc[(layer, n, "gate"), "cos"], cos, rel_tol=1e-6)
-        assert neurons.loc[(layer, n, "gate"), "baseline_cos2"] == 1 / 32
+        assert math.isclose(neurons.loc[(layer, n, "W_gate"), "cos"], cos, rel_tol=1e-6)
+        assert neurons.loc[(layer, n, "W_gate"), "baseline_cos2"] == 1 / 32
 
 
 def test_matrix_row_against_dense_svd(llama_dirs):
@@ -182,7 +182,8 @@ def test_matrix_row_against_dense_svd(llama_dirs):
 def test_summary_energy_and_concentration(llama_dirs):
     pair = ModelPair.from_pretrained(*llama_dirs)
     summary = analyze(pair, progress=False).summary
-    per_layer = summary[summary.layer != "all"]
+    per_layer = summary[summary.layer.notna()]
+    assert summary[summary.layer.isna()].component.tolist() == ["attn", "mlp"]
     assert math.isclose(per_layer.energy_share.sum(), 1.0, rel_tol=1e-9)
     fracs = per_layer[["new_frac", "amplified_frac", "dampened_frac", "mixed_frac", "unchanged_frac"]]
     assert ((fracs.sum(axis=1) - 1).abs() < 1e-9).all()
@@ -221,10 +222,10 @@ def test_cli_dtype_and_vocab_options(save, tmp_path, capsys):
     assert "d_vocab differs: base=96, tuned=100" in capsys.readouterr().err
     assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "b"),
                  "--vocab", "shared", "--dtype", "bfloat16"]) == 0
-    bf16 = pd.read_csv(tmp_path / "b" / "matrices.csv").set_index(["layer", "matrix"])
+    bf16 = pd.read_csv(tmp_path / "b" / "matrices.csv").set_index("component")
     assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path / "c"),
                  "--vocab", "shared"]) == 0
-    fp32 = pd.read_csv(tmp_path / "c" / "matrices.csv").set_index(["layer", "matrix"])
+    fp32 = pd.read_csv(tmp_path / "c" / "matrices.csv").set_index("component")
     # bf16 weights round the update, but the picture is the same
     assert ((bf16.relative_norm - fp32.relative_norm).abs() < 0.05 * fp32.relative_norm).all()
-    assert "unembed.W_U" in set(fp32.reset_index().matrix)  # compared on the shared rows
+    assert "unembed.W_U" in set(fp32.index)  # compared on the shared rows

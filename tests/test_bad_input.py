@@ -692,8 +692,8 @@ CASES = [
          api=lambda c: __import__("tv_lens").attribute(ModelPair.from_pretrained(c.base, c.tuned),
                                                        __import__("tv_lens").metrics.loss(torch.tensor([[1, 5, 9]])),
                                                        steps=0, progress=False)),
-    Case("api-read-tokens-unit", r"Unknown unit 'L0H0.XY'", r"Units are",
-         api=lambda c: __import__("tv_lens").read_tokens(_vector(c), units=["L0H0.XY"], progress=False)),
+    Case("api-read-tokens-unit", r"Unknown component 'L0H0.XY'", r"Names are",
+         api=lambda c: __import__("tv_lens").read_tokens(_vector(c), ["L0H0.XY"], progress=False)),
 ]
 
 

@@ -17,7 +17,7 @@ from tv_lens import ModelPair, TuningVector
 from tv_lens.analysis.labels import calibrated_labels
 from tv_lens.analysis.run import analyze
 from tv_lens.cli import main
-from tv_lens.linalg import align_circuits, cluster_ids, core_shares
+from tv_lens.shares import align_circuits, cluster_ids, core_shares
 from tv_lens.nulls import (_same_cluster, _shared_draws, _unit_shares, block_counts, circuit_null,
                             cluster_counts, haar_share_moments, neuron_moments)
 from tv_lens.sources import ModelWeights
@@ -271,9 +271,10 @@ def test_planted_updates_of_one_size_get_their_labels():
     pair, expected = _plant(_bigger_llama())
     result = analyze(pair, progress=False)
     heads = result.heads.set_index(["layer", "head", "circuit"]).label
-    neurons = result.neurons.set_index(["layer", "neuron", "side"]).label
+    neurons = result.neurons.set_index(["layer", "neuron", "matrix"]).label
     for table, kinds in ((heads, {k: v for k, v in expected.items() if k[2] == "OV"}),
-                         (neurons, {k: v for k, v in expected.items() if k[2] == "out"})):
+                         (neurons, {k[:2] + ("W_out",): v for k, v in expected.items()
+                                    if k[2] == "out"})):
         hits = np.mean([table[k] == v for k, v in kinds.items()])
         assert hits >= 0.99, (hits, table.loc[list(kinds)].value_counts().to_dict())
     assert (result.heads[result.heads.circuit == "QK"].label == "unchanged").all()
@@ -281,7 +282,7 @@ def test_planted_updates_of_one_size_get_their_labels():
     fixed = analyze(pair, progress=False, labels="fixed", null_samples=0)
     aligned = [k for k, v in expected.items() if v == "aligned" and k[2] == "OV"]
     assert set(fixed.heads.set_index(["layer", "head", "circuit"]).label[aligned]) == {"mixed"}
-    out_side = fixed.neurons[fixed.neurons.side == "out"]
+    out_side = fixed.neurons[fixed.neurons.matrix == "W_out"]
     assert fixed.heads["p_value"].isna().all() and out_side["p_value"].notna().all()
 
 

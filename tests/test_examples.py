@@ -130,11 +130,11 @@ def test_patching_example(capsys):
     example = runpy.run_path(str(EXAMPLES / "patching_medical.py"))
     pair, metric = example["medical_pair_and_metric"]()
     att = example["tv_lens"].attribute(pair, metric, steps=32, progress=False)
-    info = att.attrs["completeness"]
+    info = example["tv_lens"].completeness(att)
     assert info["difference"] > 10  # the fine-tune raised the answers' log-probability a lot
     assert abs(info["relative_gap"]) < 0.01, info
     assert abs(info["add_sum"] - info["difference"]) > 0.05 * info["difference"]  # first order is not
-    assert [info["f_base"], info["f_tuned"]] == pytest.approx(
+    assert [info["base"], info["tuned"]] == pytest.approx(
         quoted(r"rises from (−[\d.]+) to (−[\d.]+)\)"), abs=0.006)
     assert [info["path_sum"], info["difference"], 100 * info["relative_gap"]] == pytest.approx(
         quoted(r"sums to ([\d.]+) against a true change of ([\d.]+) \(gap ([\d.]+)%\)"), abs=0.006)

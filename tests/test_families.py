@@ -255,7 +255,8 @@ def test_expert_components_partition_the_mixture_of_experts_mlp(save):
     with pytest.raises(TvLensError, match="expert 7 is out of range; the model has 3 experts"):
         index.parse("L0E7N1")
     analysis = analyze(tv, progress=False)
-    assert list(analysis.neurons.columns[:4]) == ["layer", "expert", "neuron", "side"]
+    assert list(analysis.neurons.columns[:5]) == ["component", "layer", "expert", "neuron", "matrix"]
+    assert analysis.neurons.set_index("component").loc["L0E1N3.out", "expert"] == 1
     assert len(analysis.neurons) == 2 * 3 * 48 * 3  # layers × experts × neurons × sides
     experts = analysis.matrices.dropna(subset=["expert"])
     assert set(experts["matrix"]) == {"W_in", "W_gate", "W_out"} and len(experts) == 2 * 3 * 3
@@ -265,12 +266,12 @@ def test_expert_components_partition_the_mixture_of_experts_mlp(save):
     from tv_lens.readouts import read_tokens
 
     tokens = read_tokens(tv, ["L0E1.mlp.W_out", "L0E1N3.out"], k=3, progress=False)
-    assert set(tokens.unit) == {"L0E1.mlp.W_out", "L0E1N3.out"}
+    assert set(tokens.component) == {"L0E1.mlp.W_out", "L0E1N3.out"}
     w = tv["blocks.0.mlp.experts.1.W_out"][3].double()  # the neuron's write direction: its top token
     top = int((tv.base["unembed.W_U"].double().T @ (w / w.norm())).argmax())
-    row = tokens[(tokens.unit == "L0E1N3.out") & (tokens.source == "update") & (tokens["sign"] == 1)]
+    row = tokens[(tokens.component == "L0E1N3.out") & (tokens.source == "update") & (tokens["sign"] == 1)]
     assert int(row.sort_values("rank").token_id.iloc[0]) == top
-    with pytest.raises(TvLensError, match="L3E5N100.out"):
+    with pytest.raises(TvLensError, match="expert 9 is out of range"):
         read_tokens(tv, ["L0E9N3.out"], progress=False)
     figure = viz.neurons(analysis, layer=0, tokens=tokens)
     hovers = [t for trace in figure.data for t in trace.text]
@@ -312,14 +313,14 @@ def test_attribution_sums_leave_expert_groups_out(save):
     """In a mixture of experts, ``L0E1`` (a group of expert 1's neurons) is in neither
     partition: the completeness sums add each partition once, so the units' and the parts'
     sums agree and equal ⟨∇f, τ⟩ (before, the groups' rows were added on top)."""
-    from tv_lens import attribute, metrics
+    from tv_lens import attribute, completeness, metrics
 
     base = _model("mixtral")
     tuned = perturb(copy.deepcopy(base), scale=0.05)
     pair = ModelPair.from_pretrained(save(base, "moe_att_b"), save(tuned, "moe_att_t"))
     att = attribute(pair, metrics.loss(torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])),
                     progress=False)
-    info = att.attrs["completeness"]
+    info = completeness(att)
     groups = att[att.granularity == "group"]
     assert len(groups) == 2 * 3 and groups["add"].abs().sum() > 0
     parts = att[att.granularity.isin(["part", "both"])]

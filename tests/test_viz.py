@@ -44,7 +44,8 @@ def test_composition_scores_equal_dense_products(family, llama_dirs, gpt2_dirs):
         for r in df.sample(40, random_state=0).itertuples():
             qk_b, ov_b = _dense_circuits(model, spec, r.layer_b, r.head_b)
             _, ov_a = _dense_circuits(model, spec, r.layer_a, r.head_a)
-            right = {"Q": qk_b, "K": qk_b.T, "V": ov_b}[r.kind]
+            right = {"Q": qk_b, "K": qk_b.T, "V": ov_b}[r.edge]
+            assert (r.component_a, r.component_b) == (f"L{r.layer_a}H{r.head_a}", f"L{r.layer_b}H{r.head_b}")
             assert getattr(r, column) == pytest.approx(_score(ov_a, right), rel=1e-6)
     assert np.allclose(df.change, df.tuned - df.base)
 
@@ -59,7 +60,7 @@ def test_head_and_neuron_figures_have_their_structure(analysis):
     row = analysis.heads[(analysis.heads.circuit == "OV") & (analysis.heads.layer == 1)
                          & (analysis.heads["head"] == 2)].iloc[0]
     assert np.asarray(fig.data[0].z)[1, 2] == pytest.approx(row.subspace_share)
-    fig = viz.neurons(analysis, "out", layer=0)
+    fig = viz.neurons(analysis, "W_out", layer=0)
     assert {t.type for t in fig.data} == {"scatter"}
     assert sum(len(t.x) for t in fig.data) == 48
     assert {t.name for t in fig.data} <= set(viz.figures.LABEL_COLORS)
@@ -76,10 +77,11 @@ def test_summary_spectrum_and_circuit_figures(pair, analysis):
     fig = viz.summary(analysis)
     assert [t.type for t in fig.data].count("bar") == 2
     assert fig.layout.yaxis.title.text == "energy share"
-    spec_df = tv_lens.matrix_spectrum(pair, "blocks.1.mlp.W_out", top_k=5)
+    spec_df = tv_lens.matrix_spectrum(pair, "L1.mlp.W_out", k=5)
     W = pair.tuning_vector().base["blocks.1.mlp.W_out"].double().numpy()
     assert np.allclose(spec_df.sigma_base.dropna(), np.linalg.svd(W, compute_uv=False))
-    assert spec_df.match.notna().sum() == 5 and spec_df.attrs["matrix"] == "blocks.1.mlp.W_out"
+    assert spec_df.match.notna().sum() == 5 and set(spec_df.param) == {"blocks.1.mlp.W_out"}
+    assert spec_df.equals(tv_lens.matrix_spectrum(pair, "blocks.1.mlp.W_out", k=5))
     fig = viz.spectrum(spec_df)
     assert [t.type for t in fig.data] == ["scatter"] * 3 and fig.layout.yaxis.type == "log"
 
@@ -89,13 +91,13 @@ def test_fast_spectrum_is_the_top_of_the_exact_one(pair):
     values of Δ (and the range plus probes of W); with ``r`` = the matrix's width the range
     finder spans everything, and the values and matches equal the exact spectrum's."""
     name = "blocks.1.mlp.W_out"
-    exact = tv_lens.matrix_spectrum(pair, name, top_k=3)
-    fast = tv_lens.matrix_spectrum(pair, name, top_k=3, fast_rank=6)
+    exact = tv_lens.matrix_spectrum(pair, name, k=3)
+    fast = tv_lens.matrix_spectrum(pair, name, k=3, fast_rank=6)
     assert fast.sigma_delta.notna().sum() == 6 < exact.sigma_delta.notna().sum()
     assert fast.sigma_base.notna().sum() == 6 + 3  # the range plus Δ's 3 probe directions
     assert fast.match.notna().sum() == 3
     width = int(min(pair.tuning_vector().base[name].shape))
-    full = tv_lens.matrix_spectrum(pair, name, top_k=3, fast_rank=width)
+    full = tv_lens.matrix_spectrum(pair, name, k=3, fast_rank=width)
     n = exact.sigma_delta.notna().sum()
     for col in ("sigma_delta", "sigma_base"):  # (a bfloat16 sketch tilts the range ~1e-3·σ_max)
         np.testing.assert_allclose(full[col][:n], exact[col][:n], atol=1e-4 * exact[col].max())
@@ -105,19 +107,22 @@ def test_fast_spectrum_is_the_top_of_the_exact_one(pair):
 
 
 def test_circuit_edges_are_the_largest_composition_changes(pair, analysis):
+    from tv_lens.components import describe
+
     scores = tv_lens.composition(pair)
     fig = viz.circuit(analysis, scores, n_edges=6)
     (edge_markers,) = [t for t in fig.data if t.name == "composition change"]
-    shown = sorted(abs(float(row[5])) for row in edge_markers.customdata)
+    shown = sorted(abs(float(row[3])) for row in edge_markers.customdata)
     assert shown == sorted(scores.change.abs().nlargest(6))
     spec, tv = pair.spec, pair.tuning_vector()
     tuned = {k: tv.base[k] + tv[k] for k in tv}
-    for la, ha, lb, hb, kind, change in edge_markers.customdata:  # against dense products
+    for name_a, name_b, edge, change in edge_markers.customdata:  # against dense products
+        a, b = describe(name_a), describe(name_b)
         dense = []
         for model in (tv.base, tuned):
-            qk_b, ov_b = _dense_circuits(model, spec, int(lb), int(hb))
-            _, ov_a = _dense_circuits(model, spec, int(la), int(ha))
-            dense.append(_score(ov_a, {"Q": qk_b, "K": qk_b.T, "V": ov_b}[kind]))
+            qk_b, ov_b = _dense_circuits(model, spec, b.layer, b.head)
+            _, ov_a = _dense_circuits(model, spec, a.layer, a.head)
+            dense.append(_score(ov_a, {"Q": qk_b, "K": qk_b.T, "V": ov_b}[edge]))
         assert float(change) == pytest.approx(dense[1] - dense[0], abs=1e-9)
     nodes = [t for t in fig.data if t.name == "heads"][0]
     assert len(nodes.x) == 8 and "all 8 heads" in fig.layout.title.text
@@ -185,11 +190,12 @@ def test_reprs_are_short(pair, analysis):
 
 
 def test_token_readouts_in_figure_hovers(pair, analysis):
-    from tv_lens.readouts import read_tokens, top_token_text
+    from tv_lens.readouts import default_components, read_tokens, top_token_text
 
-    tokens = read_tokens(pair, k=5, directions=1, neurons=[(0, 1)], progress=False)
+    tokens = read_tokens(pair, default_components(pair.tuning_vector()) + ["L0N1"], k=5,
+                         directions=1, progress=False)
     text = top_token_text(tokens, "L1H2.OV")
-    rows = tokens[(tokens.unit == "L1H2.OV") & (tokens.source == "update") & (tokens.side == "write")
+    rows = tokens[(tokens.component == "L1H2.OV") & (tokens.source == "update") & (tokens.side == "write")
                   & (tokens.sign == 1) & (tokens["rank"] < 5)].sort_values("rank")
     assert text.startswith("write: + " + " ".join(rows.token))
     heat = viz.heads(analysis, "OV", "subspace_share", tokens=tokens)
@@ -198,7 +204,7 @@ def test_token_readouts_in_figure_hovers(pair, analysis):
     fig = viz.circuit(analysis, tokens=tokens)
     mlp = next(t for t in fig.data if t.name == "MLPs")
     assert all("tokens: write:" in h for h in mlp.hovertext)
-    cloud = viz.neurons(analysis, "out", tokens=tokens)
+    cloud = viz.neurons(analysis, "W_out", tokens=tokens)
     assert any("tokens: write:" in h for t in cloud.data for h in t.text)
     assert top_token_text(tokens, "L9H9.OV") == ""
 

@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     # patching and experiments
     "AttributionComparison": "tv_lens.patching", "activation_patch": "tv_lens.activation_patching",
     "attribute": "tv_lens.patching", "compare_attribution": "tv_lens.patching",
+    "completeness": "tv_lens.patching",
     "composition_grid": "tv_lens.merging", "metrics": "tv_lens.metrics",
     "patch": "tv_lens.patching",
     # errors

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from tv_lens.errors import TvLensError
+from tv_lens.components import head_name
 from tv_lens.staging import REPORT_SIGNATURE, check_report_path
 
 _STYLE = """
@@ -104,11 +104,8 @@ def _readouts(analysis, tv, pair: Any) -> pd.DataFrame | None:
     heads = analysis.heads.nlargest(READ_HEADS, "delta_norm")
     mlp = analysis.matrices[analysis.matrices.matrix.isin(["W_in", "W_gate", "W_out"])]
     mlp = mlp.nlargest(READ_MATRICES, "delta_norm")
-    units = [f"L{l}H{h}.{c}" for l, h, c in zip(heads.layer, heads["head"], heads.circuit)]
-    experts = mlp["expert"] if "expert" in mlp else [pd.NA] * len(mlp)
-    units += [f"L{int(l)}{'' if pd.isna(e) else f'E{int(e)}'}.mlp.{m}"
-              for l, e, m in zip(mlp.layer, experts, mlp.matrix)]
-    return read_tokens(tv, units, k=10, directions=2, tokenizer=tokenizer, progress=False)
+    components = list(heads.component) + list(mlp.component)
+    return read_tokens(tv, components, k=10, directions=2, tokenizer=tokenizer, progress=False)
 
 
 def _token_lists(tokens: pd.DataFrame, n: int = 8) -> str:
@@ -117,7 +114,7 @@ def _token_lists(tokens: pd.DataFrame, n: int = 8) -> str:
 
     rows = []
     for r in concentrated_units(tokens, n).itertuples():
-        sel = tokens[(tokens.unit == r.unit) & (tokens.source == "update")
+        sel = tokens[(tokens.component == r.component) & (tokens.source == "update")
                      & (tokens.direction == r.direction) & (tokens.sign == r.sign)
                      & (tokens.side == r.side)].sort_values("rank")
         top = max(float(sel.z.max()), 1e-9)
@@ -125,25 +122,9 @@ def _token_lists(tokens: pd.DataFrame, n: int = 8) -> str:
             f'<span class="tok" style="background: rgba(214, 39, 40, {max(0.0, z) / top:.2f})" '
             f'title="z = {z:.1f}">{html.escape(str(t))}</span>' for t, z in zip(sel.token, sel.z))
         sign = "+" if r.sign > 0 else "−"
-        rows.append(f"<div class=\"toks\"><b>{html.escape(r.unit)}</b> direction {r.direction} "
+        rows.append(f"<div class=\"toks\"><b>{html.escape(r.component)}</b> direction {r.direction} "
                     f"({sign}, {html.escape(r.side)}; mean z {r.mean_z:.1f}): {spans}</div>")
     return "".join(rows)
-
-
-def _weight_name(tv: Any, row: pd.Series) -> str:
-    """The vector's weight behind a matrices-table row (layer, matrix and, in a mixture of
-    experts, the expert: ``blocks.1.mlp.experts.2.W_out``)."""
-    from tv_lens.components import expert_of
-    from tv_lens.sources import layer_of
-
-    expert = row.get("expert")
-    expert = None if expert is None or pd.isna(expert) else int(expert)
-    found = [n for n in tv if layer_of(n) == int(row.layer) and n.rsplit(".", 1)[-1] == row.matrix
-             and expert_of(n) == expert]
-    if len(found) != 1:
-        raise TvLensError(f"No single weight of the vector matches the matrices row "
-                          f"{dict(layer=row.layer, matrix=row.matrix, expert=expert)}: {found}.")
-    return found[0]
 
 
 def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None = None,
@@ -203,23 +184,23 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
     page.figure(viz.heads(analysis, "OV", "label"))
     page.heading("Neurons", "Cosine between each neuron's output-direction update and the "
                  "direction itself; the dashed band is a random update's.")
-    page.figure(viz.neurons(analysis, "out"))
+    page.figure(viz.neurons(analysis, "W_out"))
 
     if tokens is not None:
         page.heading("What did the update write?", "The update directions whose top tokens stand "
                      "out most from the vocabulary (mean z of their top 5) among the most-changed "
-                     f"units ({tokens.unit.nunique()} read); colour = z. tv_lens.read_tokens(pair) "
-                     "reads every unit.")
+                     f"components ({tokens.component.nunique()} read); colour = z. "
+                     "tv_lens.read_tokens(pair) reads every head circuit and MLP matrix.")
         page.parts.append(_token_lists(tokens))
     ov = analysis.heads[analysis.heads.circuit == "OV"]
     top = ov.nlargest(top_heads, "delta_norm")[["layer", "head"]].itertuples(index=False)
     top = [(int(l), int(h)) for l, h in top]
     if tv is not None:
         matrices = analysis.matrices.dropna(subset=["layer"])
-        matrix = _weight_name(tv, matrices.loc[matrices.relative_norm.idxmax()])
+        matrix, param = matrices.loc[matrices.relative_norm.idxmax(), ["component", "param"]]
         fast_rank = info.get("fast_rank") if info.get("fast") else None
         which = f"the top {fast_rank} singular values (--fast)" if fast_rank else "singular values"
-        page.heading("Spectrum of the most-changed matrix", f"{matrix}: {which} of W and "
+        page.heading("Spectrum of the most-changed matrix", f"{matrix} ({param}): {which} of W and "
                      "Δ; Δ's top directions marked red where they match no direction of W (< 0.5).")
         page.figure(viz.spectrum(matrix_spectrum(tv, matrix, fast_rank=fast_rank)))
         scores = composition
@@ -250,7 +231,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
         page.view(viz.attention(pair, prompt, top))
         page.view(viz.token_loss_difference(pair, prompt))
         if top:
-            page.view(viz.token_effect(pair, prompt, f"L{top[0][0]}H{top[0][1]}"))
+            page.view(viz.token_effect(pair, prompt, head_name(*top[0])))
     else:
         left_out.append("attention patterns and per-token effects (they run the models: pass "
                         "pair= and prompt=, or --prompt TEXT on the command line)")

@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tv_lens.components import PART_KINDS, ComponentIndex, part_kind
+from tv_lens.components import PART_KINDS, ComponentIndex, Components, part_kind
 from tv_lens.errors import (CheckpointNotFoundError, InvalidArgumentError, MissingBaseError,
                             OutOfRangeError, ShapeMismatchError, TvLensError, close_matches)
 from tv_lens.layout import layout
@@ -214,6 +214,11 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         return (f"TuningVector({self.spec.architecture}, {self.spec.n_layers} layers, "
                 f"{len(self)} tensors{factored}, {n:,} entries, {norm})")
 
+    def tuning_vector(self) -> "TuningVector":
+        """This vector: a ``TuningVector`` stands in for a pair wherever weights suffice
+        (:class:`tv_lens.protocols.PairLike`)."""
+        return self
+
     # ----------------------------------------------------------------- components
     @property
     def components(self) -> ComponentIndex:
@@ -223,9 +228,10 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
             self._components = ComponentIndex(self.spec, {k: self.slots[k] for k in self.deltas})
         return self._components
 
-    def component(self, names: str | Iterable[str]) -> "TuningVector":
+    def component(self, names: Components) -> "TuningVector":
         """The tuning vector of one named component (``"L3H5"``, ``"L3KV1"``, ``"L3N1024"``,
-        ``"L3.mlp"``, ``"embed"``, …) or of several together, everything else zero.
+        ``"L3.mlp"``, ``"L3H5.OV"``, ``"embed"``, … any name of :mod:`tv_lens.components`) or
+        of several together, everything else zero.
 
         The components of one granularity sum to the whole vector.
         """

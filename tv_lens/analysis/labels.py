@@ -23,14 +23,14 @@ LABEL_MODES = ("calibrated", "fixed")
 #: significance columns of one tested share (``prefix`` + these)
 _TEST = ["z", "p_value", "q_value"]
 _AMP_TEST = ["amplification_" + c for c in _TEST]
-HEAD_COLUMNS = ["layer", "head", "circuit", "label", "delta_norm", "relative_norm",
+HEAD_COLUMNS = ["component", "layer", "head", "circuit", "label", "delta_norm", "relative_norm",
                 "subspace_share", "new_share", "amplification_share", "signed_scale",
                 "baseline_subspace_share", "baseline_amplification_share",
                 "baseline_subspace_share_weights", "null_subspace_share", *_TEST,
                 "null_amplification_share", *_AMP_TEST]
-NEURON_COLUMNS = ["layer", "neuron", "side", "label", "delta_norm", "relative_norm", "cos",
+NEURON_COLUMNS = ["component", "layer", "expert", "neuron", "matrix", "label", "delta_norm", "relative_norm", "cos",
                   "amplification_share", "new_share", "baseline_cos2", *_TEST]
-MATRIX_COLUMNS = ["layer", "matrix", "label", "delta_norm", "relative_norm", "stable_rank",
+MATRIX_COLUMNS = ["component", "param", "layer", "expert", "matrix", "label", "delta_norm", "relative_norm", "stable_rank",
                   "effective_rank", "rank_90", "n_new_directions", "n_amplified_directions",
                   "n_intruders", "top_match", "mean_match", "baseline_match", "baseline_match_p95",
                   "top_subspace_share", "baseline_top_subspace_share", *_TEST,
@@ -38,7 +38,7 @@ MATRIX_COLUMNS = ["layer", "matrix", "label", "delta_norm", "relative_norm", "st
                   "new_share", "signed_scale", "base_rank_90"]
 #: the per-layer linear weights that get an intruder count (PEFT's nn.Linear targets)
 
-SUMMARY_COLUMNS = ["layer", "part", "update_energy", "energy_share", "new_frac",
+SUMMARY_COLUMNS = ["component", "layer", "part", "update_energy", "energy_share", "new_frac",
                    "amplified_frac", "dampened_frac", "aligned_frac", "mixed_frac",
                    "unchanged_frac",
                    "mean_new_share", "baseline_new_share", "baseline_new_share_weights",

@@ -8,7 +8,7 @@ factors of a LoRA update) into table rows, with the random-update baseline besid
   kept factored; its shares are measured against the base head's read subspace (column space
   of W_V; of W_Q for QK) and write subspace (row space of W_O; column space of W_K for QK), and
   against the base circuit's singular pairs, and tested against a weight-perturbation null.
-- neurons (:func:`neuron_rows`): one row per (neuron, side ∈ {in, gate, out}): the cosine
+- neurons (:func:`neuron_rows`): one row per (neuron, matrix ∈ {W_in, W_gate, W_out}): the cosine
   between the update of the neuron's direction and the direction itself.
 - matrices (:func:`matrix_row`): one weight matrix (per layer W_Q, W_K, W_V, W_O as
   ``[d_model, n·d_head]`` / ``[n·d_head, d_model]`` — K and V per key-value head as stored —
@@ -169,18 +169,17 @@ def mlp_prefixes(spec: Any, layer: int) -> list[tuple[str, int | None]]:
 def neuron_rows(spec: Any, layer: int, base: dict[str, Tensor], delta: dict[str, Tensor | LowRank],
                  t: Thresholds) -> list[pd.DataFrame]:
     """Every neuron's rows of one layer (per expert in a mixture of experts), one frame per
-    side (``in``/``gate``: W_in / W_gate columns, ``out``: W_out rows)."""
-    sides = {"in": ("W_in", 1), "gate": ("W_gate", 1), "out": ("W_out", 0)}
+    matrix (``W_in``/``W_gate``: columns, ``W_out``: rows)."""
+    axes = {"W_in": 1, "W_gate": 1, "W_out": 0}
     frames = []
     for m, expert in mlp_prefixes(spec, layer):
-        for side, (name, axis) in sides.items():
+        for name, axis in axes.items():
             if m + name not in delta:
                 continue
             frame = _side_rows(base[m + name], delta[m + name], axis, t)
             frame.insert(0, "layer", layer)
-            frame.insert(2, "side", side)
-            if expert is not None:
-                frame.insert(1, "expert", expert)
+            frame.insert(1, "expert", expert)
+            frame.insert(3, "matrix", name)
             frames.append(frame)
     return frames
 
@@ -282,9 +281,8 @@ def matrix_row(name: str, W: Tensor, D: Tensor | LowRank, top_k: int, t: Thresho
     delta_e, base_e = _frob2(D), _frob2(W)
     delta_norm, base_norm = delta_e ** 0.5, base_e ** 0.5
     rel = delta_norm / base_norm if base_norm > 0 else float("inf")
-    row: dict[str, Any] = dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None
-                               else name, delta_norm=delta_norm, relative_norm=rel,
-                               expert=expert_of(name))
+    row: dict[str, Any] = dict(param=name, layer=layer, matrix=name.rsplit(".", 1)[-1],
+                               delta_norm=delta_norm, relative_norm=rel, expert=expert_of(name))
     base, fast_delta = decompose(W, D, top_k, fast_rank, base, (base_e, delta_e),
                                   changed=rel >= t.tol)
     base_r = spectrum_stats(base.S, energy=base.energy if base.partial else None)["rank_90"]

@@ -15,25 +15,31 @@ import pandas as pd
 import torch
 
 from tv_lens.analysis.rows import as_2d, decompose
+from tv_lens.components import describe, matrix_name, param_of
 from tv_lens.errors import InvalidArgumentError
+from tv_lens.protocols import PairLike
 from tv_lens.shares import matrix_overlap
 
 
-def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10,
+def matrix_spectrum(pair: PairLike, name: str, k: int = 10,
                     fast_rank: int | None = None) -> pd.DataFrame:
-    """Singular values of the base matrix W and of its update Δ, with Δ's top ``top_k`` left
+    """Singular values of the base matrix W and of its update Δ, with Δ's top ``k`` left
     singular directions matched against W's (``match_j = max_i |⟨p_j, u_i⟩|``, METHODS.md
-    level 3), for one weight, e.g. ``"blocks.2.mlp.W_out"`` (per-head weights as
+    level 3), for one weight, by its component name (``"L2.mlp.W_out"``, the matrices table's
+    ``component``) or TL name (``"blocks.2.mlp.W_out"``; per-head weights as
     ``[d_model, n·d_head]`` like the matrices table). Computed as the matrices table does
     (:func:`tv_lens.shares.matrix_overlap`, factors for LoRA targets): one matrix at a time.
     ``fast_rank``: as ``analyze(fast=True)`` does, only the top ``fast_rank`` singular values
     of each (randomized SVD; the base's range finder probed with Δ's top directions).
 
     Returns:
-        One row per index: ``index, sigma_base, sigma_delta, match, matched_index`` (``match``
-        is NaN past ``top_k``); ``attrs["matrix"]`` holds ``name``.
+        One row per singular direction: ``component, param`` (the matrix), ``direction``
+        (0 = largest), ``sigma_base, sigma_delta, match, matched_direction`` (``match`` is NaN
+        past ``k``).
     """
-    tv = pair_or_vector.tuning_vector() if hasattr(pair_or_vector, "tuning_vector") else pair_or_vector
+    tv = pair.tuning_vector()
+    if not name.startswith("blocks.") and name not in tv:
+        name = param_of(name) if describe(name).kind == "matrix" else name
     if fast_rank is not None and not (isinstance(fast_rank, int) and fast_rank >= 1):
         raise InvalidArgumentError(f"fast_rank must be a positive integer or None, got "
                                    f"{fast_rank!r}.")
@@ -45,16 +51,15 @@ def matrix_spectrum(pair_or_vector: Any, name: str, top_k: int = 10,
         W = as_2d(name, tv.base[name])
         factors = tv.factors(name)
         D = factors if factors is not None else as_2d(name, tv[name])
-        base, fast_delta = decompose(W, D, top_k, fast_rank)
-        overlap = matrix_overlap(base, D, top_k, fast_rank=fast_rank, delta=fast_delta)
+        base, fast_delta = decompose(W, D, k, fast_rank)
+        overlap = matrix_overlap(base, D, k, fast_rank=fast_rank, delta=fast_delta)
         match, index = overlap.left.abs().max(dim=0)
     S, S_d, k = base.S.cpu().numpy(), overlap.delta_S.cpu().numpy(), match.numel()
     n = max(len(S), len(S_d))
-    df = pd.DataFrame({"index": range(n),
+    df = pd.DataFrame({"component": matrix_name(name), "param": name, "direction": range(n),
                        "sigma_base": np.pad(S, (0, n - len(S)), constant_values=np.nan),
                        "sigma_delta": np.pad(S_d, (0, n - len(S_d)), constant_values=np.nan),
                        "match": np.pad(match.cpu().numpy(), (0, n - k), constant_values=np.nan),
-                       "matched_index": np.pad(index.cpu().numpy().astype(float), (0, n - k),
-                                               constant_values=np.nan)})
-    df.attrs["matrix"] = name
+                       "matched_direction": np.pad(index.cpu().numpy().astype(float), (0, n - k),
+                                                   constant_values=np.nan)})
     return df

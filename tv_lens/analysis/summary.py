@@ -67,22 +67,21 @@ def assemble(spec: Any, head_rows: list[dict], neuron_frames: list[pd.DataFrame]
     """The :class:`Analysis` of every layer's rows (in layer order; the embeddings' matrix rows
     last): tables, q-values, labels and summary."""
     fast, t = options.fast, options.t
-    heads = pd.DataFrame(head_rows, columns=HEAD_COLUMNS)
-    # a mixture-of-experts model's neurons and matrices say whose expert they are
-    expert = ["expert"] if spec.n_experts else []
-    neurons = pd.concat(neuron_frames, ignore_index=True).reindex(
-        columns=NEURON_COLUMNS[:1] + expert + NEURON_COLUMNS[1:])
-    if expert:  # <NA> for a shared expert's neurons
-        neurons["expert"] = neurons["expert"].astype("Int64")
-    matrix_table = pd.DataFrame(matrix_rows).reindex(
-        columns=MATRIX_COLUMNS[:2] + expert + MATRIX_COLUMNS[2:])
-    if expert:
-        matrix_table["expert"] = matrix_table["expert"].astype("Int64")
-    matrix_table["layer"] = matrix_table["layer"].astype("Int64")
+    heads = pd.DataFrame(head_rows).reindex(columns=HEAD_COLUMNS)
+    heads["component"] = [circuit_name(*key) for key in zip(heads.layer, heads["head"], heads.circuit)]
+    # expert: whose expert a neuron or matrix is (<NA> on dense models and for a shared expert)
+    neurons = pd.concat(neuron_frames, ignore_index=True).reindex(columns=NEURON_COLUMNS)
+    neurons["expert"] = neurons["expert"].astype("Int64")
+    neurons["component"] = [neuron_matrix_name(l, n, m, None if pd.isna(e) else int(e)) for l, e, n, m
+                            in zip(neurons.layer, neurons.expert, neurons.neuron, neurons.matrix)]
+    matrix_table = pd.DataFrame(matrix_rows).reindex(columns=MATRIX_COLUMNS)
+    matrix_table["component"] = [matrix_name(p) for p in matrix_table.param]
+    for col in ("layer", "expert"):
+        matrix_table[col] = matrix_table[col].astype("Int64")
     if fast:  # the base's top directions were found with the update's as probes: biased
         for col in ("z", "p_value", "amplification_z", "amplification_p_value"):
             matrix_table[col] = np.nan  # towards Δ, so a random-subspace null does not apply
-    for table, kind in ((heads, "circuit"), (neurons, "side"), (matrix_table, "matrix")):
+    for table, kind in ((heads, "circuit"), (neurons, "matrix"), (matrix_table, "matrix")):
         add_q_values(table, kind)
         if options.labels == "calibrated" and not (fast and table is matrix_table):
             table["label"] = calibrated_labels(table, t)
@@ -155,7 +154,10 @@ def _summary(spec: Any, heads: pd.DataFrame, neurons: pd.DataFrame,
         for layer in range(spec.n_layers):
             rows.append(_summary_row(layer, part, units[units.layer == layer],
                                      energies[(layer, part)], base_new[part], total))
-        rows.append(_summary_row("all", part, units,
+        rows.append(_summary_row(None, part, units,
                                  np.concatenate([energies[(l, part)] for l in range(spec.n_layers)]),
                                  base_new[part], total))
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    summary = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
+    summary["component"] = [part_name(r["layer"], r["part"]) for r in rows]
+    summary["layer"] = summary["layer"].astype("Int64")  # <NA>: every layer's attn or mlp
+    return summary

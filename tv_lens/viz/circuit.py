@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from tv_lens.components import head_name, matrix_name
 from tv_lens.viz.figures import hover_text, require_columns, with_tokens
 
-_KIND_COLORS = {"Q": "#2ca02c", "K": "#9467bd", "V": "#ff7f0e"}
+_EDGE_COLORS = {"Q": "#2ca02c", "K": "#9467bd", "V": "#ff7f0e"}
 
 
 def _sizes(values: pd.Series, lo: float = 8.0, hi: float = 36.0) -> np.ndarray:
@@ -50,14 +51,12 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     require_columns(heads, ["layer", "head", "new_share", "delta_norm"], "viz.circuit")
     n_heads_total = len(heads)
     heads = heads.nlargest(min(top_heads, len(heads)), "delta_norm")
-    heads["component"] = [f"L{l}H{h}" for l, h in zip(heads.layer, heads["head"])]
-    mlp = analysis.summary[(analysis.summary.part == "mlp")
-                           & (analysis.summary.layer.astype(str) != "all")].copy()
+    heads = with_tokens(heads, tokens, heads.component)  # the circuit's tokens …
+    heads["component"] = [head_name(l, h) for l, h in zip(heads.layer, heads["head"])]  # … the node
+    mlp = analysis.summary[(analysis.summary.part == "mlp") & analysis.summary.layer.notna()].copy()
     mlp["layer"] = mlp.layer.astype(int)
-    mlp["component"] = [f"L{l}.mlp" for l in mlp.layer]
     mlp["new_share"], mlp["delta_norm"] = mlp.mean_new_share, np.sqrt(mlp.update_energy)
-    heads = with_tokens(heads, tokens, [f"{c}.{circuit_kind}" for c in heads.component])
-    mlp = with_tokens(mlp, tokens, [f"L{l}.mlp.W_out" for l in mlp.layer])
+    mlp = with_tokens(mlp, tokens, [matrix_name(f"blocks.{l}.mlp.W_out") for l in mlp.layer])
     n_heads = int(analysis.heads["head"].max()) + 1
 
     size_h, size_m = _sizes(heads.delta_norm), _sizes(mlp.delta_norm)
@@ -75,7 +74,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     fig = go.Figure()
     edges = pd.DataFrame()
     if composition is not None:
-        require_columns(composition, ["layer_a", "head_a", "layer_b", "head_b", "kind", "change"],
+        require_columns(composition, ["layer_a", "head_a", "layer_b", "head_b", "edge", "change"],
                  "viz.circuit")
         shown = set(x_head)
         keep = [(la, ha) in shown and (lb, hb) in shown for la, ha, lb, hb in
@@ -88,15 +87,15 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
         for r in edges.itertuples():
             fig.add_trace(go.Scatter(
                 x=[2 * r.layer_a, 2 * r.layer_b], y=[r.head_a, r.head_b], mode="lines",
-                line=dict(width=1 + 5 * abs(r.change) / widest, color=_KIND_COLORS[r.kind],
+                line=dict(width=1 + 5 * abs(r.change) / widest, color=_EDGE_COLORS[r.edge],
                           dash="solid" if r.change > 0 else "dot"),
                 hoverinfo="skip", showlegend=False))
         fig.add_trace(go.Scatter(
             x=[(2 * a + 2 * b) / 2 for a, b in zip(edges.layer_a, edges.layer_b)],
             y=[(a + b) / 2 for a, b in zip(edges.head_a, edges.head_b)], mode="markers",
-            marker=dict(size=6, color=[_KIND_COLORS[k] for k in edges.kind]),
+            marker=dict(size=6, color=[_EDGE_COLORS[k] for k in edges.edge]),
             name="composition change", text=hover_text(edges, list(edges.columns)), hoverinfo="text",
-            customdata=edges[["layer_a", "head_a", "layer_b", "head_b", "kind", "change"]].to_numpy()))
+            customdata=edges[["component_a", "component_b", "edge", "change"]].to_numpy()))
     mid = float(analysis.heads.baseline_subspace_share_weights.iloc[0]) \
         if "baseline_subspace_share_weights" in analysis.heads else 0.5
     color = dict(colorscale="RdBu_r", cmin=0, cmax=1, cmid=1 - mid,

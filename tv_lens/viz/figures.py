@@ -9,6 +9,7 @@ Nothing here computes anything heavier than a pivot.
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -58,13 +59,15 @@ def _grid(df: pd.DataFrame, value: str, n_heads: int | None = None):
     return layers, z, text
 
 
-def with_tokens(df: pd.DataFrame, tokens: pd.DataFrame | None, units: list[str]) -> pd.DataFrame:
-    """``df`` plus a ``tokens`` hover column: each unit's top update tokens (read_tokens)."""
+def with_tokens(df: pd.DataFrame, tokens: pd.DataFrame | None, components: Iterable[str]
+                ) -> pd.DataFrame:
+    """``df`` plus a ``tokens`` hover column: each component's top update tokens (a
+    :func:`~tv_lens.read_tokens` table)."""
     if tokens is None:
         return df
     from tv_lens.readouts import top_token_text
 
-    return df.assign(tokens=[top_token_text(tokens, u) for u in units])
+    return df.assign(tokens=[top_token_text(tokens, c) for c in components])
 
 
 def heads(analysis, circuit: str = "OV", value: str = "subspace_share",
@@ -81,7 +84,7 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share",
     table = analysis.heads
     require_columns(table, ["layer", "head", "circuit", value], "viz.heads")
     df = table[table.circuit == circuit]
-    df = with_tokens(df, tokens, [f"L{l}H{h}.{circuit}" for l, h in zip(df.layer, df["head"])])
+    df = with_tokens(df, tokens, df.component)
     if df.empty:
         raise TvLensError(f"No rows for circuit {circuit!r}; circuits are "
                           f"{sorted(table.circuit.unique())}.")
@@ -111,25 +114,26 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share",
     return fig
 
 
-def neurons(analysis, side: str = "out", layer: int | None = None,
+def neurons(analysis, matrix: str = "W_out", layer: int | None = None,
             max_points: int = 20000, tokens: pd.DataFrame | None = None) -> go.Figure:
     """Each neuron's direction cosine (update vs existing direction) against its relative
     norm, coloured by label; the dashed band is ``±√E[cos²]`` of a random update. Past
     ``max_points`` neurons (a 7B model has 350k per side) only the ones with the largest
-    updates are drawn, and the title says so. ``tokens`` (a :func:`~tv_lens.readouts.read_tokens`
-    table with neurons, ``neurons=[...]``) adds each neuron's top tokens to its hover."""
+    updates are drawn, and the title says so. ``matrix``: the neurons' ``W_out`` rows (what they
+    write), ``W_in`` or ``W_gate`` columns (what they read). ``tokens`` (a
+    :func:`~tv_lens.read_tokens` table of neuron slices such as ``L3N7.out``) adds each
+    neuron's top tokens to its hover."""
     table = analysis.neurons
-    require_columns(table, ["layer", "neuron", "side", "cos", "relative_norm", "label"], "viz.neurons")
-    df = table[(table.side == side) & ((table.layer == layer) if layer is not None else True)]
+    require_columns(table, ["component", "layer", "neuron", "matrix", "cos", "relative_norm",
+                            "label"], "viz.neurons")
+    df = table[(table.matrix == matrix) & ((table.layer == layer) if layer is not None else True)]
     if df.empty:
-        raise TvLensError(f"No neurons for side={side!r}, layer={layer!r}; sides are "
-                          f"{sorted(table.side.unique())}.")
+        raise TvLensError(f"No neurons for matrix={matrix!r}, layer={layer!r}; matrices are "
+                          f"{sorted(table.matrix.unique())}.")
     total = len(df)
     if total > max_points:
         df = df.nlargest(max_points, "delta_norm")
-    experts = df["expert"] if "expert" in df else [pd.NA] * len(df)  # mixture of experts
-    df = with_tokens(df, tokens, [f"L{l}{'' if pd.isna(e) else f'E{int(e)}'}N{n}.{side}"
-                                   for l, e, n in zip(df.layer, experts, df.neuron)])
+    df = with_tokens(df, tokens, df.component)
     fig = go.Figure()
     trace = go.Scatter if len(df) <= 20000 else go.Scattergl  # WebGL only where SVG is too slow
     for label, rows in df.groupby("label"):
@@ -142,7 +146,7 @@ def neurons(analysis, side: str = "out", layer: int | None = None,
     where = f"layer {layer}" if layer is not None else "all layers"
     if total > len(df):
         where += f"; the {len(df):,} of {total:,} with the largest updates"
-    fig.update_layout(title=f"Neurons ({side} direction, {where}): cos(update, direction); "
+    fig.update_layout(title=f"Neurons ({matrix} direction, {where}): cos(update, direction); "
                             f"dashed = random ±{band:.3f}",
                       xaxis_title="relative norm ‖Δw‖/‖w‖", yaxis_title="cos(Δw, w)")
     return fig
@@ -154,7 +158,7 @@ def summary(analysis) -> go.Figure:
     df = analysis.summary
     require_columns(df, ["layer", "part", "energy_share", "mean_new_share", "baseline_new_share"],
              "viz.summary")
-    df = df[df.layer.astype(str) != "all"]
+    df = df[df.layer.notna()]  # per layer (the <NA> rows are every layer's)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("share of update energy",
                                                         "mean new_share vs random baseline"))
     colors = {"attn": "#1f77b4", "mlp": "#d62728"}
@@ -179,21 +183,21 @@ def spectrum(table: pd.DataFrame) -> go.Figure:
     """Singular values of Δ against those of W for one matrix (from
     :func:`tv_lens.analysis.spectrum.matrix_spectrum`); Δ's top directions are marked by their best
     match with W's singular vectors (red = new, below 0.5)."""
-    require_columns(table, ["index", "sigma_base", "sigma_delta", "match", "matched_index"],
-             "viz.spectrum")
+    require_columns(table, ["component", "direction", "sigma_base", "sigma_delta", "match",
+                            "matched_direction"], "viz.spectrum")
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=table["index"], y=table.sigma_base, name="W (base)",
+    fig.add_trace(go.Scatter(x=table.direction, y=table.sigma_base, name="W (base)",
                              mode="lines"))
-    fig.add_trace(go.Scatter(x=table["index"], y=table.sigma_delta, name="Δ (update)",
+    fig.add_trace(go.Scatter(x=table.direction, y=table.sigma_delta, name="Δ (update)",
                              mode="lines"))
     marked = table.dropna(subset=["match"])
     fig.add_trace(go.Scatter(
-        x=marked["index"], y=marked.sigma_delta, mode="markers", name="Δ top directions",
+        x=marked.direction, y=marked.sigma_delta, mode="markers", name="Δ top directions",
         marker=dict(size=9, color=["#d62728" if m < 0.5 else "#1f77b4" for m in marked.match]),
         text=[f"match {m:.3f} with W's direction {int(i)}" for m, i in
-              zip(marked.match, marked.matched_index)], hoverinfo="text"))
-    name = table.attrs.get("matrix", "")
-    fig.update_layout(title=f"Singular spectra {name}", xaxis_title="index",
+              zip(marked.match, marked.matched_direction)], hoverinfo="text"))
+    name = table.component.iloc[0] if len(table) else ""
+    fig.update_layout(title=f"Singular spectra {name}", xaxis_title="singular direction",
                       yaxis_title="singular value", yaxis_type="log")
     return fig
 
@@ -201,8 +205,8 @@ def spectrum(table: pd.DataFrame) -> go.Figure:
 def patching(table: pd.DataFrame, value: str = "normalized") -> go.Figure:
     """Effects per component from :func:`tv_lens.patch` or :func:`tv_lens.attribute`: heads as
     a layer × head grid, the top neurons and other components as ranked bars."""
-    require_columns(table, ["component", "kind", "layer", "index", value], "viz.patching")
-    heads_df = table[table.kind == "head"].rename(columns={"index": "head"})
+    require_columns(table, ["component", "kind", "layer", "head", value], "viz.patching")
+    heads_df = table[table.kind == "head"]
     others = table[table.kind != "head"]
     others = others.reindex(others[value].abs().sort_values(ascending=False).index).head(30)
     specs = [[{"type": "heatmap"}, {"type": "bar"}]]
