@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tv_lens import ModelPair, analyze
-from tv_lens.linalg import gram_svd, intruder_count, matrix_overlap
+from tv_lens.linalg import gram_svd
+from tv_lens.shares import intruder_count, matrix_overlap
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TL_NAME = {"q_proj": "W_Q", "k_proj": "W_K", "v_proj": "W_V", "o_proj": "W_O",

@@ -1,5 +1,6 @@
 """Layers analysed side by side (tv_lens.workers): same tables as one at a time, results in
-order, errors that stop the rest, torch's threads shared out and given back, thread-safe reads."""
+order, errors that stop the rest, threads given back, thread-safe reads (the threads' shares:
+test_speedups.py)."""
 
 import json
 import threading
@@ -14,7 +15,7 @@ from tv_lens import ModelPair, analyze
 from tv_lens.checkpoints import Checkpoint
 from tv_lens.cli import main
 from tv_lens.errors import InvalidArgumentError
-from tv_lens.workers import check_workers, default_workers, ordered_map, split_threads
+from tv_lens.workers import check_workers, default_workers, ordered_map
 
 TABLES = ("heads", "neurons", "matrices", "summary")
 
@@ -98,35 +99,6 @@ def test_an_error_cancels_the_calls_not_started(threads):
         list(ordered_map(work, range(50), 2))
     assert len(calls) < 10  # the rest was cancelled, not run
     assert torch.get_num_threads() == 2  # given back
-
-
-def test_split_threads_shares_and_restores(threads):
-    threads(2)
-    with split_threads(2):
-        assert torch.get_num_threads() == 1
-    with pytest.raises(RuntimeError), split_threads(4):
-        assert torch.get_num_threads() == 1  # at least one each
-        raise RuntimeError
-    assert torch.get_num_threads() == 2
-
-
-def test_split_threads_shares_openblas_too(threads):
-    """numpy's and scipy's OpenBLAS (each bundles its own) get their share inside the block and
-    their thread counts back after it, also on error."""
-    from tv_lens.workers import openblas_thread_controls
-
-    threads(2)
-    controls = openblas_thread_controls()
-    assert controls, "numpy and scipy wheels bundle OpenBLAS: it should be found"
-    before = [get() for get, _ in controls]
-    for _, put in controls:
-        put(4)
-    with pytest.raises(RuntimeError), split_threads(2):
-        assert [get() for get, _ in controls] == [2] * len(controls)
-        raise RuntimeError
-    assert [get() for get, _ in controls] == [4] * len(controls)
-    for (_, put), count in zip(controls, before):
-        put(count)
 
 
 def test_default_and_checked_workers(threads):

@@ -7,6 +7,8 @@ kernels). Two layers at once with one torch thread each keep both cores busy: on
 TinyLlama-sized layer takes ~15% less wall time in exact mode and ~35% less with ``--fast``
 than one layer with two threads (``benchmarks/bench_scale.py``). torch releases the GIL in its
 kernels, so threads suffice, and they share the process's imports and checkpoint headers.
+Each worker gets its share of torch's and the BLAS libraries' threads
+(:func:`tv_lens.speedups.split_threads`).
 
 Results come back in order, so tables are the same whatever the number of workers, up to
 rounding: BLAS splits products differently across thread counts, and where a base's singular
@@ -16,16 +18,14 @@ amplification share on a Gaussian base). Memory: each worker holds one layer.
 
 from __future__ import annotations
 
-import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import product
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 from tv_lens.errors import InvalidArgumentError
+from tv_lens.speedups import split_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,56 +47,6 @@ def check_workers(workers: Any, device: torch.device) -> int:
     return workers
 
 
-def openblas_thread_controls() -> list[tuple[Callable[[], int], Callable[[int], None]]]:
-    """``(get, set)`` thread-count functions of each OpenBLAS loaded in this process (numpy and
-    scipy each bundle one; scipy's runs the tridiagonal reductions of exact mode), found through
-    ``/proc/self/maps`` as threadpoolctl does; empty where there is none or no such file."""
-    try:
-        import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS if it is not yet)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()
-                            and ".so" in line})
-    except OSError:
-        return []
-    controls = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        except OSError:
-            continue
-        for prefix, suffix in product(("openblas", "scipy_openblas"), ("", "64_")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                put.argtypes = (ctypes.c_int,)
-                controls.append((get, put))
-                break
-    return controls
-
-
-@contextmanager
-def split_threads(workers: int) -> Iterator[None]:
-    """torch's CPU threads, and OpenBLAS's, shared out between ``workers`` (at least one each)
-    for the block, restored after it, also on error. (An OpenBLAS call with more threads than
-    its share keeps them spinning after it returns, on the cores the other workers need: exact
-    mode's layers took 6.4 instead of 6.7 s with two workers once OpenBLAS had one thread each.)"""
-    total = torch.get_num_threads()
-    blas = [(get, put, get()) for get, put in openblas_thread_controls()] if workers > 1 else []
-    if workers > 1:
-        torch.set_num_threads(max(1, total // workers))
-        for _, put, before in blas:
-            put(max(1, before // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(total)
-        for _, put, before in blas:
-            put(before)
-
-
 def check_threads(threads: Any) -> int | None:
     """``threads`` (BLAS threads per worker) checked: ``None`` or a positive integer."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -109,7 +59,7 @@ def check_threads(threads: Any) -> int | None:
 @contextmanager
 def worker_threads(workers: int, threads: int | None = None) -> Iterator[None]:
     """Each worker's threads for the block, restored after it: ``threads`` for torch and every
-    BLAS pool where given, else :func:`split_threads`'s even share."""
+    BLAS pool where given, else :func:`~tv_lens.speedups.split_threads`'s even share."""
     if threads is None:
         with split_threads(workers):
             yield
