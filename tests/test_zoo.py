@@ -75,7 +75,7 @@ def test_each_fine_tunes_tables_equal_a_separate_analyze(zoo_dirs, serial):
         for kind in ("heads", "neurons", "matrices", "summary"):
             pd.testing.assert_frame_equal(getattr(serial.analyses[name], kind), getattr(alone, kind))
     long = serial.heads
-    assert list(long.columns[:2]) == ["model", "layer"] and set(long.model) == {"a", "b", "c"}
+    assert list(long.columns[:3]) == ["model", "component", "layer"] and set(long.model) == {"a", "b", "c"}
 
 
 def test_cross_tables_against_direct_computations(zoo_dirs, serial):
@@ -124,7 +124,15 @@ def test_cross_tables_against_direct_computations(zoo_dirs, serial):
         assert set(serial.neuron_similarity.query("layer == @layer").neuron) == want
         assert len(serial.neuron_similarity.query("layer == @layer")) == 3 * len(want)
     shared = serial.shared("matrices", 0.5)
-    assert shared.empty or set(shared.columns) >= {"layer", "matrix", "min_cosine"}
+    worst = serial.matrix_similarity.groupby("component").cosine.min()
+    assert set(shared.component) == set(worst[worst >= 0.5].index)
+    assert list(shared.columns) == ["component", "min_cosine"]
+    out = serial.matrix_similarity.query("layer == 0 and matrix == 'W_out'")
+    assert set(out.component) == {"L0.mlp.W_out"} and set(out.param) == {"blocks.0.mlp.W_out"}
+    assert set(serial.head_similarity.component) == {f"L{l}H{h}" for l in range(spec.n_layers)
+                                                     for h in range(spec.n_heads)}
+    first = serial.neuron_similarity.iloc[0]
+    assert first.component == f"L{first.layer}N{first.neuron}" and pd.isna(first.expert)
 
 
 def _assert_same(left, right):

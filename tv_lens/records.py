@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 #: Bumped whenever what a record holds changes meaning; older records are recomputed.
-SCHEMA = 1
+SCHEMA = 2  # 2: tables keyed by component (issue 31)
 
 
 class _Encoder:

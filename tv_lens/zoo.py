@@ -54,6 +54,7 @@ from tv_lens.analysis.rows import as_2d, matrix_names, mlp_prefixes, neuron_norm
 from tv_lens.analysis.run import (LayerRows, base_decompositions, layer_rows, layer_tensors,
                                   model_rows, names_by_layer)
 from tv_lens.analysis.summary import Analysis, assemble
+from tv_lens.components import expert_of, head_name, matrix_name, neuron_name
 from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, gram, tall, top_eigenpairs
@@ -153,12 +154,12 @@ class Zoo:
 
     def shared(self, kind: str = "heads", min_cosine: float = 0.5) -> pd.DataFrame:
         """Components every pair of fine-tunes updated in the same direction (cosine ≥
-        ``min_cosine`` for every pair): ``heads`` or ``matrices``."""
+        ``min_cosine`` for every pair): ``heads`` or ``matrices``; one row per ``component``
+        with its ``min_cosine``."""
         table = {"heads": self.head_similarity, "matrices": self.matrix_similarity}[kind]
-        keys = [c for c in table.columns if c in ("layer", "head", "matrix", "expert")]
         if table.empty:
             return table
-        worst = table.groupby(keys, dropna=False)["cosine"].min().rename("min_cosine")
+        worst = table.groupby("component", sort=False)["cosine"].min().rename("min_cosine")
         return worst[worst >= min_cosine].reset_index()
 
     def save(self, folder: str | Path) -> Path:
@@ -341,9 +342,10 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
         dots = _gram_of(list(update.values())).numpy()
         out["dots"] += dots
         if name in matrices:
-            rows += [dict(layer=layer, matrix=name.rsplit(".", 1)[-1] if layer is not None else name,
-                          **r) for r in _matrix_pairs({k: as_2d(name, d) for k, d in update.items()},
-                                                      dots, name, options.rank)]
+            rows += [dict(component=matrix_name(name), param=name, layer=layer,
+                          expert=expert_of(name), matrix=name.rsplit(".", 1)[-1], **r)
+                     for r in _matrix_pairs({k: as_2d(name, d) for k, d in update.items()},
+                                            dots, name, options.rank)]
     out["matrix_similarity"] = pd.DataFrame(rows)
     if layer is None:
         return out
@@ -351,7 +353,8 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
     head_dots = _head_dots(deltas, spec, layer)
     heads = _cosines_from_dots(head_dots, list(vectors))
     out["head_similarity"] = pd.DataFrame(
-        [dict(layer=layer, head=h, model_a=a, model_b=b, cosine=float(c[h]))
+        [dict(component=head_name(layer, h), layer=layer, head=h, model_a=a, model_b=b,
+              cosine=float(c[h]))
          for (a, b), c in heads.items() for h in range(spec.n_heads)])
     out["neuron_similarity"] = _neuron_pairs(deltas, spec, layer, options.top_neurons)
     return out
@@ -369,12 +372,10 @@ def _neuron_pairs(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int,
                                       for n in norms)))
         slices = torch.stack([_neuron_slices(d, prefix, chosen) for d in deltas.values()], dim=1)
         for (a, b), c in _cosines_from_dots(slices @ slices.mT, list(deltas)).items():
-            rows += [dict(layer=layer, expert=expert, neuron=n, model_a=a, model_b=b,
-                          cosine=float(v)) for n, v in zip(chosen, c.tolist())]
-    frame = pd.DataFrame(rows)
-    if not spec.n_experts and not frame.empty:
-        frame = frame.drop(columns="expert")
-    return frame
+            rows += [dict(component=neuron_name(layer, n, expert), layer=layer, expert=expert,
+                          neuron=n, model_a=a, model_b=b, cosine=float(v))
+                     for n, v in zip(chosen, c.tolist())]
+    return pd.DataFrame(rows)
 
 
 def content_hash(folder: str | os.PathLike) -> str:
@@ -624,8 +625,9 @@ def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if not table.empty:
             table = table[table.model_a.isin(ok) & table.model_b.isin(ok)].reset_index(drop=True)
-            if "layer" in table:
-                table["layer"] = table["layer"].astype("Int64")
+            for col in ("layer", "expert"):
+                if col in table:
+                    table[col] = table[col].astype("Int64")
         return table
 
     return Zoo(analyses, cross("head_similarity"), cross("matrix_similarity"),

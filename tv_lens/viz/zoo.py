@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 
 from tv_lens.errors import TvLensError
@@ -52,12 +51,12 @@ def zoo_matrices(zoo) -> go.Figure:
     table = zoo.matrix_similarity
     if table.empty:
         raise TvLensError("The zoo has fewer than two fine-tunes: no matrix similarities to show.")
-    df = table.assign(unit=[m if pd.isna(l) else f"L{int(l)}.{m}" for l, m in zip(table.layer, table.matrix)],
-                      pair=table.model_a + " / " + table.model_b)
+    df = table.assign(pair=table.model_a + " / " + table.model_b)
     fig = go.Figure()
     for pair, rows in df.groupby("pair", sort=False):
-        fig.add_trace(go.Bar(x=rows.unit, y=rows.shared_dims, name=pair))
-    fig.add_trace(go.Scatter(x=df.unit.unique(), y=df.groupby("unit", sort=False).baseline_shared_dims.first(),
+        fig.add_trace(go.Bar(x=rows.component, y=rows.shared_dims, name=pair))
+    fig.add_trace(go.Scatter(x=df.component.unique(),
+                             y=df.groupby("component", sort=False).baseline_shared_dims.first(),
                              mode="markers", marker_symbol="line-ew-open", marker_size=14,
                              name="random baseline"))
     fig.update_layout(title=f"Shared top-{zoo.info.get('rank')} update directions per matrix",
