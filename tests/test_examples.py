@@ -66,14 +66,15 @@ def test_research_claims_example(capsys, monkeypatch):
                                            r"read/write subspaces, (\d+)× the isotropic baseline "
                                            r"and (\d+)× the weight-noise baseline")
     assert (100 * ov, ov / iso, ov / weights) == pytest.approx((pct, times_iso, times_weights), abs=0.6)
-    labels = {(kind, mode): counts for kind, mode, *counts in re.findall(
-        r"^\s*\w+\s+(\S+)\s+(calibrated|fixed)\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M)}
-    assert labels["OV", "fixed"] == labels["QK", "fixed"] == ["0", "0", "32"]  # all labelled new
-    assert labels["OV", "calibrated"] == labels["QK", "calibrated"] == ["0", "32", "0"]  # aligned
+    labels = {(part, kind, mode): counts for part, kind, mode, *counts in re.findall(
+        r"^\s*(\w+)\s+(\S+)\s+(calibrated|fixed)\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M)}
+    assert labels["attn", "OV", "fixed"] == labels["attn", "QK", "fixed"] == ["0", "0", "32"]  # all new
+    assert labels["attn", "OV", "calibrated"] == labels["attn", "QK", "calibrated"] == ["0", "32", "0"]
     n_in, n_gate = quoted(r"(\d+) input and (\d+) gate directions `aligned`")
-    assert (int(labels["in", "calibrated"][1]), int(labels["gate", "calibrated"][1])) == (n_in, n_gate)
-    assert labels["out", "calibrated"][1] == "0"  # "every output direction" new
-    matrices = [k for k in labels if k[1] == "calibrated" and k[0].startswith(("W_", "embed", "unembed"))]
+    assert (int(labels["mlp", "W_in", "calibrated"][1]),
+            int(labels["mlp", "W_gate", "calibrated"][1])) == (n_in, n_gate)
+    assert labels["mlp", "W_out", "calibrated"][1] == "0"  # "every output direction" new
+    matrices = [k for k in labels if k[0] == "matrix" and k[2] == "calibrated"]
     assert sum(int(labels[k][1]) for k in matrices) == quoted(r"\(all (\d+) `aligned`\)")[0]
     mlp_new = _numbers(out, r"MLP: update energy labelled new ([\d.]+)")[0]
     assert 100 * mlp_new == pytest.approx(quoted(r"Calibrated MLP neurons: (\d+)% of the MLP update")[0], abs=0.6)
@@ -90,7 +91,7 @@ def test_research_claims_example_on_the_math_pair(capsys, monkeypatch):
     mlp_new = _numbers(out, r"MLP: update energy labelled new ([\d.]+)")[0]
     pct, aligned, total = quoted(r"(\d+)% on the math pair \((\d+) of (\d+) output directions `aligned`\)")
     assert 100 * mlp_new == pytest.approx(pct, abs=0.6)
-    counts = re.search(r"^\s*mlp\s+out\s+calibrated\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M).groups()
+    counts = re.search(r"^\s*mlp\s+W_out\s+calibrated\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M).groups()
     assert (int(counts[1]), sum(map(int, counts))) == (aligned, total)
     assert "attention OV" in out and "labels {'aligned': 32}" in out  # "the same on the math pair"
 

@@ -103,7 +103,7 @@ def block_counts(a: int, b: int) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class CircuitFrame:
     """One head circuit in its ``k``-dimensional frames (from
-    :func:`tv_lens.linalg.align_circuits`): ``L = Qa Ra``, ``Rtᵀ = Qb Rb``; ``ua``/``ub`` the
+    :func:`tv_lens.shares.align_circuits`): ``L = Qa Ra``, ``Rtᵀ = Qb Rb``; ``ua``/``ub`` the
     read/write bases (``read``/``write`` masks drop null directions); ``u``, ``vh`` the base
     circuit's singular vectors, ``keep`` its non-null ones and ``ids`` their clusters."""
 

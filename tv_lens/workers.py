@@ -12,7 +12,7 @@ Each worker gets its share of torch's and the BLAS libraries' threads
 
 Results come back in order, so tables are the same whatever the number of workers, up to
 rounding: BLAS splits products differently across thread counts, and where a base's singular
-values are nearly equal that rounding can move a cluster (README, scale: up to 0.8% in a matrix's
+values are nearly equal that rounding can move a cluster (docs/scale-and-lora.md: up to 0.8% in a matrix's
 amplification share on a Gaussian base). Memory: each worker holds one layer.
 """
 

@@ -147,7 +147,7 @@ def analyze(pair: Any, options: AnalysisOptions | None = None, *, progress: bool
             between the workers, at least one each; with one worker, as set). The tables do not
             depend on ``workers`` or ``threads`` beyond float rounding: BLAS rounds differently
             with another thread count, which moves the clusters of nearly equal singular values
-            of a flat spectrum (README, scale).
+            of a flat spectrum (docs/scale-and-lora.md).
 
     Returns:
         :class:`Analysis` with ``heads``, ``neurons``, ``matrices`` and ``summary`` tables.
