@@ -104,14 +104,14 @@ def test_planted_structure_python_api(planted):
 
 def test_planted_structure_through_the_cli(planted, tmp_path, capsys):
     base, tuned, expected = planted
-    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path), "--top-k", "5"]) == 0
+    assert main(["analyze", str(base), str(tuned), "--out", str(tmp_path), "-k", "5"]) == 0
     printed = capsys.readouterr().out
     assert "new_frac" in printed and "attn" in printed
     heads, neurons = pd.read_csv(tmp_path / "heads.csv"), pd.read_csv(tmp_path / "neurons.csv")
     check_planted(heads, neurons, *expected)
     assert list(pd.read_csv(tmp_path / "matrices.csv").columns) == MATRIX_COLUMNS
     info = json.loads((tmp_path / "summary.json").read_text())["info"]
-    assert info["arguments"]["top_k"] == "5" and info["tv_lens_version"]
+    assert info["arguments"]["k"] == "5" and info["tv_lens_version"]
 
 
 def test_cli_bad_input_exits_with_one_paragraph(tmp_path, capsys):

@@ -605,7 +605,7 @@ CASES = [
     Case("out-holds-an-input", r"--out '.*' holds the input folder '.*'; tv_lens never writes",
          r"Pass a separate folder for the output",
          cli=lambda c: [c.base, c.tuned, "--out", str(Path(c.tuned).parent)]),
-    Case("zoo-rank-zero", r"workers, rank and top_neurons must be at least 1, got 1, 0, 20",
+    Case("zoo-rank-zero", r"workers, rank and neurons must be at least 1, got 1, 0, 20",
          r"must be at least 1", cli=lambda c: [c.base, c.tuned, "--rank", "0"], command="zoo"),
     Case("api-zoo-no-fine-tunes", r"analyze_zoo needs at least one fine-tune", r"at least one",
          api=lambda c: _zoo(c, tuned=[])),
@@ -634,13 +634,13 @@ CASES = [
          r"Open an issue with the checkpoint's config\.json",
          cli=lambda c: [c.model("mlp_bias_b", lambda: llama_model(mlp_bias=True)),
                         c.model("mlp_bias_t", lambda: llama_model(seed=1, mlp_bias=True))]),
-    Case("cli-top-k", r"--top-k", r"must be at least 1",
-         cli=lambda c: [c.base, c.tuned, "--top-k", "0"]),
+    Case("cli-top-k", r"-k must", r"be at least 1",
+         cli=lambda c: [c.base, c.tuned, "-k", "0"]),
     Case("cli-level", r"--level must be between 0 and 1", r"e\.g\. 0\.01",
          cli=lambda c: [c.base, c.tuned, "--level", "1.5"]),
     Case("cli-null-samples", r"--null-samples must be at least 2", r"default 200",
          cli=lambda c: [c.base, c.tuned, "--null-samples", "1"]),
-    Case("cli-fast-rank", r"--fast-rank \(4\)", r"must be at least --top-k \(10\)",
+    Case("cli-fast-rank", r"--fast-rank \(4\)", r"must be at least -k \(10\)",
          cli=lambda c: [c.base, c.tuned, "--fast", "--fast-rank", "4"]),
     Case("cli-device-string", r"--device 'gpu9' is not a device", r"use cpu, cuda or cuda:N",
          cli=lambda c: [c.base, c.tuned, "--device", "gpu9"]),
@@ -648,7 +648,7 @@ CASES = [
          cli=lambda c: [c.base, c.tuned, "--device", "cuda"],
          readme="--device cuda on a machine without a GPU", fix_text="Drop --device or use --device cpu"),
     # ---------------------------------------------------------------- Python API
-    Case("api-top-k", r"top_k", r"must be at least 1, got 0", api=lambda c: analyze(_vector(c), top_k=0)),
+    Case("api-top-k", r"k must", r"be at least 1, got 0", api=lambda c: analyze(_vector(c), k=0)),
     Case("api-labels", r"labels must be one of", r"calibrated", api=lambda c: analyze(_vector(c), labels="loose")),
     Case("api-level", r"level", r"must be in \(0, 1\), got 5", api=lambda c: analyze(_vector(c), level=5.0)),
     Case("api-intruders", r"intruder_epsilon", r"in \(0, 1\], got 10 and 2.0",
@@ -1199,7 +1199,7 @@ def test_ctrl_c_exits_130_without_a_traceback(ctx, capsys, monkeypatch):
 
 def test_invalid_option_values_are_usage_errors(ctx, capsys):
     """argparse's own checks (choices, numbers): exit status 2, a usage line, no traceback."""
-    for bad in (["--dtype", "float8"], ["--top-k", "ten"], ["--labels", "strict"]):
+    for bad in (["--dtype", "float8"], ["-k", "ten"], ["--labels", "strict"]):
         with pytest.raises(SystemExit) as info:
             main(ANALYZE + [ctx.base, ctx.tuned, "--out", ctx.out("usage"), *bad])
         err = capsys.readouterr().err

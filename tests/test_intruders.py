@@ -62,7 +62,7 @@ def test_counts_equal_peft(adapter, top_k, epsilon):
     expected = _peft_counts(copy.deepcopy(model), top_k, epsilon)
     assert len(expected) == 2 * len(ALL)
     result = analyze(ModelPair.from_pretrained(base, folder), progress=False,
-                     intruder_top_k=top_k, intruder_epsilon=epsilon)
+                     intruder_k=top_k, intruder_epsilon=epsilon)
     got = result.matrices.set_index(["layer", "matrix"])["n_intruders"]
     assert {k: int(got[k]) for k in expected} == expected
     assert 0 < sum(expected.values()) < top_k * len(expected)  # not a trivial agreement

@@ -240,8 +240,8 @@ def test_fast_mode_keeps_planted_labels(save):
     assert (fast.matrices.loc[changed.index, "effective_rank"].isna()).all()
     clear = exact.matrices.label.isin(["unchanged", "amplified", "dampened"])
     assert (fast.matrices.label[clear] == exact.matrices.label[clear]).all()
-    with pytest.raises(ValueError, match="fast_rank .* must be at least top_k"):
-        analyze(pair, fast=True, fast_rank=4, top_k=10)
+    with pytest.raises(ValueError, match="fast_rank .* must be at least k"):
+        analyze(pair, fast=True, fast_rank=4, k=10)
 
 
 def test_cli_writes_nothing_when_the_analysis_fails(llama_dirs, tmp_path, capsys):

@@ -110,7 +110,7 @@ def test_circuit_edges_are_the_largest_composition_changes(pair, analysis):
     from tv_lens.components import describe
 
     scores = tv_lens.composition(pair)
-    fig = viz.circuit(analysis, scores, n_edges=6)
+    fig = viz.circuit(analysis, scores, k_edges=6)
     (edge_markers,) = [t for t in fig.data if t.name == "composition change"]
     shown = sorted(abs(float(row[3])) for row in edge_markers.customdata)
     assert shown == sorted(scores.change.abs().nlargest(6))
@@ -126,7 +126,7 @@ def test_circuit_edges_are_the_largest_composition_changes(pair, analysis):
         assert float(change) == pytest.approx(dense[1] - dense[0], abs=1e-9)
     nodes = [t for t in fig.data if t.name == "heads"][0]
     assert len(nodes.x) == 8 and "all 8 heads" in fig.layout.title.text
-    few = viz.circuit(analysis, scores, top_heads=3)
+    few = viz.circuit(analysis, scores, k=3)
     assert "3 of 8 heads" in few.layout.title.text
     effects = tv_lens.attribute(pair, tv_lens.metrics.loss(torch.tensor([[1, 5, 9, 17]])),
                                 progress=False)

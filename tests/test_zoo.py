@@ -42,9 +42,9 @@ def serial(zoo_dirs):
 
 @pytest.mark.parametrize("options", [
     # every option off its default (intruders were fixed at (10, 0.5) in the zoo before)
-    dict(top_k=4, tol=1e-5, level=0.05, labels="fixed", seed=3, intruder_top_k=3,
+    dict(k=4, tol=1e-5, level=0.05, labels="fixed", seed=3, intruder_k=3,
          intruder_epsilon=0.9, thresholds=None),
-    dict(fast=True, fast_rank=12, top_k=6),
+    dict(fast=True, fast_rank=12, k=6),
 ])
 def test_the_zoo_takes_analyzes_own_options(zoo_dirs, options):
     """One AnalysisOptions for both: a zoo's tables equal analyze's under the same options,
@@ -60,8 +60,8 @@ def test_the_zoo_takes_analyzes_own_options(zoo_dirs, options):
     for kind in ("heads", "neurons", "matrices", "summary"):
         pd.testing.assert_frame_equal(getattr(zoo.analyses["a"], kind), getattr(alone, kind))
     assert ZooOptions("b", {}, given).key() != ZooOptions("b", {}, AnalysisOptions(null_samples=20)).key()
-    with pytest.raises(TypeError, match="'top_kk' is not an analysis option.*Did you mean 'top_k'"):
-        analyze_zoo(base, {"a": str(tuned["a"])}, top_kk=3)
+    with pytest.raises(TypeError, match="'kk' is not an analysis option.*Did you mean 'k'"):
+        analyze_zoo(base, {"a": str(tuned["a"])}, kk=3)
 
 
 def _vector(base, tuned):
@@ -113,7 +113,7 @@ def test_cross_tables_against_direct_computations(zoo_dirs, serial):
             for t in (tv[row.model_a], tv[row.model_b]))
     assert float(row.cosine) == pytest.approx(float(x @ y / (x.norm() * y.norm())), abs=1e-10)
     # ... compared for exactly the union of each fine-tune's top-N neurons by update norm
-    top = FAST.get("top_neurons", 20)
+    top = FAST.get("neurons", 20)
     for layer in range(spec.n_layers):
         m = f"blocks.{layer}.mlp."
         want = set()

@@ -1,6 +1,6 @@
 """The ``tv-lens`` command. It composes public functions only; all logic lives in the library.
 
-    tv-lens analyze BASE TUNED|ADAPTER --out DIR [--top-k K] [--fast] [--device D] [--dtype T]
+    tv-lens analyze BASE TUNED|ADAPTER --out DIR [-k K] [--fast] [--device D] [--dtype T]
                    [--vocab shared] [--allow-pickle] [--workers N] [--prompt TEXT]
     tv-lens demo [--domain medical|math] [--out DIR] [--prompt TEXT]
     tv-lens zoo BASE TUNED [TUNED …] --out DIR [--workers N] [--ray [ADDRESS]] [--rank R]
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                           "at ADDRESS")
     zoo.add_argument("--rank", type=int, default=8,
                      help="update directions per matrix compared between fine-tunes (default 8)")
-    zoo.add_argument("--top-neurons", type=int, default=20,
+    zoo.add_argument("--neurons", type=int, default=20,
                      help="neurons per layer and fine-tune compared between fine-tunes (default 20)")
     zoo.add_argument("--allow-pickle", action="store_true",
                      help="read pytorch_model.bin checkpoints (torch.load weights_only=True)")
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
     """The flags of :class:`~tv_lens.analysis.options.AnalysisOptions` (read by :func:`_options`)."""
-    parser.add_argument("--top-k", type=int, default=10,
+    parser.add_argument("-k", type=int, default=10,
                         help="singular directions per matrix matched against the base (default 10)")
     parser.add_argument("--fast", action="store_true",
                         help="per-matrix rows from the top singular directions only (randomized "
@@ -104,7 +104,7 @@ def _options(args: argparse.Namespace):
     """The :class:`~tv_lens.analysis.options.AnalysisOptions` of the flags above."""
     from tv_lens.analysis.options import AnalysisOptions
 
-    return AnalysisOptions(top_k=args.top_k, tol=args.tol, level=args.level, labels=args.labels,
+    return AnalysisOptions(k=args.k, tol=args.tol, level=args.level, labels=args.labels,
                            null_samples=args.null_samples, fast=args.fast,
                            fast_rank=args.fast_rank)
 
@@ -192,7 +192,7 @@ def _run_zoo(args: argparse.Namespace) -> int:
 
     zoo = analyze_zoo(args.base, args.tuned, _options(args), out=args.out,
                       workers=1 if args.workers is None else args.workers, threads=args.threads,
-                      ray=args.ray, rank=args.rank, top_neurons=args.top_neurons,
+                      ray=args.ray, rank=args.rank, neurons=args.neurons,
                       allow_pickle=args.allow_pickle)
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print("cosine similarity of the tuning vectors:")
@@ -265,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tv_lens.errors import TvLensError
 
-    if getattr(args, "top_k", 1) < 1:
-        print("tv-lens: error: --top-k must be at least 1.", file=sys.stderr)
+    if getattr(args, "k", 1) < 1:
+        print("tv-lens: error: -k must be at least 1.", file=sys.stderr)
         return 2
     if hasattr(args, "level") and not 0 < args.level < 1:
         print(f"tv-lens: error: --level must be between 0 and 1 (e.g. 0.01), got {args.level}.",
@@ -277,9 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tv-lens: error: --null-samples must be at least 2 (default 200; 0 skips the "
               f"head tests with --labels fixed), got {args.null_samples}.", file=sys.stderr)
         return 2
-    if getattr(args, "fast", False) and args.fast_rank < args.top_k:
-        print(f"tv-lens: error: --fast-rank ({args.fast_rank}) must be at least --top-k "
-              f"({args.top_k}).", file=sys.stderr)
+    if getattr(args, "fast", False) and args.fast_rank < args.k:
+        print(f"tv-lens: error: --fast-rank ({args.fast_rank}) must be at least -k "
+              f"({args.k}).", file=sys.stderr)
         return 2
     try:
         with _signals_interrupt(), _one_line_warnings():

@@ -129,7 +129,7 @@ def _token_lists(tokens: pd.DataFrame, n: int = 8) -> str:
 
 def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None = None,
            composition: pd.DataFrame | None = None, patching: pd.DataFrame | None = None,
-           title: str | None = None, top_heads: int = 3) -> Path:
+           title: str | None = None, k: int = 3) -> Path:
     """Write one self-contained HTML report and return its path.
 
     Args:
@@ -142,7 +142,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
         composition: :func:`tv_lens.composition` scores (computed from ``pair`` if omitted).
         patching: a :func:`tv_lens.patch` or :func:`tv_lens.attribute` result to draw.
         title: page title (default: the two model names).
-        top_heads: how many of the most-changed heads get their own views.
+        k: how many of the most-changed heads get their own views.
     """
     from tv_lens import viz
     from tv_lens.analysis.spectrum import matrix_spectrum
@@ -193,7 +193,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
                      "tv_lens.read_tokens(pair) reads every head circuit and MLP matrix.")
         page.parts.append(_token_lists(tokens))
     ov = analysis.heads[analysis.heads.circuit == "OV"]
-    top = ov.nlargest(top_heads, "delta_norm")[["layer", "head"]].itertuples(index=False)
+    top = ov.nlargest(k, "delta_norm")[["layer", "head"]].itertuples(index=False)
     top = [(int(l), int(h)) for l, h in top]
     if tv is not None:
         matrices = analysis.matrices.dropna(subset=["layer"])

@@ -11,7 +11,7 @@ that compare fine-tunes with each other:
   principal angles between their top-``rank`` update subspaces on the ``d_model`` side
   (``shared_dims`` = Σ cos² θᵢ, from 0 = orthogonal new directions to ``rank`` = the same
   subspace; ``baseline_shared_dims`` = r_a·r_b/d, its mean for two random subspaces);
-- ``neuron_similarity``: per layer, the ``top_neurons`` neurons with the largest update of
+- ``neuron_similarity``: per layer, the ``neurons`` (a count) neurons with the largest update of
   each fine-tune (all neurons of all pairs would be hundreds of millions of rows), and for
   each pair the cosine of the two neuron updates (W_in / W_gate columns and W_out row);
 - ``similarity``: the fine-tune × fine-tune cosine of whole tuning vectors, and ``linkage``
@@ -75,7 +75,7 @@ class ZooOptions:
     tuned: dict[str, str]  # name -> checkpoint folder
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
     rank: int = 8
-    top_neurons: int = 20
+    neurons: int = 20
     threads: int | None = None
     allow_pickle: bool = False
     cache: str | None = None  # folder of base decompositions, under the base's content hash
@@ -86,7 +86,7 @@ class ZooOptions:
     def key(self) -> str:
         """A digest of the options that decide a task's result (checkpoint paths included;
         their contents are checked per task record, so a changed file is named). Every
-        :class:`AnalysisOptions` field is in it (before they were one object, only ``top_k``,
+        :class:`AnalysisOptions` field is in it (before they were one object, only ``k``,
         ``tol``, ``labels``, ``level``, ``null_samples`` and ``seed`` were: tasks stored then
         are recomputed once)."""
         data = {k: v for k, v in asdict(self).items() if k not in ("threads", "cache", "contents")}
@@ -356,7 +356,7 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
         [dict(component=head_name(layer, h), layer=layer, head=h, model_a=a, model_b=b,
               cosine=float(c[h]))
          for (a, b), c in heads.items() for h in range(spec.n_heads)])
-    out["neuron_similarity"] = _neuron_pairs(deltas, spec, layer, options.top_neurons)
+    out["neuron_similarity"] = _neuron_pairs(deltas, spec, layer, options.neurons)
     return out
 
 
@@ -505,7 +505,7 @@ def _on_ray(options: ZooOptions, todo: list, address: Any, finished) -> None:
 def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | dict[str, str],
                 options: AnalysisOptions | None = None, *, out: str | os.PathLike | None = None,
                 workers: int = 1, threads: int | None = None, ray: bool | str = False,
-                rank: int = 8, top_neurons: int = 20, allow_pickle: bool = False,
+                rank: int = 8, neurons: int = 20, allow_pickle: bool = False,
                 cache: str | os.PathLike | None = None, progress: bool = True,
                 **overrides: Any) -> Zoo:
     """:func:`~tv_lens.analyze` of every fine-tune of ``base`` and the tables comparing them
@@ -516,7 +516,7 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
         tuned: fine-tune checkpoint folders (named by folder name) or ``{name: folder}``.
         options: what decides each fine-tune's tables, as for :func:`~tv_lens.analyze`
             (:class:`~tv_lens.analysis.options.AnalysisOptions`; its fields may be passed as
-            keywords, which override it: ``analyze_zoo(base, tuned, top_k=5)``).
+            keywords, which override it: ``analyze_zoo(base, tuned, k=5)``).
         out: a folder for finished tasks (``out/.zoo-tasks/``, reused by a re-run of the same
             zoo: a killed run resumes) and the tables (:meth:`Zoo.save`); ``None`` keeps
             everything in memory.
@@ -529,7 +529,7 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
         ray: ``True`` for a local Ray instance (or the one already initialised), an address
             string for a cluster; tasks are scheduled per layer.
         rank: update directions per matrix compared between fine-tunes (principal angles).
-        top_neurons: neurons per layer and fine-tune compared between fine-tunes.
+        neurons: neurons per layer and fine-tune compared between fine-tunes.
         cache: a folder for the base's per-layer decompositions, stored under the base
             checkpoint's content hash (:func:`content_hash`): any later zoo of the same base
             reuses them, a changed base file gets new ones. Two ``n × n`` float64 matrices per
@@ -546,16 +546,16 @@ def analyze_zoo(base: str | os.PathLike, tuned: Sequence[str | os.PathLike] | di
                                        "tuned={name: folder} to name them apart.")
     if not models:
         raise InvalidArgumentError("analyze_zoo needs at least one fine-tune.")
-    if workers < 1 or rank < 1 or top_neurons < 1:
-        raise InvalidArgumentError(f"workers, rank and top_neurons must be at least 1, got "
-                                   f"{workers}, {rank}, {top_neurons}.")
+    if workers < 1 or rank < 1 or neurons < 1:
+        raise InvalidArgumentError(f"workers, rank and neurons must be at least 1, got "
+                                   f"{workers}, {rank}, {neurons}.")
     analysis = AnalysisOptions.of(options, **overrides)
     threads = check_threads(threads)
     if threads is None and workers > 1 and not ray:
         threads = max(1, torch.get_num_threads() // workers)
     contents = ({"base": content_hash(base), **{n: content_hash(f) for n, f in models.items()}}
                 if out is not None else {})
-    options = ZooOptions(str(base), models, analysis, rank, top_neurons, threads, allow_pickle,
+    options = ZooOptions(str(base), models, analysis, rank, neurons, threads, allow_pickle,
                          None if cache is None else str(cache),
                          content_hash(base) if cache is not None else "", contents)
     from tv_lens.pair import ModelPair
@@ -602,7 +602,7 @@ def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -
         with warnings.catch_warnings():  # an identical fine-tune is reported as failed below
             warnings.filterwarnings("ignore", "The two models are identical")
             analysis = assemble(spec, heads, neurons, matrices, energies, o,
-                                info={"top_k": o.top_k, "labels": o.labels, "fast": o.fast,
+                                info={"k": o.k, "labels": o.labels, "fast": o.fast,
                                       "spec": spec.to_dict(), "zoo": True})
         if analysis.info.get("degenerate") == "identical":
             failed[name] = ("its weights are identical to the base's (τ = 0): there is no update "
@@ -633,4 +633,4 @@ def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -
     return Zoo(analyses, cross("head_similarity"), cross("matrix_similarity"),
                cross("neuron_similarity"), similarity, failed,
                {"base": options.base, "models": options.tuned, "rank": options.rank,
-                "top_neurons": options.top_neurons})
+                "neurons": options.neurons})

@@ -22,7 +22,7 @@ class AnalysisOptions:
     made (an :class:`~tv_lens.InvalidArgumentError` names the bad one).
 
     Attributes:
-        top_k: singular directions of each matrix update matched against the base.
+        k: singular directions of each matrix update matched against the base.
         tol: relative change below which a unit is ``unchanged`` (its shares are NaN);
             overrides ``thresholds.tol``.
         thresholds: label thresholds (default :class:`Thresholds`).
@@ -39,7 +39,7 @@ class AnalysisOptions:
         seed: seed of the head nulls (the draws of one layer's OV or QK circuits are seeded by
             ``(seed, layer, circuit)`` and shared by its heads, so results do not depend on
             processing order).
-        intruder_top_k, intruder_epsilon: ``n_intruders`` in ``matrices`` (PEFT's ``top_k`` and
+        intruder_k, intruder_epsilon: ``n_intruders`` in ``matrices`` (PEFT's ``top_k`` and
             ``threshold_epsilon``): how many of the tuned matrix's top singular vectors on the
             output side have no base singular vector with ``|cos| ≥ ε``. Computed for the
             per-layer linear weights (``[out, in]`` = TransformerLens ``Wᵀ``) in exact mode;
@@ -55,24 +55,24 @@ class AnalysisOptions:
             z/p/q then and keeps the fixed-threshold labels: its base directions were found
             with the update's top directions as probes, so they lean towards the update and a
             random-subspace null would call every update aligned.
-        fast_rank: singular triplets per matrix in ``fast`` mode (at least ``top_k``).
+        fast_rank: singular triplets per matrix in ``fast`` mode (at least ``k``).
     """
 
-    top_k: int = 10
+    k: int = 10
     tol: float = 1e-6
     thresholds: Thresholds | None = None
     level: float | None = None
     labels: str = "calibrated"
     null_samples: int = 200
     seed: int = 0
-    intruder_top_k: int = 10
+    intruder_k: int = 10
     intruder_epsilon: float = 0.5
     fast: bool = False
     fast_rank: int = 32
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise InvalidArgumentError(f"top_k must be at least 1, got {self.top_k}.")
+        if self.k < 1:
+            raise InvalidArgumentError(f"k must be at least 1, got {self.k}.")
         if self.labels not in LABEL_MODES:
             raise InvalidArgumentError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}.")
         if self.level is not None and not 0 < self.level < 1:
@@ -80,12 +80,12 @@ class AnalysisOptions:
         if self.null_samples < (2 if self.labels == "calibrated" else 0) or self.null_samples == 1:
             raise InvalidArgumentError(f"null_samples must be at least 2 for calibrated labels (or 0 "
                                        f"with labels='fixed'), got {self.null_samples}.")
-        if self.intruder_top_k < 1 or not 0 < self.intruder_epsilon <= 1:
-            raise InvalidArgumentError(f"intruder_top_k must be ≥ 1 and intruder_epsilon in (0, 1], "
-                                       f"got {self.intruder_top_k} and {self.intruder_epsilon}.")
-        if self.fast and self.fast_rank < self.top_k:
-            raise InvalidArgumentError(f"fast_rank ({self.fast_rank}) must be at least top_k "
-                                       f"({self.top_k}).")
+        if self.intruder_k < 1 or not 0 < self.intruder_epsilon <= 1:
+            raise InvalidArgumentError(f"intruder_k must be ≥ 1 and intruder_epsilon in (0, 1], "
+                                       f"got {self.intruder_k} and {self.intruder_epsilon}.")
+        if self.fast and self.fast_rank < self.k:
+            raise InvalidArgumentError(f"fast_rank ({self.fast_rank}) must be at least k "
+                                       f"({self.k}).")
         t = replace(self.thresholds or Thresholds(), tol=self.tol)
         bad = {k: v for k, v in t.__dict__.items() if not (0 <= v <= 1 and (k != "level" or v > 0))}
         if bad:
@@ -96,7 +96,7 @@ class AnalysisOptions:
     @classmethod
     def of(cls, options: "AnalysisOptions | None" = None, **overrides: Any) -> "AnalysisOptions":
         """``options`` (default: the defaults) with the fields in ``overrides`` replaced: what
-        ``analyze(pair, options, top_k=5)`` and ``analyze_zoo(..., top_k=5)`` run with."""
+        ``analyze(pair, options, k=5)`` and ``analyze_zoo(..., k=5)`` run with."""
         names = [f.name for f in fields(cls)]
         for name in overrides:
             if name not in names:
@@ -118,4 +118,4 @@ class AnalysisOptions:
     @property
     def intruders(self) -> tuple[int, float]:
         """PEFT's ``(top_k, threshold_epsilon)`` for ``n_intruders``."""
-        return self.intruder_top_k, self.intruder_epsilon
+        return self.intruder_k, self.intruder_epsilon

@@ -101,7 +101,7 @@ def layer_rows(tv: TuningVector, layer: int, names: list[str], o: AnalysisOption
             if name in matrices:
                 W, D = base.pop(name), delta.pop(name)
                 out.matrices.append(matrix_row(name, as_2d(name, W), as_matrix(name, D),
-                                               o.top_k, o.t, o.rank, o.intruders,
+                                               o.k, o.t, o.rank, o.intruders,
                                                (bases or {}).get(name)))
                 del W, D
                 release_freed_memory()
@@ -117,7 +117,7 @@ def model_rows(tv: TuningVector, names: list[str], o: AnalysisOptions, device: t
     for name in names:
         if name in matrices:
             base, delta = layer_tensors(tv, [name], device)
-            rows.append(matrix_row(name, base[name], delta[name], o.top_k, o.t, o.rank,
+            rows.append(matrix_row(name, base[name], delta[name], o.k, o.t, o.rank,
                                    base=(bases or {}).get(name)))
             del base, delta
             release_freed_memory()
@@ -132,11 +132,11 @@ def analyze(pair: Any, options: AnalysisOptions | None = None, *, progress: bool
 
     Args:
         pair: a ``ModelPair`` or a ``TuningVector`` that carries its base.
-        options: what decides the numbers (:class:`AnalysisOptions`: ``top_k``, ``tol``,
+        options: what decides the numbers (:class:`AnalysisOptions`: ``k``, ``tol``,
             ``thresholds``, ``level``, ``labels``, ``null_samples``, ``seed``,
-            ``intruder_top_k``, ``intruder_epsilon``, ``fast``, ``fast_rank``; its defaults
+            ``intruder_k``, ``intruder_epsilon``, ``fast``, ``fast_rank``; its defaults
             where ``None``). Its fields may also be passed as keywords, which override it:
-            ``analyze(pair, top_k=5, fast=True)``.
+            ``analyze(pair, k=5, fast=True)``.
         progress: show a tqdm bar over layers (with an ETA).
         device: where the per-layer work runs (e.g. ``"cuda"``); weights are read on the CPU
             one layer at a time and moved there.
@@ -213,9 +213,9 @@ def analyze(pair: Any, options: AnalysisOptions | None = None, *, progress: bool
     matrices += outside
     o = options
     return assemble(spec, heads, neurons, matrices, energies, o, info={
-        "top_k": o.top_k, "thresholds": o.t.__dict__, "spec": spec.to_dict(), "fast": o.fast,
+        "k": o.k, "thresholds": o.t.__dict__, "spec": spec.to_dict(), "fast": o.fast,
         "fast_rank": o.rank, "device": str(device), "labels": o.labels,
         "null_samples": o.null_samples, "seed": o.seed, "workers": workers, "threads": threads,
-        "intruders": {"top_k": o.intruder_top_k, "epsilon": o.intruder_epsilon},
+        "intruders": {"k": o.intruder_k, "epsilon": o.intruder_epsilon},
         "metadata": {k: v for k, v in tv.metadata.items() if isinstance(v, (str, int, float))},
         "seconds": round(time.perf_counter() - started, 3)})

@@ -28,7 +28,7 @@ def _sizes(values: pd.Series, lo: float = 8.0, hi: float = 36.0) -> np.ndarray:
 
 def circuit(analysis, composition: pd.DataFrame | None = None,
             effects: pd.DataFrame | None = None, *, effect_column: str | None = None,
-            top_heads: int = 48, n_edges: int = 30, min_change: float = 0.0,
+            k: int = 48, k_edges: int = 30, min_change: float = 0.0,
             circuit_kind: str = "OV", tokens: pd.DataFrame | None = None) -> go.Figure:
     """Draw the model as a graph of heads and MLPs.
 
@@ -39,9 +39,9 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
             become ``|effect|`` of ``L{l}H{h}`` and ``L{l}.mlp``.
         effect_column: which column of ``effects`` (default ``normalized``, else ``path``,
             else ``add``).
-        top_heads: show at most this many heads, the ones with the largest update (the title
+        k: show at most this many heads, the ones with the largest update (the title
             says how many were left out).
-        n_edges: draw the ``n_edges`` largest ``|change|`` edges among shown heads …
+        k_edges: draw the ``k_edges`` largest ``|change|`` edges among shown heads …
         min_change: … that also exceed this threshold.
         circuit_kind: which head circuit colours the nodes (``OV`` or ``QK``).
         tokens: a :func:`tv_lens.readouts.read_tokens` table: each node's hover then lists the
@@ -50,7 +50,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     heads = analysis.heads[analysis.heads.circuit == circuit_kind].copy()
     require_columns(heads, ["layer", "head", "new_share", "delta_norm"], "viz.circuit")
     n_heads_total = len(heads)
-    heads = heads.nlargest(min(top_heads, len(heads)), "delta_norm")
+    heads = heads.nlargest(min(k, len(heads)), "delta_norm")
     heads = with_tokens(heads, tokens, heads.component)  # the circuit's tokens …
     heads["component"] = [head_name(l, h) for l, h in zip(heads.layer, heads["head"])]  # … the node
     mlp = analysis.summary[(analysis.summary.part == "mlp") & analysis.summary.layer.notna()].copy()
@@ -82,7 +82,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
         edges = composition[pd.Series(keep, index=composition.index, dtype=bool)]  # (a plain
         # empty list would select no columns: a 1-layer model has no composition rows)
         edges = edges[edges.change.abs() > min_change]
-        edges = edges.reindex(edges.change.abs().sort_values(ascending=False).index).head(n_edges)
+        edges = edges.reindex(edges.change.abs().sort_values(ascending=False).index).head(k_edges)
         widest = float(edges.change.abs().max()) if len(edges) else 1.0
         for r in edges.itertuples():
             fig.add_trace(go.Scatter(
