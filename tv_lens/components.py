@@ -45,6 +45,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from numbers import Integral
 from typing import Union
 
 import torch
@@ -138,35 +139,41 @@ Components = Union[str, Iterable[Union[str, Component]], Mapping[str, Union[str,
 
 
 # ----------------------------------------------------------------------------- building names
-def part_name(layer: int | None, part: str) -> str:
+def part_name(layer: Integral | None, part: str) -> str:
     """``L3.attn``, ``L3.mlp``, ``L3.norms``; a global part (``embed``, …) or, with ``layer``
     ``None``, ``attn``/``mlp`` (every layer's)."""
     return part if layer is None else f"L{layer}.{part}"
 
 
-def head_name(layer: int, head: int) -> str:
+def layer_name(layer: Integral | None) -> str:
+    """A layer as figures label it and caches file it: ``L3`` (``embed`` for the weights outside
+    the blocks)."""
+    return "embed" if layer is None else f"L{layer}"
+
+
+def head_name(layer: Integral, head: Integral) -> str:
     return f"L{layer}H{head}"
 
 
-def kv_head_name(layer: int, kv_head: int) -> str:
+def kv_head_name(layer: Integral, kv_head: Integral) -> str:
     return f"L{layer}KV{kv_head}"
 
 
-def neuron_name(layer: int, neuron: int, expert: int | None = None) -> str:
+def neuron_name(layer: Integral, neuron: Integral, expert: Integral | None = None) -> str:
     """``L3N7``, or an expert's ``L3E2N7``."""
     return f"L{layer}{'' if expert is None else f'E{expert}'}N{neuron}"
 
 
-def expert_name(layer: int, expert: int) -> str:
+def expert_name(layer: Integral, expert: Integral) -> str:
     return f"L{layer}E{expert}"
 
 
-def circuit_name(layer: int, head: int, circuit: str) -> str:
+def circuit_name(layer: Integral, head: Integral, circuit: str) -> str:
     """``L3H5.OV`` or ``L3H5.QK``."""
     return f"{head_name(layer, head)}.{circuit}"
 
 
-def neuron_matrix_name(layer: int, neuron: int, matrix: str, expert: int | None = None) -> str:
+def neuron_matrix_name(layer: Integral, neuron: Integral, matrix: str, expert: Integral | None = None) -> str:
     """A neuron's slice of one matrix: ``matrix`` ``W_in``/``W_gate``/``W_out`` -> ``L3N7.in``."""
     side = {m: s for s, m in NEURON_MATRICES.items()}[matrix]
     return f"{neuron_name(layer, neuron, expert)}.{side}"
@@ -192,7 +199,7 @@ def param_of(name: str) -> str:
     return c.param
 
 
-def stream_name(layer: int, point: str) -> str:
+def stream_name(layer: Integral, point: str) -> str:
     """A residual-stream point: ``L3.resid_pre``, ``L3.resid_mid``, ``L3.resid_post``."""
     return f"L{layer}.{point}"
 

@@ -30,7 +30,7 @@ def _named(items: Mapping[str, Any] | Sequence[Any], what: str, default: str) ->
     return dict(zip(names, items))
 
 
-def composition_grid(pair_or_base: Any, vectors: Mapping[str, TuningVector] | Sequence[TuningVector],
+def composition_grid(pair: Any, vectors: Mapping[str, TuningVector] | Sequence[TuningVector],
                      metrics: Mapping[str, MetricLike] | Sequence[MetricLike], *,
                      weights: Iterable[Sequence[float | int]] | None = None,
                      methods: Sequence[str] = ("sum",), alphas: Sequence[float | int] = (1.0,),
@@ -39,7 +39,7 @@ def composition_grid(pair_or_base: Any, vectors: Mapping[str, TuningVector] | Se
     """Every metric of ``base + α·compose(vectors, weights, method)`` over a grid.
 
     Args:
-        pair_or_base: a :class:`~tv_lens.ModelPair` (its base is used) or a base model.
+        pair: a :class:`~tv_lens.ModelPair` (its base is used) or a base model.
         vectors: ``name -> TuningVector`` (e.g. ``{"medical": τ_med, "math": τ_math}``).
         metrics: ``name -> metric`` (a list of metrics uses their ``name``).
         weights: weight tuples, one weight per vector (default ``(1, …, 1)``); a one-hot tuple
@@ -55,7 +55,7 @@ def composition_grid(pair_or_base: Any, vectors: Mapping[str, TuningVector] | Se
         One row per (method, weighting, α, metric): ``method``, one ``w_<name>`` column per
         vector, ``alpha``, ``metric``, ``value``.
     """
-    base = pair_or_base.base if hasattr(pair_or_base, "tuning_vector") else pair_or_base
+    base = pair.base if hasattr(pair, "tuning_vector") else pair
     vectors = _named(vectors, "vectors", "tau")
     metrics = {k: as_metric(m) for k, m in _named(metrics, "metrics", "metric").items()}
     if not vectors or not metrics:

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from tv_lens.components import head_name
+from tv_lens.protocols import PairLike
 from tv_lens.staging import REPORT_SIGNATURE, check_report_path
 
 _STYLE = """
@@ -85,7 +86,7 @@ MAX_COMPOSITION_HEADS = 512
 def _tuning_vector(pair: Any):
     if pair is None:
         return None
-    tv = pair.tuning_vector() if hasattr(pair, "tuning_vector") else pair
+    tv = pair.tuning_vector()
     return tv if tv.base is not None else None
 
 
@@ -127,7 +128,7 @@ def _token_lists(tokens: pd.DataFrame, n: int = 8) -> str:
     return "".join(rows)
 
 
-def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None = None,
+def report(analysis, path: str | Path, *, pair: PairLike | None = None, prompt: str | None = None,
            composition: pd.DataFrame | None = None, patching: pd.DataFrame | None = None,
            title: str | None = None, k: int = 3) -> Path:
     """Write one self-contained HTML report and return its path.
@@ -155,7 +156,7 @@ def report(analysis, path: str | Path, *, pair: Any = None, prompt: str | None =
     page, left_out = _Page(), []
     page.parts.append(f'<p class="note">{html.escape(names[0])} → {html.escape(names[1])}</p>')
     provenance = {k: info[k] for k in ("command", "arguments", "tv_lens_version",
-                                      "torch_version", "top_k", "thresholds", "spec") if k in info}
+                                      "torch_version", "k", "thresholds", "spec") if k in info}
     page.parts.append("<details><summary>How this report was made</summary><pre>"
                       + html.escape(json.dumps(provenance, indent=2, default=str))
                       + "</pre></details>")

@@ -54,7 +54,7 @@ from tv_lens.analysis.rows import as_2d, matrix_names, mlp_prefixes, neuron_norm
 from tv_lens.analysis.run import (LayerRows, base_decompositions, layer_rows, layer_tensors,
                                   model_rows, names_by_layer)
 from tv_lens.analysis.summary import Analysis, assemble
-from tv_lens.components import expert_of, head_name, matrix_name, neuron_name
+from tv_lens.components import expert_of, head_name, layer_name, matrix_name, neuron_name
 from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, gram, tall, top_eigenpairs
@@ -398,7 +398,7 @@ def _base_decompositions(options: ZooOptions, tv, layer: int | None) -> dict[str
     same base (same content hash) stored them, computed and stored otherwise."""
     if options.cache is None:
         return base_decompositions(tv, layer)
-    path = Path(options.cache) / options.base_hash / ("embed" if layer is None else f"L{layer}")
+    path = Path(options.cache) / options.base_hash / layer_name(layer)
     saved = load_record(path, key={"base": options.base_hash})
     if saved is not None:
         out = {}
@@ -425,7 +425,7 @@ def _execute(options: ZooOptions, layers: list[int | None], store: Path | None, 
     from tqdm.auto import tqdm
 
     done: dict[int | None, dict] = {}
-    path = (lambda layer: store / ("embed" if layer is None else f"L{layer}")) if store else None
+    path = (lambda layer: store / layer_name(layer)) if store else None
     changed: set[str] = set()
     for layer in layers:
         if path is None:

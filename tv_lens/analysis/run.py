@@ -28,6 +28,7 @@ from tv_lens.analysis.rows import (as_2d, as_matrix, head_rows, matrix_names, ma
 from tv_lens.analysis.summary import Analysis, assemble
 from tv_lens.linalg import GramSVD, gram_svd
 from tv_lens.sources import layer_of
+from tv_lens.protocols import PairLike
 from tv_lens.speedups import release_freed_memory
 from tv_lens.vector import TuningVector
 from tv_lens.workers import check_threads, check_workers, ordered_map
@@ -124,7 +125,7 @@ def model_rows(tv: TuningVector, names: list[str], o: AnalysisOptions, device: t
     return rows
 
 
-def analyze(pair: Any, options: AnalysisOptions | None = None, *, progress: bool = True,
+def analyze(pair: PairLike, options: AnalysisOptions | None = None, *, progress: bool = True,
             device: str | torch.device | None = None, workers: int | None = None,
             threads: int | None = None, **overrides: Any) -> Analysis:
     """Directional-alignment tables for a :class:`~tv_lens.ModelPair` (or a tuning vector with
@@ -169,7 +170,7 @@ def analyze(pair: Any, options: AnalysisOptions | None = None, *, progress: bool
     import time
 
     options = AnalysisOptions.of(options, **overrides)
-    tv = pair.tuning_vector() if hasattr(pair, "tuning_vector") else pair
+    tv = pair.tuning_vector()
     if tv.base is None:
         tv.base_tensor("embed.W_E")  # raises MissingBaseError with the fix
     device = torch.device(device) if device is not None else torch.device("cpu")

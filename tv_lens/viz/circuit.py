@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from tv_lens.components import head_name, matrix_name
+from tv_lens.components import head_name, layer_name, matrix_name
 from tv_lens.viz.figures import hover_text, require_columns, with_tokens
 
 _EDGE_COLORS = {"Q": "#2ca02c", "K": "#9467bd", "V": "#ff7f0e"}
@@ -118,7 +118,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
         title=f"Circuit view: {shown_note}; size = {size_label}; edges = {len(edges)} largest "
               "composition changes (green Q, purple K, orange V; dotted = decrease)",
         xaxis=dict(title="layer (attention, then MLP)", tickvals=[2 * l + 0.5 for l in mlp.layer],
-                   ticktext=[f"L{l}" for l in mlp.layer]),
+                   ticktext=[layer_name(l) for l in mlp.layer]),
         yaxis=dict(title="head", autorange="reversed"), showlegend=False,
         height=min(1200, 250 + 55 * int(heads["head"].nunique())))
     return fig

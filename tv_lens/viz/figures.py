@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from tv_lens.components import layer_name
 from tv_lens.errors import TvLensError
 
 #: Colour of each label, shared by every figure.
@@ -103,7 +104,7 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share",
     if baseline_col and baseline_col in df:
         mid = float(df[baseline_col].iloc[0])
         kwargs = dict(colorscale="RdBu_r", zmid=mid)
-    fig = go.Figure(go.Heatmap(z=z, x=list(range(z.shape[1])), y=[f"L{l}" for l in layers],
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(z.shape[1])), y=[layer_name(l) for l in layers],
                                text=text, hoverinfo="text", **{"colorbar": dict(title=value),
                                                                 **kwargs}))
     title = f"{circuit} circuits: {value}"
@@ -163,7 +164,7 @@ def summary(analysis) -> go.Figure:
                                                         "mean new_share vs random baseline"))
     colors = {"attn": "#1f77b4", "mlp": "#d62728"}
     for part, rows in df.groupby("part"):
-        x = [f"L{l}" for l in rows.layer]
+        x = [layer_name(l) for l in rows.layer]
         fig.add_trace(go.Bar(x=x, y=rows.energy_share, name=f"{part} energy",
                              marker_color=colors.get(part)), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=rows.mean_new_share, name=f"{part} new_share",
@@ -214,7 +215,7 @@ def patching(table: pd.DataFrame, value: str = "normalized") -> go.Figure:
                         subplot_titles=("heads", "largest other components"))
     if not heads_df.empty:
         layers, z, text = _grid(heads_df, value)
-        fig.add_trace(go.Heatmap(z=z, y=[f"L{l}" for l in layers], text=text, hoverinfo="text",
+        fig.add_trace(go.Heatmap(z=z, y=[layer_name(l) for l in layers], text=text, hoverinfo="text",
                                  colorscale="RdBu_r", zmid=0, colorbar=dict(title=value, x=0.45)),
                       row=1, col=1)
     fig.add_trace(go.Bar(x=others[value], y=others.component, orientation="h",

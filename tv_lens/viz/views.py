@@ -15,6 +15,7 @@ from uuid import uuid4
 import torch
 from circuitsvis.utils.render import RenderedHTML, render
 
+from tv_lens.components import head_name
 from tv_lens.errors import TvLensError
 
 
@@ -69,7 +70,7 @@ def attention(pair: Any, prompt: str, heads: Sequence[tuple[int, int]]) -> View:
     maps, names = [], []
     for l, h in heads:
         maps += [base[l][h], tuned[l][h], tuned[l][h] - base[l][h]]
-        names += [f"L{l}H{h} base", f"L{l}H{h} tuned", f"L{l}H{h} tuned−base"]
+        names += [f"{head_name(l, h)} {which}" for which in ("base", "tuned", "tuned−base")]
     return View("AttentionHeads", f"attention of {', '.join(f'L{l}H{h}' for l, h in heads)}",
                 attention=torch.stack(maps).tolist(), tokens=strings,
                 attentionHeadNames=names, maxValue=1.0, minValue=-1.0)
