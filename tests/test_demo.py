@@ -80,7 +80,6 @@ def test_fine_tunes_learned_their_domain():
     their domain, and the numbers are exactly the recorded ones."""
     from transformers import AutoTokenizer
 
-    from tv_lens.demo.evaluate import domain_metrics
     from tv_lens.demo.train import load_trained
 
     stages = json.loads((CHECKPOINTS / "training.json").read_text())["stages"]
@@ -103,7 +102,6 @@ def test_fine_tunes_learned_their_domain():
 def test_the_bridge_computes_the_trained_models_logits():
     """On both TransformerLens lines the bridge of a shipped fine-tune gives the logits of the
     HF model training evaluated (the evaluation above runs once, on HF models only)."""
-    from tv_lens.demo.evaluate import domain_metrics
     from tv_lens.demo.train import load_trained
 
     stage = json.loads((CHECKPOINTS / "training.json").read_text())["stages"]["medical"]

@@ -293,3 +293,33 @@ def test_checker_finds_planted_cycles_and_layer_violations(planted):
     assert layer_violations(planted, table, "pkg") == [
         "pkg.low (layer 1, base) imports pkg.high (layer 2, top)"]
     assert layer_of("tv_lens.analysis.run", [("a", ["analysis/"])]) == 0
+
+
+def raised_classes(mods: dict[str, Module]) -> dict[str, set[str]]:
+    """``class name -> modules`` of every ``raise Name(...)`` / ``raise Name`` in the package."""
+    out: dict[str, set[str]] = {}
+    for name, module in mods.items():
+        for node in ast.walk(module.tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(exc, ast.Name):
+                    out.setdefault(exc.id, set()).add(name)
+    return out
+
+
+def test_every_raised_tv_lens_error_is_exported(tree):
+    """Every error class of ``tv_lens.errors`` is a public name of ``tv_lens``, and every class
+    the package raises is one of them or a Python built-in (a few internal helpers build the
+    exported classes: ``config_error``, ``_corrupt``, …; ``Terminated`` is the CLI's signal
+    carrier and never leaves ``main``)."""
+    import builtins
+
+    import tv_lens
+    from tv_lens import errors
+
+    defined = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    assert defined and defined <= set(tv_lens.__all__), defined - set(tv_lens.__all__)
+    helpers = {"config_error", "_corrupt", "_vocab_error", "not_an_index", "Terminated"}
+    foreign = {name: where for name, where in raised_classes(tree).items()
+               if name not in defined and name not in helpers and not hasattr(builtins, name)}
+    assert not foreign, foreign

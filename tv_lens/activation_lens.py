@@ -53,7 +53,7 @@ def _tokens(pair: Any, texts: Sequence[str], positions: int) -> tuple[Tensor, in
     start = 1 if bos is not None and all(x and x[0] == bos for x in ids) else 0
     short = [i for i, x in enumerate(ids) if len(x) < start + positions]
     if short:
-        raise TvLensError(f"Texts {short[:5]} have fewer than {positions} tokens after BOS; pass "
+        raise InvalidArgumentError(f"Texts {short[:5]} have fewer than {positions} tokens after BOS; pass "
                           f"longer texts or a smaller positions=.")
     return torch.tensor([x[: start + positions] for x in ids]), start
 

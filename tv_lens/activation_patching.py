@@ -54,7 +54,7 @@ def _hook_names(model: Any, hooks: Iterable[str] | str, layers: Sequence[int] | 
             else [f"blocks.{l}.{hook}" for l in layers]
         for name in full:
             if name not in available:
-                raise TvLensError(
+                raise InvalidArgumentError(
                     f"The model has no hook point {name!r}. Block hooks are named like "
                     "'hook_resid_pre', 'hook_attn_out', 'hook_mlp_out', 'attn.hook_z' (expanded over "
                     "layers) or in full, 'blocks.2.attn.hook_z'."
@@ -136,7 +136,7 @@ def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] 
     check_same_tokenization(pair, metric)
     widths = {int(b.tokens.shape[1]) for b in batches}
     if positions == "each" and len(widths) > 1:
-        raise TvLensError(f"positions='each' needs inputs of one length, but the metric's batches "
+        raise InvalidArgumentError(f"positions='each' needs inputs of one length, but the metric's batches "
                           f"are {sorted(widths)} tokens wide. Use one prompt, or prompts of one "
                           "template that tokenise to the same length.")
     names = _hook_names(pair.base, hooks, layers, pair.spec.n_layers)

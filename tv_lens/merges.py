@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tv_lens.errors import InvalidArgumentError, TvLensError
+from tv_lens.errors import InvalidArgumentError
 from tv_lens.vector import TuningVector
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -184,12 +184,12 @@ def to_mergekit_config(vectors: Sequence[TuningVector], weights: Sequence[float 
     weights = _per_vector(1.0 if weights is None else weights, len(vectors), "weight")
     density = _per_vector(density, len(vectors), "density")
     if name.startswith("dare") and rescale == "inverse":
-        raise TvLensError("mergekit has no 1/density rescaling (it rescales DARE by the L1 norm): "
+        raise InvalidArgumentError("mergekit has no 1/density rescaling (it rescales DARE by the L1 norm): "
                           "use rescale='l1' (or None) to get a config mergekit reproduces.")
     base_model = base_model or vectors[0].metadata.get("base")
     models = list(models) if models is not None else [v.metadata.get("tuned") for v in vectors]
     if not base_model or any(not m for m in models) or len(models) != len(vectors):
-        raise TvLensError("to_mergekit_config needs the base and each fine-tune's checkpoint "
+        raise InvalidArgumentError("to_mergekit_config needs the base and each fine-tune's checkpoint "
                           "path: pass base_model=... and models=[...] (one per vector), or use "
                           "vectors from ModelPair.tuning_vector(), which records them.")
     entries = []

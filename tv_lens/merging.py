@@ -15,7 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from tv_lens.merges import compose
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError
 from tv_lens.metrics import MetricLike, as_metric
 from tv_lens.vector import TuningVector
 
@@ -26,7 +26,7 @@ def _named(items: Mapping[str, Any] | Sequence[Any], what: str, default: str) ->
     items = list(items)
     names = [getattr(x, "name", None) or f"{default}{i}" for i, x in enumerate(items)]
     if len(set(names)) != len(names):
-        raise TvLensError(f"Two {what} share the name {names}; pass a dict name -> {what[:-1]}.")
+        raise InvalidArgumentError(f"Two {what} share the name {names}; pass a dict name -> {what[:-1]}.")
     return dict(zip(names, items))
 
 
@@ -59,11 +59,11 @@ def composition_grid(pair: Any, vectors: Mapping[str, TuningVector] | Sequence[T
     vectors = _named(vectors, "vectors", "tau")
     metrics = {k: as_metric(m) for k, m in _named(metrics, "metrics", "metric").items()}
     if not vectors or not metrics:
-        raise TvLensError("composition_grid needs at least one tuning vector and one metric.")
+        raise InvalidArgumentError("composition_grid needs at least one tuning vector and one metric.")
     weights = [tuple(map(float, w)) for w in (weights or [(1.0,) * len(vectors)])]
     wrong = [w for w in weights if len(w) != len(vectors)]
     if wrong:
-        raise TvLensError(f"Each weighting needs one weight per vector ({list(vectors)}); got "
+        raise InvalidArgumentError(f"Each weighting needs one weight per vector ({list(vectors)}); got "
                           f"{wrong[0]}.")
     tvs = list(vectors.values())
     w_cols = [f"w_{name}" for name in vectors]

@@ -220,7 +220,7 @@ class _Texts(Metric):
     def __init__(self, name: str, texts: Sequence[str] | Int[Tensor, "batch pos"], tokenizer=None,
                  batch_size: int = 32, prepend_bos: bool = True):
         if isinstance(texts, str):
-            raise TvLensError("Pass a list of texts, not one string: loss([text]).")
+            raise InvalidArgumentError("Pass a list of texts, not one string: loss([text]).")
         self.tokens = texts if isinstance(texts, Tensor) else None
         if self.tokens is not None and (self.tokens.ndim != 2 or self.tokens.shape[1] < 2):
             raise InvalidArgumentError(f"Token ids must be a [batch, pos] tensor with pos >= 2, got shape "
@@ -268,10 +268,10 @@ class _Answers(Metric):
     def __init__(self, name: str, prompts: Sequence[str], answers: Sequence[str], tokenizer=None,
                  batch_size: int = 32, prepend_bos: bool = True):
         if isinstance(prompts, str) or isinstance(answers, str):
-            raise TvLensError("Pass lists of prompts and answers, not single strings.")
+            raise InvalidArgumentError("Pass lists of prompts and answers, not single strings.")
         prompts, answers = list(prompts), list(answers)
         if len(prompts) != len(answers):
-            raise TvLensError(f"Got {len(prompts)} prompts and {len(answers)} answers; pass one "
+            raise InvalidArgumentError(f"Got {len(prompts)} prompts and {len(answers)} answers; pass one "
                               "answer per prompt.")
         self.prompts, self.answers = prompts, answers
         super().__init__(name, [p + a for p, a in zip(prompts, answers)], tokenizer, batch_size,
@@ -324,9 +324,9 @@ class LogitDiff(Metric):
                  incorrect: Sequence[str | int], tokenizer=None, batch_size: int = 32,
                  prepend_bos: bool = True):
         if isinstance(prompts, str):
-            raise TvLensError("Pass a list of prompts, not one string.")
+            raise InvalidArgumentError("Pass a list of prompts, not one string.")
         if not len(prompts) == len(correct) == len(incorrect):
-            raise TvLensError(f"Got {len(prompts)} prompts, {len(correct)} correct and "
+            raise InvalidArgumentError(f"Got {len(prompts)} prompts, {len(correct)} correct and "
                               f"{len(incorrect)} incorrect answers; pass one of each per prompt.")
         self.correct, self.incorrect = list(correct), list(incorrect)
         super().__init__(name, prompts, tokenizer, batch_size, prepend_bos)
@@ -336,7 +336,7 @@ class LogitDiff(Metric):
             return answer
         ids = tokenizer(answer, add_special_tokens=False).input_ids
         if len(ids) != 1:
-            raise TvLensError(f"logit_diff needs single-token answers; {answer!r} is {len(ids)} "
+            raise InvalidArgumentError(f"logit_diff needs single-token answers; {answer!r} is {len(ids)} "
                               f"tokens {ids}. Pass a token id or a shorter answer.")
         return ids[0]
 
@@ -393,7 +393,7 @@ def as_metric(metric: Any) -> Metric:
         return metric
     if callable(metric):
         return FunctionMetric(metric)
-    raise TvLensError(f"Expected a tv_lens metric or a callable f(model) -> scalar tensor, got "
+    raise InvalidArgumentError(f"Expected a tv_lens metric or a callable f(model) -> scalar tensor, got "
                       f"a {type(metric).__name__}.")
 
 

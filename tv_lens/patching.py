@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tv_lens.components import Component, Components
-from tv_lens.errors import InvalidArgumentError, TvLensError
+from tv_lens.errors import InvalidArgumentError
 from tv_lens.protocols import LoadedPair
 from tv_lens.metrics import Metric, MetricLike, as_metric, check_value
 from tv_lens.sources import ModelWeights, compute_dtype

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from tv_lens.components import (CIRCUITS, NEURON_MATRICES, Component, Components, circuit_name,
                                 matrix_name, neuron_matrix_name)
-from tv_lens.errors import InvalidArgumentError, TvLensError
+from tv_lens.errors import InvalidArgumentError
 from tv_lens.protocols import PairLike
 from tv_lens.linalg import FactoredSVD, dense_svd, factored_svd
 from tv_lens.pair import token_strings

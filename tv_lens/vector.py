@@ -138,7 +138,7 @@ class TuningVector(Mapping):  # of str -> Tensor (unsubscripted: checkers must n
         self.slots: dict[str, Slot] = {s.tl_name: s for s in layout(spec)}
         unknown = [k for k in self.deltas if k not in self.slots]
         if unknown:
-            raise TvLensError(f"Unknown parameter name(s) {unknown[:3]} for a {spec.family!r} model."
+            raise InvalidArgumentError(f"Unknown parameter name(s) {unknown[:3]} for a {spec.family!r} model."
                               + close_matches(unknown[0], list(self.slots)))
         self._components: ComponentIndex | None = None
 

@@ -8,7 +8,6 @@ show why a matrix got its label.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -27,10 +27,10 @@ def checkpoint_dir(name: str) -> Path:
     """The folder of a shipped checkpoint (``"base"``, ``"medical"``, ``"math"``) or adapter
     (``"medical_lora"``)."""
     if name not in NAMES + ADAPTERS:
-        from tv_lens.errors import TvLensError, close_matches
+        from tv_lens.errors import InvalidArgumentError, close_matches
 
-        raise TvLensError(f"No demo checkpoint {name!r}; the shipped ones are {NAMES + ADAPTERS}."
-                          + close_matches(name, list(NAMES + ADAPTERS)))
+        raise InvalidArgumentError(f"No demo checkpoint {name!r}; the shipped ones are "
+                                   f"{NAMES + ADAPTERS}." + close_matches(name, list(NAMES + ADAPTERS)))
     return CHECKPOINTS / name
 
 

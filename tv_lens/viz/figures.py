@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tv_lens.components import layer_name
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError
 
 #: Colour of each label, shared by every figure.
 LABEL_COLORS = {"amplified": "#1f77b4", "dampened": "#9467bd", "new": "#d62728",
@@ -32,7 +32,7 @@ def require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:
     """Raise a clear error unless ``df`` has ``columns`` (``what``: the function that needs them)."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise TvLensError(f"{what} needs a table with columns {columns}; this one lacks "
+        raise InvalidArgumentError(f"{what} needs a table with columns {columns}; this one lacks "
                           f"{missing}. Pass the matching tv_lens result.")
 
 
@@ -87,7 +87,7 @@ def heads(analysis, circuit: str = "OV", value: str = "subspace_share",
     df = table[table.circuit == circuit]
     df = with_tokens(df, tokens, df.component)
     if df.empty:
-        raise TvLensError(f"No rows for circuit {circuit!r}; circuits are "
+        raise InvalidArgumentError(f"No rows for circuit {circuit!r}; circuits are "
                           f"{sorted(table.circuit.unique())}.")
     labels = list(LABEL_COLORS) if value == "label" else None
     if labels:  # categorical: one colour band per label
@@ -129,7 +129,7 @@ def neurons(analysis, matrix: str = "W_out", layer: int | None = None,
                             "label"], "viz.neurons")
     df = table[(table.matrix == matrix) & ((table.layer == layer) if layer is not None else True)]
     if df.empty:
-        raise TvLensError(f"No neurons for matrix={matrix!r}, layer={layer!r}; matrices are "
+        raise InvalidArgumentError(f"No neurons for matrix={matrix!r}, layer={layer!r}; matrices are "
                           f"{sorted(table.matrix.unique())}.")
     total = len(df)
     if total > max_points:

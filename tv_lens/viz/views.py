@@ -16,7 +16,7 @@ import torch
 from circuitsvis.utils.render import RenderedHTML, render
 
 from tv_lens.components import head_name
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError, TvLensError
 
 
 class View(RenderedHTML):
@@ -63,7 +63,7 @@ def attention(pair: Any, prompt: str, heads: Sequence[tuple[int, int]]) -> View:
     """Attention patterns of ``heads`` (``[(layer, head), …]``) on ``prompt``: base, tuned and
     tuned − base side by side (circuitsvis ``AttentionHeads``)."""
     if not heads:
-        raise TvLensError("Pass at least one (layer, head) to view.")
+        raise InvalidArgumentError("Pass at least one (layer, head) to view.")
     tokens, strings = _tokens(pair, prompt)
     layers = {l for l, _ in heads}
     base, tuned = _patterns(pair.base, tokens, layers), _patterns(pair.tuned, tokens, layers)
@@ -101,7 +101,7 @@ def token_effect(pair: Any, text: str, component: str, mode: str = "add") -> Vie
     from tv_lens.sources import ModelWeights
 
     if mode not in ("add", "remove"):
-        raise TvLensError(f"mode must be 'add' or 'remove', got {mode!r}.")
+        raise InvalidArgumentError(f"mode must be 'add' or 'remove', got {mode!r}.")
     tokens, strings = _tokens(pair, text)
     tv = pair.tuning_vector()
     cut = tv.components.deltas(tv, component)

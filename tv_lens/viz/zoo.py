@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from tv_lens.errors import TvLensError
+from tv_lens.errors import InvalidArgumentError, TvLensError
 
 
 def zoo_similarity(zoo) -> go.Figure:
@@ -33,7 +33,7 @@ def zoo_heads(zoo, statistic: str = "min") -> go.Figure:
     if table.empty:
         raise TvLensError("The zoo has fewer than two fine-tunes: no head similarities to show.")
     if statistic not in ("min", "mean", "max"):
-        raise TvLensError(f"statistic must be 'min', 'mean' or 'max', got {statistic!r}.")
+        raise InvalidArgumentError(f"statistic must be 'min', 'mean' or 'max', got {statistic!r}.")
     grid = table.groupby(["layer", "head"])["cosine"].agg(statistic).unstack("head")
     fig = go.Figure(go.Heatmap(z=grid.to_numpy(dtype=float), x=list(grid.columns),
                                y=[int(x) for x in grid.index], zmin=-1, zmax=1,
