@@ -22,28 +22,28 @@ def planted(save):
 def test_only_the_planted_head_carries_the_difference(planted):
     metric = metrics.loss(TEXTS)
     df = activation_patch(planted, metric, ["attn.hook_z", "hook_resid_post"], progress=False)
-    assert list(df.columns) == ["component", "direction", "hook", "layer", "head", "pos", "base",
+    assert list(df.columns) == ["component", "into", "hook", "layer", "head", "pos", "base",
                                 "tuned", "patched", "normalized"]
     assert df.set_index(["hook", "head"]).component.loc[("blocks.1.attn.hook_z", 2)].iloc[0] == "L1H2"
     assert set(df[df.hook.str.endswith("resid_post")].component) == {"L0.resid_post", "L1.resid_post"}
     assert abs(df.tuned.iloc[0] - df.base.iloc[0]) > 0.1
-    z = df[df.hook.str.endswith("hook_z")].set_index(["direction", "layer", "head"]).normalized
-    assert len(z) == 2 * 2 * 4  # directions × layers × heads
-    assert z["into_base", 1, 2] == pytest.approx(1.0, abs=1e-5)
-    assert z["into_tuned", 1, 2] == pytest.approx(0.0, abs=1e-5)
-    others = z.drop([("into_base", 1, 2), ("into_tuned", 1, 2)])
-    assert (others["into_base"].abs() < 1e-5).all() and ((others["into_tuned"] - 1).abs() < 1e-5).all()
-    resid = df[df.hook.str.endswith("resid_post")].set_index(["direction", "layer"]).normalized
-    assert resid["into_base", 0] == pytest.approx(0.0, abs=1e-5)  # before the change
-    assert resid["into_base", 1] == pytest.approx(1.0, abs=1e-5)  # after it: all of it
+    z = df[df.hook.str.endswith("hook_z")].set_index(["into", "layer", "head"]).normalized
+    assert len(z) == 2 * 2 * 4  # receivers × layers × heads
+    assert z["base", 1, 2] == pytest.approx(1.0, abs=1e-5)
+    assert z["tuned", 1, 2] == pytest.approx(0.0, abs=1e-5)
+    others = z.drop([("base", 1, 2), ("tuned", 1, 2)])
+    assert (others["base"].abs() < 1e-5).all() and ((others["tuned"] - 1).abs() < 1e-5).all()
+    resid = df[df.hook.str.endswith("resid_post")].set_index(["into", "layer"]).normalized
+    assert resid["base", 0] == pytest.approx(0.0, abs=1e-5)  # before the change
+    assert resid["base", 1] == pytest.approx(1.0, abs=1e-5)  # after it: all of it
 
 
 def test_each_position_and_one_direction(planted):
     metric = metrics.loss(["the cat sat on a mat"])
     df = activation_patch(planted, metric, "blocks.1.hook_resid_post", positions="each",
-                          direction="into_base", progress=False)
+                          into="base", progress=False)
     n_tokens = metric.batches()[0].tokens.shape[1]
-    assert df.pos.tolist() == list(range(n_tokens)) and set(df.direction) == {"into_base"}
+    assert df.pos.tolist() == list(range(n_tokens)) and set(df.into) == {"base"}
     # each position's residual carries that position's share; later tokens see no other change
     # in the last layer, so the per-position effects add up to the whole effect
     assert df.normalized.sum() == pytest.approx(1.0, abs=1e-4)
@@ -58,8 +58,8 @@ def test_activation_patching_refuses_bad_input(planted, save):
                          positions="each", progress=False)
     with pytest.raises(TvLensError, match="a plain function"):
         activation_patch(planted, lambda m: m(torch.tensor([[1, 2]])).sum(), progress=False)
-    with pytest.raises(TvLensError, match="direction must be one of"):
-        activation_patch(planted, metric, direction="sideways")
+    with pytest.raises(TvLensError, match="into must be one of"):
+        activation_patch(planted, metric, into="sideways")
     with pytest.raises(TvLensError, match="layers \\[5\\] are out of range"):
         activation_patch(planted, metric, layers=[5], progress=False)
 

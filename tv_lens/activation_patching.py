@@ -4,9 +4,9 @@
 points (``run_with_cache``) and replays them into the other model (``hooks(fwd_hooks=…)``), one
 hook point (and head, and position) at a time, on the metric's own tokens:
 
-- direction ``"into_base"``: the base model runs with the tuned model's activation. Its
+- ``into="base"``: the base model runs with the tuned model's activation. Its
   normalised effect says how much of the tuned behaviour that activation alone carries.
-- direction ``"into_tuned"``: the tuned model runs with the base model's activation; a normalised
+- ``into="tuned"``: the tuned model runs with the base model's activation; a normalised
   effect near 0 says the tuned behaviour needs that activation.
 
 Normalised effect, as everywhere in tv_lens: ``(f(patched) − f(base)) / (f(tuned) − f(base))``,
@@ -34,11 +34,12 @@ from tv_lens.patching import normalized_effect
 from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 
-DIRECTIONS = ("into_base", "into_tuned")
+#: which model receives the other's activations (the ``into`` column)
+RECEIVERS = ("base", "tuned")
 #: Hook points whose activations are ``[batch, pos, head, d_head]``.
 _PER_HEAD = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-COLUMNS = ["component", "direction", "hook", "layer", "head", "pos", "base", "tuned", "patched",
+COLUMNS = ["component", "into", "hook", "layer", "head", "pos", "base", "tuned", "patched",
            "normalized"]
 
 
@@ -105,7 +106,7 @@ def _replace(source: torch.Tensor, head: int | None, pos: int | None):
 
 def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] | str = "hook_resid_pre", *,
                      layers: Sequence[int] | None = None, positions: str = "all",
-                     direction: str = "both", progress: bool = True) -> pd.DataFrame:
+                     into: str = "both", progress: bool = True) -> pd.DataFrame:
     """Run one model of the pair with the other's activations at chosen hook points.
 
     Args:
@@ -116,21 +117,22 @@ def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] 
             (``"blocks.2.attn.hook_z"``).
         layers: blocks to expand block-relative names over (default all).
         positions: ``"all"`` patches every position at once; ``"each"`` one position at a time.
-        direction: ``"into_base"``, ``"into_tuned"`` or ``"both"``.
+        into: which model runs with the other's activations: ``"base"``, ``"tuned"`` or
+            ``"both"``.
         progress: show a tqdm bar over batches.
 
     Returns:
-        One row per (direction, hook, head, position): ``component`` (the head ``L2H5`` where
+        One row per (into, hook, head, position): ``component`` (the head ``L2H5`` where
         split by head, else the hook's residual-stream point ``L2.resid_pre`` or part
         ``L2.attn``/``L2.mlp`` (:func:`tv_lens.components.stream_of_hook`), else the hook name),
-        ``direction, hook, layer, head, pos, base, tuned, patched, normalized`` (``head``/``pos``
+        ``into, hook, layer, head, pos, base, tuned, patched, normalized`` (``head``/``pos``
         are NA where not split).
     """
     check_runs_hooks(pair, "Activation patching")
     if positions not in ("all", "each"):
         raise InvalidArgumentError(f"positions must be 'all' or 'each', got {positions!r}.")
-    if direction not in (*DIRECTIONS, "both"):
-        raise InvalidArgumentError(f"direction must be one of {DIRECTIONS} or 'both', got {direction!r}.")
+    if into not in (*RECEIVERS, "both"):
+        raise InvalidArgumentError(f"into must be one of {RECEIVERS} or 'both', got {into!r}.")
     metric = as_metric(metric)
     batches = metric.batches(pair.base)
     check_same_tokenization(pair, metric)
@@ -141,14 +143,14 @@ def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] 
                           "template that tokenise to the same length.")
     names = _hook_names(pair.base, hooks, layers, pair.spec.n_layers)
     f_base, f_tuned = metric.value(pair.base), metric.value(pair.tuned)
-    directions = DIRECTIONS if direction == "both" else (direction,)
+    receivers = RECEIVERS if into == "both" else (into,)
     totals: dict[tuple, float] = {}
     device = model_device(pair.base)
     with torch.no_grad():
         for b, batch in enumerate(tqdm(batches, desc="activation patching", disable=not progress)):
             batch = batch.to(device)
-            for d in directions:
-                receiver, source = (pair.base, pair.tuned) if d == "into_base" else (pair.tuned, pair.base)
+            for d in receivers:
+                receiver, source = (pair.base, pair.tuned) if d == "base" else (pair.tuned, pair.base)
                 wanted = {n for n, _ in names}
                 _, cache = source.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted)
                 for name, layer in names:
@@ -159,7 +161,7 @@ def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] 
                         key = (d, name, layer, spec["head"], spec["pos"])
                         totals[key] = totals.get(key, 0.0) + float(term)
     rows = [dict(component=head_name(layer, head) if head is not None else
-                 stream_of_hook(name) or name, direction=d, hook=name, layer=layer, head=head,
+                 stream_of_hook(name) or name, into=d, hook=name, layer=layer, head=head,
                  pos=pos, base=f_base,
                  tuned=f_tuned, patched=value, normalized=normalized_effect(value, f_base, f_tuned))
             for (d, name, layer, head, pos), value in totals.items()]

@@ -274,7 +274,8 @@ def _matrix_pairs(deltas: dict[str, Tensor], dots: np.ndarray, name: str, rank: 
             else torch.zeros(0, dtype=torch.float64)
         side = Qa.shape[0]  # the d_model side's dimension
         rows.append(dict(model_a=a, model_b=b, cosine=float(cos[0]),
-                         shared_dims=float(angles.pow(2).sum()), rank=int(min(Qa.shape[1], Qb.shape[1])),
+                         shared_dims=float(angles.pow(2).sum()),
+                         subspace_rank=int(min(Qa.shape[1], Qb.shape[1])),
                          baseline_shared_dims=Qa.shape[1] * Qb.shape[1] / side,
                          top_cos_angle=float(angles[0]) if angles.numel() else float("nan")))
     return rows
