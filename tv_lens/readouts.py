@@ -265,7 +265,7 @@ def read_directions(tv, components: list[Component], readers: dict[str, Tensor],
     with torch.no_grad():
         for c in tqdm(components, desc=desc, disable=not progress):
             found = _unit_directions(tv, c, directions)
-            for side in {f[1] for f in found}:
+            for side in dict.fromkeys(f[1] for f in found):  # in order: deterministic rows
                 batch = [f for f in found if f[1] == side]
                 scores = readers[side] @ torch.stack([f[3] for f in batch], 1).to(readers[side].device)
                 frames += _top_rows(c.name, batch, scores.cpu(), k)  # [n_rows, n] scores
