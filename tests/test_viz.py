@@ -153,7 +153,7 @@ def test_patching_and_grid_figures(pair):
 
 def test_ov_tokens_equal_the_dense_readout(pair, tokenizer):
     tv = pair.tuning_vector()
-    table = ov_tokens(pair, 1, 2, k=5)
+    table = ov_tokens(pair, "L1H2", k=5)
     W_U = tv.base["ln_final.w"].double()[:, None] * tv.base["unembed.W_U"].double()
     dense = (tv.ov(1, 2).AB.double() @ W_U).norm(dim=0)
     top = torch.topk(dense, 5)
@@ -166,7 +166,8 @@ def test_views_are_circuitsvis_html_with_the_right_numbers(pair):
     from circuitsvis.utils.render import RenderedHTML
 
     prompt = "the cat sat on a mat"
-    view = viz.attention(pair, prompt, [(0, 1), (1, 3)])
+    view = viz.attention(pair, prompt, ["L0H1", "L1H3.OV"])  # a circuit stands for its head
+    assert view.props["attentionHeadNames"][3] == "L1H3 base"
     assert isinstance(view, RenderedHTML) and view.element == "AttentionHeads"
     maps = torch.tensor(view.props["attention"])
     n = len(view.props["tokens"])
@@ -178,7 +179,9 @@ def test_views_are_circuitsvis_html_with_the_right_numbers(pair):
     none = viz.token_effect(pair, prompt, "L0N5")
     assert any(abs(v) > 0 for v in none.props["values"])
     assert "CircuitsVis.render" in view.snippet() and "<script" in view._repr_html_()
-    tokens = viz.head_tokens(pair, 1, 2, k=4)
+    tokens = viz.head_tokens(pair, "L1H2", k=4)
+    with pytest.raises(TvLensError, match="not attention heads"):
+        viz.attention(pair, prompt, ["L0N3"])
     assert len(tokens.props["tokens"]) == 4
 
 

@@ -53,15 +53,18 @@ def unembedding(tv, tuned: bool = False) -> torch.Tensor:
     return W_U
 
 
-def ov_tokens(pair: PairLike, layer: int, head: int, k: int = 10,
-              tokenizer: Any = None) -> pd.DataFrame:
-    """The ``k`` tokens whose logits head ``(layer, head)``'s ΔOV can move most.
+def ov_tokens(pair: PairLike, head: str, k: int = 10, tokenizer: Any = None) -> pd.DataFrame:
+    """The ``k`` tokens whose logits ``head``'s ΔOV (``"L2H5"``) can move most.
 
     Returns:
         ``rank, token_id, token, score, base_score``: ``score = ‖ΔOV W_U[:, t]‖`` and, for
         scale, ``base_score = ‖OV W_U[:, t]‖`` of the base head.
     """
     tv = pair.tuning_vector()
+    c = tv.components.parse(head)
+    if c.kind != "head":
+        raise InvalidArgumentError(f"ov_tokens reads one query head, such as 'L2H5'; got {head!r}.")
+    layer, head = c.layer, c.head
     tokenizer = tokenizer or getattr(pair, "tokenizer", None)
     with torch.no_grad():
         W_U = unembedding(tv)

@@ -194,8 +194,7 @@ def report(analysis, path: str | Path, *, pair: PairLike | None = None, prompt: 
                      "tv_lens.read_tokens(pair) reads every head circuit and MLP matrix.")
         page.parts.append(_token_lists(tokens))
     ov = analysis.heads[analysis.heads.circuit == "OV"]
-    top = ov.nlargest(k, "delta_norm")[["layer", "head"]].itertuples(index=False)
-    top = [(int(l), int(h)) for l, h in top]
+    top = [head_name(l, h) for l, h in ov.nlargest(k, "delta_norm")[["layer", "head"]].itertuples(index=False)]
     if tv is not None:
         matrices = analysis.matrices.dropna(subset=["layer"])
         matrix, param = matrices.loc[matrices.relative_norm.idxmax(), ["component", "param"]]
@@ -217,8 +216,8 @@ def report(analysis, path: str | Path, *, pair: PairLike | None = None, prompt: 
         page.figure(viz.circuit(analysis, scores, patching, tokens=tokens))
         if hasattr(pair, "tuning_vector") and getattr(pair, "tokenizer", None) is not None:
             page.heading("Most-changed heads: what their ΔOV writes")
-            for layer, head in top:
-                page.view(viz.head_tokens(pair, layer, head))
+            for head in top:
+                page.view(viz.head_tokens(pair, head))
     else:
         left_out.append("spectra, the circuit view and head token views (they need the weights: "
                         "pass pair= to tv_lens.report)")
@@ -232,7 +231,7 @@ def report(analysis, path: str | Path, *, pair: PairLike | None = None, prompt: 
         page.view(viz.attention(pair, prompt, top))
         page.view(viz.token_loss_difference(pair, prompt))
         if top:
-            page.view(viz.token_effect(pair, prompt, head_name(*top[0])))
+            page.view(viz.token_effect(pair, prompt, top[0]))
     else:
         left_out.append("attention patterns and per-token effects (they run the models: pass "
                         "pair= and prompt=, or --prompt TEXT on the command line)")

@@ -8,14 +8,13 @@ The numbers come from the analysis layer (:mod:`tv_lens.metrics`, :mod:`tv_lens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 from uuid import uuid4
 
 import torch
 from circuitsvis.utils.render import RenderedHTML, render
 
-from tv_lens.components import head_name
+from tv_lens.components import Component, Components, head_name
 from tv_lens.errors import InvalidArgumentError, TvLensError
 
 
@@ -59,19 +58,31 @@ def _patterns(model: Any, tokens: torch.Tensor, layers: set[int]) -> dict[int, t
     return {l: cache[f"blocks.{l}.attn.hook_pattern"][0].float().cpu() for l in layers}
 
 
-def attention(pair: Any, prompt: str, heads: Sequence[tuple[int, int]]) -> View:
-    """Attention patterns of ``heads`` (``[(layer, head), …]``) on ``prompt``: base, tuned and
-    tuned − base side by side (circuitsvis ``AttentionHeads``)."""
-    if not heads:
-        raise InvalidArgumentError("Pass at least one (layer, head) to view.")
+def _heads(pair: Any, heads: Components) -> list[Component]:
+    """The query heads named (``"L2H5"``, a list, a table's ``component`` column, ``"heads"``);
+    a head's circuit (``"L2H5.OV"``) stands for its head."""
+    index = pair.tuning_vector().components
+    chosen = [index.parse(head_name(c.layer, c.head)) if c.kind == "circuit" else c
+              for c in index.resolve(heads)]
+    wrong = [c.name for c in chosen if c.kind != "head"]
+    if wrong:
+        raise InvalidArgumentError(f"{wrong[:3]} are not attention heads; name heads as 'L2H5'.")
+    return chosen
+
+
+def attention(pair: Any, prompt: str, heads: Components) -> View:
+    """Attention patterns of ``heads`` (``"L2H5"``, ``["L0H1", "L1H3"]``) on ``prompt``: base,
+    tuned and tuned − base side by side (circuitsvis ``AttentionHeads``)."""
+    chosen = _heads(pair, heads)
     tokens, strings = _tokens(pair, prompt)
-    layers = {l for l, _ in heads}
+    layers = {c.layer for c in chosen}
     base, tuned = _patterns(pair.base, tokens, layers), _patterns(pair.tuned, tokens, layers)
     maps, names = [], []
-    for l, h in heads:
+    for c in chosen:
+        l, h = c.layer, c.head
         maps += [base[l][h], tuned[l][h], tuned[l][h] - base[l][h]]
-        names += [f"{head_name(l, h)} {which}" for which in ("base", "tuned", "tuned−base")]
-    return View("AttentionHeads", f"attention of {', '.join(f'L{l}H{h}' for l, h in heads)}",
+        names += [f"{c.name} {which}" for which in ("base", "tuned", "tuned−base")]
+    return View("AttentionHeads", f"attention of {', '.join(c.name for c in chosen)}",
                 attention=torch.stack(maps).tolist(), tokens=strings,
                 attentionHeadNames=names, maxValue=1.0, minValue=-1.0)
 
@@ -94,8 +105,9 @@ def token_loss_difference(pair: Any, text: str) -> View:
                 values=values)
 
 
-def token_effect(pair: Any, text: str, component: str, mode: str = "add") -> View:
-    """Per-token loss change when component ``component``'s τ_c is added to the base (or, with
+def token_effect(pair: Any, text: str, component: Components, mode: str = "add") -> View:
+    """Per-token loss change when ``component``'s τ_c (any name or named group) is added to the
+    base (or, with
     ``mode="remove"``, removed from the tuned model), as coloured tokens (positive = the patch
     lowers that token's loss)."""
     from tv_lens.sources import ModelWeights
@@ -109,16 +121,18 @@ def token_effect(pair: Any, text: str, component: str, mode: str = "add") -> Vie
     before = _token_losses(model, tokens)
     with ModelWeights(model).patched(cut, 1 if mode == "add" else -1):
         after = _token_losses(model, tokens)
-    return View("ColoredTokens", f"per-token loss change, {mode} {component}", tokens=strings,
+    name = ", ".join(c.name for c in tv.components.resolve(component))
+    return View("ColoredTokens", f"per-token loss change, {mode} {name}", tokens=strings,
                 values=[0.0] + (before - after).tolist())
 
 
-def head_tokens(pair: Any, layer: int, head: int, k: int = 15) -> View:
-    """The tokens whose logits the head's ΔOV can move most (:func:`tv_lens.readouts.ov_tokens`),
-    coloured by score."""
+def head_tokens(pair: Any, head: str, k: int = 15) -> View:
+    """The tokens whose logits ``head``'s ΔOV (``"L2H5"``) can move most
+    (:func:`tv_lens.readouts.ov_tokens`), coloured by score."""
     from tv_lens.readouts import ov_tokens
 
-    table = ov_tokens(pair, layer, head, k)
-    return View("ColoredTokens", f"tokens L{layer}H{head}'s ΔOV writes most",
+    (c,) = _heads(pair, head)
+    table = ov_tokens(pair, c.name, k)
+    return View("ColoredTokens", f"tokens {c.name}'s ΔOV writes most",
                 tokens=[f"{t} " for t in table.token], values=table.score.tolist(),
                 minValue=float(table.score.min()), maxValue=float(table.score.max()))
