@@ -173,7 +173,8 @@ def test_attribution_partition_sums_and_errors(pair64, tokens):
     assert parts["add"].sum() == pytest.approx(units["add"].sum(), rel=1e-9)
     assert info["add_sum"] == pytest.approx(units["add"].sum())
     assert list(att.columns) == ["component", "kind", "granularity", "layer", "head", "kv_head",
-                                 "neuron", "expert", "add", "remove", "base", "tuned"]
+                                 "neuron", "expert", "add", "remove", "path", "base", "tuned"]
+    assert att["path"].isna().all() and "path_sum" not in info  # path attribution needs steps > 1
     assert info["difference"] == pytest.approx(metric.value(pair64.tuned) - metric.value(pair64.base))
     snap = _snapshot(pair64.base)
     flags = {n: p.requires_grad for n, p in pair64.base.named_parameters()}

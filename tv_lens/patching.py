@@ -191,15 +191,15 @@ def attribute(pair: LoadedPair, metric: MetricLike, steps: int = 1, *,
         pair: a :class:`~tv_lens.ModelPair`.
         metric: a differentiable metric (not :func:`~tv_lens.metrics.answer_accuracy`) or any
             ``f(model) -> scalar tensor`` with a gradient.
-        steps: ``1`` gives ``add`` and ``remove``; ``steps > 1`` adds ``path``, the gradient
-            averaged at ``steps`` midpoints between base and tuned.
+        steps: ``1`` gives ``add`` and ``remove`` (``path`` is NaN); ``steps > 1`` also
+            ``path``, the gradient averaged at ``steps`` midpoints between base and tuned.
         components: ``None`` for every part, unit and expert; else any names, selector or
             named groups (see :func:`patch`), e.g. circuits ``L2H5.OV`` or ``{"all_mlp": [...]}``.
         progress: show a tqdm bar over path steps.
 
     Returns:
         One row per component: ``component, kind, granularity, layer, head, kv_head, neuron,
-        expert, add, remove`` (and ``path``), ``base`` and ``tuned`` (the metric at each end,
+        expert, add, remove, path``, ``base`` and ``tuned`` (the metric at each end,
         the same on every row). ``granularity`` is ``part``, ``unit``, ``both`` or ``group``
         (in neither partition: ``L3E5``, circuits, named groups): the rows of one granularity
         (``df[df.granularity.isin(["part", "both"])]`` for parts, ``isin(["unit", "both"])``
@@ -230,7 +230,7 @@ def attribute(pair: LoadedPair, metric: MetricLike, steps: int = 1, *,
     f_base, f_tuned = metric.value(pair.base), metric.value(pair.tuned)
     rows = [dict(**id_columns(c), **{k: v[c.name] for k, v in columns.items()},
                  base=f_base, tuned=f_tuned) for c in chosen]
-    return _frame(rows, ID_COLUMNS + list(columns) + ["base", "tuned"])
+    return _frame(rows, ID_COLUMNS + ["add", "remove", "path", "base", "tuned"])  # path: NaN at 1 step
 
 
 def completeness(attribution: pd.DataFrame) -> dict[str, float]:
@@ -245,7 +245,7 @@ def completeness(attribution: pd.DataFrame) -> dict[str, float]:
     base, tuned = float(units["base"].iloc[0]), float(units["tuned"].iloc[0])
     info = dict(base=base, tuned=tuned, difference=tuned - base,
                 add_sum=float(units["add"].sum()), remove_sum=float(units["remove"].sum()))
-    if "path" in units:
+    if units["path"].notna().all():
         path_sum = float(units["path"].sum())
         gap = path_sum - info["difference"]
         info.update(path_sum=path_sum, gap=gap,

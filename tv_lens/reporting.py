@@ -223,8 +223,7 @@ def report(analysis, path: str | Path, *, pair: PairLike | None = None, prompt: 
                         "pass pair= to tv_lens.report)")
     if patching is not None:
         page.heading("Patching")
-        page.figure(viz.patching(patching, "normalized" if "normalized" in patching else
-                                 next(c for c in ("path", "add") if c in patching)))
+        page.figure(viz.patching(patching))
     runs_models = pair is not None and hasattr(type(pair), "base") and prompt
     if runs_models:
         page.heading("On the prompt", prompt)

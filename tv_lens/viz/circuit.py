@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from tv_lens.components import head_name, layer_name, matrix_name
+from tv_lens.viz.figures import effect_column as best_effect
 from tv_lens.viz.figures import hover_text, require_columns, with_tokens
 
 _EDGE_COLORS = {"Q": "#2ca02c", "K": "#9467bd", "V": "#ff7f0e"}
@@ -62,7 +63,7 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     size_h, size_m = _sizes(heads.delta_norm), _sizes(mlp.delta_norm)
     size_label = "‖update‖"
     if effects is not None:
-        column = effect_column or next(c for c in ("normalized", "path", "add") if c in effects)
+        column = effect_column or best_effect(effects)
         by_name = effects.drop_duplicates("component").set_index("component")[column]
         heads["effect"] = heads.component.map(by_name)
         mlp["effect"] = mlp.component.map(by_name)

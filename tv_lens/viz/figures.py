@@ -60,6 +60,16 @@ def _grid(df: pd.DataFrame, value: str, n_heads: int | None = None):
     return layers, z, text
 
 
+def effect_column(table: pd.DataFrame) -> str:
+    """The effect a patching or attribution table is best drawn by: ``normalized`` (exact
+    patching), else ``path`` (path attribution, where computed), else ``add``."""
+    for column in ("normalized", "path", "add"):
+        if column in table and table[column].notna().any():
+            return column
+    raise InvalidArgumentError("The table has no effect to draw: pass what tv_lens.patch or "
+                               "tv_lens.attribute returned.")
+
+
 def with_tokens(df: pd.DataFrame, tokens: pd.DataFrame | None, components: Iterable[str]
                 ) -> pd.DataFrame:
     """``df`` plus a ``tokens`` hover column: each component's top update tokens (a
@@ -203,10 +213,13 @@ def spectrum(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def patching(table: pd.DataFrame, value: str = "normalized") -> go.Figure:
+def patching(table: pd.DataFrame, value: str | None = None) -> go.Figure:
     """Effects per component from :func:`tv_lens.patch` or :func:`tv_lens.attribute`: heads as
-    a layer × head grid, the top neurons and other components as ranked bars."""
-    require_columns(table, ["component", "kind", "layer", "head", value], "viz.patching")
+    a layer × head grid, the top neurons and other components as ranked bars. ``value``: the
+    column drawn (default :func:`effect_column`'s choice)."""
+    require_columns(table, ["component", "kind", "layer", "head"], "viz.patching")
+    value = value or effect_column(table)
+    require_columns(table, [value], "viz.patching")
     heads_df = table[table.kind == "head"]
     others = table[table.kind != "head"]
     others = others.reindex(others[value].abs().sort_values(ascending=False).index).head(30)
