@@ -102,6 +102,7 @@ def test_fine_tunes_learned_their_domain():
 def test_the_bridge_computes_the_trained_models_logits():
     """On both TransformerLens lines the bridge of a shipped fine-tune gives the logits of the
     HF model training evaluated (the evaluation above runs once, on HF models only)."""
+    from tv_lens.demo.evaluate import domain_metrics
     from tv_lens.demo.train import load_trained
 
     stage = json.loads((CHECKPOINTS / "training.json").read_text())["stages"]["medical"]
