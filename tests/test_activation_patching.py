@@ -26,6 +26,11 @@ def test_only_the_planted_head_carries_the_difference(planted):
                                 "tuned", "patched", "normalized"]
     assert df.set_index(["hook", "head"]).component.loc[("blocks.1.attn.hook_z", 2)].iloc[0] == "L1H2"
     assert set(df[df.hook.str.endswith("resid_post")].component) == {"L0.resid_post", "L1.resid_post"}
+    by_name = activation_patch(planted, metric, ["L1.resid_post", "L1.attn"], progress=False)
+    assert by_name.hook.tolist() == ["blocks.1.hook_resid_post", "blocks.1.hook_attn_out"] * 2
+    assert by_name.set_index(["into", "hook"]).normalized.equals(
+        activation_patch(planted, metric, ["blocks.1.hook_resid_post", "blocks.1.hook_attn_out"],
+                         progress=False).set_index(["into", "hook"]).normalized)
     assert abs(df.tuned.iloc[0] - df.base.iloc[0]) > 0.1
     z = df[df.hook.str.endswith("hook_z")].set_index(["into", "layer", "head"]).normalized
     assert len(z) == 2 * 2 * 4  # receivers × layers × heads

@@ -1,5 +1,7 @@
 """Component names: each granularity is a partition of τ, on every supported layout."""
 
+import re
+
 import pytest
 import torch
 
@@ -215,3 +217,29 @@ def test_names_from_hooks_and_weights():
     assert matrix_name("blocks.3.mlp.experts.2.W_in") == "L3E2.mlp.W_in"
     c = describe("L3E2N7.gate")
     assert (c.kind, c.layer, c.expert, c.neuron, c.matrix) == ("neuron_matrix", 3, 2, 7, "W_gate")
+
+
+def test_one_spelling_per_name_and_group_names_that_cannot_be_confused(llama_dirs, gpt2_dirs):
+    """Non-standard spellings get the standard one; a TL weight name gets its component name;
+    a named group cannot take a component's or a selector's name; an empty selector says why."""
+    index = ModelPair.from_pretrained(*llama_dirs).tuning_vector().components
+    for odd, standard in (("L0H01.OV", "L0H1.OV"), ("L00N3.out", "L0N3.out"),
+                          ("L0.mlp.experts.1.W_in", "L0E1.mlp.W_in")):
+        with pytest.raises(TvLensError, match=f"did you mean '{re.escape(standard)}'"):
+            index.parse(odd)
+    with pytest.raises(TvLensError, match="TransformerLens weight name; its component name is "
+                                          "'L0.attn.W_Q'"):
+        index.parse("blocks.0.attn.W_Q")
+    for name in ("L0H0", "heads", "L1.mlp.W_in", "mlp"):
+        with pytest.raises(TvLensError, match=f"cannot be called '{re.escape(name)}'"):
+            index.resolve({name: ["L1.mlp"]})
+    with pytest.raises(TvLensError, match="no experts: its MLPs are dense"):
+        index.resolve("experts")
+    gpt = ModelPair.from_pretrained(*gpt2_dirs).tuning_vector().components
+    with pytest.raises(TvLensError, match="no kv_heads: it has no grouped-query attention"):
+        gpt.resolve("kv_heads")
+    from tv_lens.components import hook_of, stream_of_hook
+
+    for name in ("L1.resid_pre", "L1.resid_post", "L1.attn", "L1.mlp"):
+        assert stream_of_hook(hook_of(name)) == name
+    assert hook_of("L1H2") is None and hook_of("L01.attn") is None

@@ -227,7 +227,7 @@ def test_compare_attribution_reuses_earlier_patching(llama_dirs, tokens, monkeyp
     calls = []
     real = patching.patch
     monkeypatch.setattr(patching, "patch", lambda p, m, names, **kw: calls.append(
-        (list(names), kw["mode"])) or real(p, m, names, **kw))
+        ([c.name for c in names], kw["mode"])) or real(p, m, names, **kw))
     reused = compare_attribution(pair, metric, "heads", attribution=att,
                                  exact=pd.concat([added, half]), progress=False)
     pd.testing.assert_frame_equal(reused.table, fresh.table)
@@ -288,3 +288,20 @@ def test_named_groups_and_circuits_patch_and_attribute_as_one_row(pair64, tokens
     assert att["add"].iloc[0] == pytest.approx(manual, rel=1e-9, abs=1e-12)
     full = attribute(pair64, metric, progress=False).set_index("component")
     assert att["add"].iloc[1] == pytest.approx(full.loc["L1H2", "add"], rel=1e-12)
+
+
+def test_compare_attribution_takes_named_groups_and_circuits(pair64, tokens):
+    """Groups the attribution table has no rows for are attributed on the way; their exact
+    effects are patch's."""
+    metric = metrics.loss(tokens)
+    att = attribute(pair64, metric, progress=False)
+    groups = {"early": ["L0.mlp", "L0H1"]}
+    result = compare_attribution(pair64, metric, groups, attribution=att, modes=("add",),
+                                 progress=False)
+    row = result.table.set_index("component").loc["early"]
+    assert row["kind"] == "named"
+    assert row["exact"] == pytest.approx(patch(pair64, metric, groups, progress=False).effect.iloc[0])
+    expect = attribute(pair64, metric, components=groups, progress=False)["add"].iloc[0]
+    assert row["attribution"] == pytest.approx(expect, rel=1e-12)
+    circuit = compare_attribution(pair64, metric, ["L1H2.OV"], modes=("add",), progress=False)
+    assert circuit.table.component.tolist() == ["L1H2.OV"]

@@ -105,6 +105,11 @@ def test_qk_sides_and_unit_names(ortho_llama):
     pieces = read_tokens(pair, ["L0H1.OV", "L0H1.QK", "L0N3.in", "L0N3.gate", "L0N3.out"], k=3,
                          progress=False)
     pd.testing.assert_frame_equal(whole, pieces)
+    pd.testing.assert_frame_equal(read_tokens(pair, {"g": ["L0H1", "L0N3"]}, k=3, progress=False),
+                                  whole)  # a named group is read as its members
+    attn = read_tokens(pair, "L0.attn", k=1, directions=1, progress=False)
+    assert list(dict.fromkeys(attn.component)) == [f"L0H{h}.{c}" for h in range(pair.spec.n_heads)
+                                                   for c in ("OV", "QK")]
     with pytest.raises(TvLensError, match="k and directions must be at least 1"):
         read_tokens(pair, k=0, progress=False)
 

@@ -1,6 +1,7 @@
 """Figures by structure, circuits and readouts against dense computations, views by props."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -104,6 +105,8 @@ def test_fast_spectrum_is_the_top_of_the_exact_one(pair):
     np.testing.assert_allclose(full.match[:3], exact.match[:3], atol=1e-4)
     with pytest.raises(InvalidArgumentError, match="fast_rank"):
         tv_lens.matrix_spectrum(pair, name, fast_rank=0)
+    with pytest.raises(InvalidArgumentError, match="'L0H1.OV' is a circuit"):
+        tv_lens.matrix_spectrum(pair, "L0H1.OV")
 
 
 def test_circuit_edges_are_the_largest_composition_changes(pair, analysis):
@@ -154,6 +157,10 @@ def test_patching_and_grid_figures(pair):
 def test_ov_tokens_equal_the_dense_readout(pair, tokenizer):
     tv = pair.tuning_vector()
     table = ov_tokens(pair, "L1H2", k=5)
+    pd.testing.assert_frame_equal(ov_tokens(pair, "L1H2.OV", k=5), table)
+    assert set(table.component) == {"L1H2.OV"} and table["rank"].tolist() == list(range(5))
+    with pytest.raises(InvalidArgumentError, match="one query head's OV circuit"):
+        ov_tokens(pair, "L1H2.QK")
     W_U = tv.base["ln_final.w"].double()[:, None] * tv.base["unembed.W_U"].double()
     dense = (tv.ov(1, 2).AB.double() @ W_U).norm(dim=0)
     top = torch.topk(dense, 5)

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from tv_lens.components import stream_name
 from tv_lens.errors import InvalidArgumentError, TvLensError
-from tv_lens.readouts import unembedding, token_strings
+from tv_lens.pair import token_strings
+from tv_lens.readouts import unembedding
 from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 

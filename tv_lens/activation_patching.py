@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tv_lens.errors import InvalidArgumentError, TvLensError, close_matches
-from tv_lens.components import head_name, stream_of_hook
+from tv_lens.components import head_name, hook_of, stream_of_hook
 from tv_lens.protocols import LoadedPair
 from tv_lens.metrics import Metric, MetricLike, as_metric, model_device
 from tv_lens.patching import normalized_effect
@@ -51,6 +51,7 @@ def _hook_names(model: Any, hooks: Iterable[str] | str, layers: Sequence[int] | 
     layers = resolve_layers(layers, n_layers)
     out = []
     for hook in hooks:
+        hook = hook_of(hook) or hook  # a component name: L3.resid_pre, L3.attn, L3.mlp
         full = [hook] if hook.startswith("blocks.") or hook not in _block_hooks(available) \
             else [f"blocks.{l}.{hook}" for l in layers]
         for name in full:
@@ -113,8 +114,9 @@ def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] 
         pair: a :class:`~tv_lens.ModelPair` of ``TransformerBridge`` models.
         metric: a :mod:`tv_lens.metrics` metric (it holds the tokens both models run on).
         hooks: hook names relative to a block (``"hook_resid_pre"``, ``"hook_attn_out"``,
-            ``"hook_mlp_out"``, ``"attn.hook_z"``: expanded over ``layers``) or full names
-            (``"blocks.2.attn.hook_z"``).
+            ``"hook_mlp_out"``, ``"attn.hook_z"``: expanded over ``layers``), full names
+            (``"blocks.2.attn.hook_z"``) or component names of residual-stream points and
+            block outputs (``"L2.resid_pre"``, ``"L2.attn"``, ``"L2.mlp"``).
         layers: blocks to expand block-relative names over (default all).
         positions: ``"all"`` patches every position at once; ``"each"`` one position at a time.
         into: which model runs with the other's activations: ``"base"``, ``"tuned"`` or
@@ -124,7 +126,7 @@ def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] 
     Returns:
         One row per (into, hook, head, position): ``component`` (the head ``L2H5`` where
         split by head, else the hook's residual-stream point ``L2.resid_pre`` or part
-        ``L2.attn``/``L2.mlp`` (:func:`tv_lens.components.stream_of_hook`), else the hook name),
+        ``L2.attn``/``L2.mlp`` (:func:`tv_lens.components.stream_of_hook`), else ``<NA>``),
         ``into, hook, layer, head, pos, base, tuned, patched, normalized`` (``head``/``pos``
         are NA where not split).
     """
@@ -160,8 +162,8 @@ def activation_patch(pair: LoadedPair, metric: MetricLike, hooks: Iterable[str] 
                             term = metric.term(receiver(batch.tokens), batch)
                         key = (d, name, layer, spec["head"], spec["pos"])
                         totals[key] = totals.get(key, 0.0) + float(term)
-    rows = [dict(component=head_name(layer, head) if head is not None else
-                 stream_of_hook(name) or name, into=d, hook=name, layer=layer, head=head,
+    rows = [dict(component=head_name(layer, head) if head is not None else stream_of_hook(name),
+                 into=d, hook=name, layer=layer, head=head,
                  pos=pos, base=f_base,
                  tuned=f_tuned, patched=value, normalized=normalized_effect(value, f_base, f_tuned))
             for (d, name, layer, head, pos), value in totals.items()]

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from tv_lens.errors import (CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError,
                             PickleCheckpointError, UnsupportedDtypeError)
-from tv_lens.layout import Slot, layout
+from tv_lens.layout import layout
+from tv_lens.slots import Slot
 from tv_lens.speedups import empty
 from tv_lens.sources import SlotWeights, compute_dtype
 from tv_lens.spec import ArchSpec, config_error

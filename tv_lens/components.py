@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from tv_lens.errors import InvalidArgumentError, TvLensError, close_matches
-from tv_lens.layout import Slot
+from tv_lens.slots import Slot
 from tv_lens.sources import layer_of
 from tv_lens.spec import ArchSpec
 
@@ -213,6 +213,47 @@ def stream_of_hook(hook: str) -> str | None:
         return None
     point = m[2]
     return part_name(int(m[1]), point[:-4]) if point.endswith("_out") else stream_name(int(m[1]), point)
+
+
+def name_of(c: Component) -> str:
+    """The standard spelling of a described component (what the builders above print): parsing a
+    name and printing it again gives the name back only if it was written the standard way
+    (``L0H00.OV`` -> ``L0H0.OV``, ``L0.mlp.experts.1.W_in`` -> ``L0E1.mlp.W_in``)."""
+    if c.kind == "matrix":
+        return matrix_name(c.param)
+    if c.kind == "circuit":
+        return circuit_name(c.layer, c.head, c.circuit)
+    if c.kind == "neuron_matrix":
+        return neuron_matrix_name(c.layer, c.neuron, c.matrix, c.expert)
+    if c.kind == "neuron":
+        return neuron_name(c.layer, c.neuron, c.expert)
+    if c.kind == "head":
+        return head_name(c.layer, c.head)
+    if c.kind == "kv_head":
+        return kv_head_name(c.layer, c.kv_head)
+    if c.kind == "expert":
+        return expert_name(c.layer, c.expert)
+    if c.kind == "stream":
+        return c.name if c.layer is None else f"L{c.layer}.{c.name.split('.', 1)[1]}"
+    if c.layer is not None and c.kind in ("attn", "mlp", "norms"):
+        return part_name(c.layer, c.kind)
+    if c.layer is not None:  # router, attn.shared, mlp.shared: L{layer}.<fixed suffix>
+        return f"L{c.layer}.{c.name.split('.', 1)[1]}"
+    return c.name
+
+
+def hook_of(name: str) -> str | None:
+    """The TransformerLens hook a residual-stream point or a block's attention / MLP output is
+    read at (the inverse of :func:`stream_of_hook`): ``L3.resid_pre`` -> ``blocks.3.hook_resid_pre``,
+    ``L3.attn`` -> ``blocks.3.hook_attn_out``, ``L3.mlp`` -> ``blocks.3.hook_mlp_out``; else ``None``."""
+    c = describe(name)
+    if c.layer is None or name_of(c) != name:
+        return None
+    if c.kind == "stream":
+        return f"blocks.{c.layer}.hook_{name.split('.', 1)[1]}"
+    if c.kind in ("attn", "mlp"):
+        return f"blocks.{c.layer}.hook_{c.kind}_out"
+    return None
 
 
 def describe(name: str) -> Component:
@@ -378,6 +419,9 @@ class ComponentIndex:
         if name in self.components:
             return self.components[name]
         c = describe(name)
+        if c.kind != "unknown" and name_of(c) != name:
+            raise InvalidArgumentError(f"Component {name!r} is not written the standard way: did "
+                                       f"you mean {name_of(c)!r}?")
         if c.kind in ("attn", "mlp") and c.layer is None:
             members = tuple(part_name(l, c.kind) for l in range(self.spec.n_layers)
                             if part_name(l, c.kind) in self.components)
@@ -401,7 +445,12 @@ class ComponentIndex:
         if isinstance(components, str) and components in GRANULARITIES:
             return [self.components[n] for n in self.names(components)]
         if isinstance(components, str) and components in _PLURALS:
-            return [c for c in self.components.values() if c.kind == _PLURALS[components]]
+            chosen = [c for c in self.components.values() if c.kind == _PLURALS[components]]
+            if not chosen:
+                why = {"kv_heads": "it has no grouped-query attention (each head owns its K and V)",
+                       "experts": "its MLPs are dense"}.get(components, "it has none")
+                raise InvalidArgumentError(f"This model has no {components}: {why}.")
+            return chosen
         if isinstance(components, str):
             components = [components]
         if hasattr(components, "tolist"):
@@ -418,6 +467,10 @@ class ComponentIndex:
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"A named group's name must be a non-empty string, got "
                                        f"{name!r}.")
+        if describe(name).kind != "unknown" or name in GRANULARITIES or name in _PLURALS:
+            raise InvalidArgumentError(f"A named group cannot be called {name!r}: that is a "
+                                       f"component's name or a selector. Choose another name, e.g. "
+                                       f"'my_{name.replace('.', '_')}'.")
         chosen = self.resolve(members)
         if any(c.kind == "stream" for c in chosen):
             raise InvalidArgumentError(f"Group {name!r}: residual-stream points have no weights.")
@@ -452,6 +505,13 @@ class ComponentIndex:
             what = {"attn_shared": "b_O", "mlp_shared": "b_out",
                     "unembed": "an untied W_U"}[c.kind]
             return f"Component {name!r}: this model has no {what}, so there is nothing in it."
+        if name in self.slots:  # a TransformerLens weight name
+            return (f"Unknown component {name!r}: that is a TransformerLens weight name; its "
+                    f"component name is {matrix_name(name)!r}.")
+        if c.kind == "matrix" and c.expert is None and s.n_experts and c.param.startswith(
+                f"blocks.{c.layer}.mlp.") and c.matrix in NEURON_MATRICES.values():
+            return (f"Component {name!r}: this model's MLP is a mixture of experts; an expert's "
+                    f"matrix is named 'L{c.layer}E{{expert}}.mlp.{c.matrix}'.")
         if c.kind in ("circuit", "neuron_matrix") or (
                 c.kind == "matrix" and re.fullmatch(r"[Wb]_\w+|[wb]", c.matrix)):
             what = c.param or c.matrix or "W_Q/W_K/W_V/W_O"

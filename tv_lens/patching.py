@@ -312,7 +312,7 @@ def compare_attribution(pair: LoadedPair, metric: MetricLike,
     frames = []
     for mode in modes:
         have = done[(done["mode"] == mode) & done["component"].isin(names)]
-        missing = [n for n in names if n not in set(have["component"])]
+        missing = [c for c in chosen if c.name not in set(have["component"])]  # parsed: named
         patched = [patch(pair, metric, missing, mode=mode, progress=progress)] if missing else []
         parts = [have] * (not have.empty) + patched
         rows = pd.concat(parts, ignore_index=True).set_index("component").loc[names]

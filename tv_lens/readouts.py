@@ -37,7 +37,7 @@ from tv_lens.protocols import PairLike
 from tv_lens.linalg import FactoredSVD, dense_svd, factored_svd
 from tv_lens.pair import token_strings
 
-COLUMNS = ["rank", "token_id", "token", "score", "base_score"]
+COLUMNS = ["component", "rank", "token_id", "token", "score", "base_score"]
 
 
 def unembedding(tv, tuned: bool = False) -> torch.Tensor:
@@ -54,16 +54,18 @@ def unembedding(tv, tuned: bool = False) -> torch.Tensor:
 
 
 def ov_tokens(pair: PairLike, head: str, k: int = 10, tokenizer: Any = None) -> pd.DataFrame:
-    """The ``k`` tokens whose logits ``head``'s ΔOV (``"L2H5"``) can move most.
+    """The ``k`` tokens whose logits ``head``'s ΔOV (``"L2H5"`` or ``"L2H5.OV"``) can move most.
 
     Returns:
-        ``rank, token_id, token, score, base_score``: ``score = ‖ΔOV W_U[:, t]‖`` and, for
+        ``component`` (the head's OV circuit), ``rank`` (0 = top), ``token_id, token, score,
+        base_score``: ``score = ‖ΔOV W_U[:, t]‖`` and, for
         scale, ``base_score = ‖OV W_U[:, t]‖`` of the base head.
     """
     tv = pair.tuning_vector()
     c = tv.components.parse(head)
-    if c.kind != "head":
-        raise InvalidArgumentError(f"ov_tokens reads one query head, such as 'L2H5'; got {head!r}.")
+    if c.kind not in ("head", "circuit") or c.circuit == "QK":
+        raise InvalidArgumentError(f"ov_tokens reads one query head's OV circuit, such as 'L2H5' "
+                                   f"or 'L2H5.OV'; got {head!r}.")
     layer, head = c.layer, c.head
     tokenizer = tokenizer or getattr(pair, "tokenizer", None)
     with torch.no_grad():
@@ -82,7 +84,8 @@ def ov_tokens(pair: PairLike, head: str, k: int = 10, tokenizer: Any = None) -> 
     top = torch.topk(s, min(k, len(s)))
     ids = top.indices.tolist()
     names = token_strings(tokenizer, ids)
-    return pd.DataFrame({"rank": range(1, len(ids) + 1), "token_id": ids, "token": names,
+    return pd.DataFrame({"component": circuit_name(layer, head, "OV"), "rank": range(len(ids)),
+                         "token_id": ids, "token": names,
                          "score": top.values.tolist(), "base_score": s_base[ids].tolist()},
                         columns=COLUMNS)
 
@@ -90,8 +93,6 @@ def ov_tokens(pair: PairLike, head: str, k: int = 10, tokenizer: Any = None) -> 
 # --------------------------------------------------------------------------- weight lens
 TOKEN_COLUMNS = ["component", "source", "direction", "sign", "side", "rank", "token", "token_id",
                  "score", "z", "sigma", "d_vocab"]
-_MLP_SIDES = {"W_out": ("write",), "W_in": ("read",), "W_gate": ("read",)}
-_NEURON_MATRIX = {"out": "W_out", "in": "W_in", "gate": "W_gate"}
 
 
 
@@ -145,8 +146,9 @@ _MLP_SIDES = {"W_out": "write", "W_in": "read", "W_gate": "read"}
 
 def readable(tv, components: Components) -> list[Component]:
     """The circuits, MLP matrices and neuron slices that ``components`` name, a larger piece
-    read as its readable pieces: a head as its OV and QK circuits, ``L3.mlp`` (or an expert,
-    or ``mlp``) as its MLP matrices, a neuron as its ``in``/``gate``/``out`` slices."""
+    read as its readable pieces: a head as its OV and QK circuits, ``L3.attn`` (or ``attn``) as
+    its heads' circuits, ``L3.mlp`` (or an expert, or ``mlp``) as its MLP matrices, a neuron as
+    its ``in``/``gate``/``out`` slices, a named group as its members."""
     index = tv.components
     if not isinstance(components, (str, Mapping)):
         components = list(components)
@@ -158,6 +160,9 @@ def readable(tv, components: Components) -> list[Component]:
             out.append(c)
         elif c.kind == "head":
             out += [index.parse(circuit_name(c.layer, c.head, k)) for k in CIRCUITS]
+        elif c.kind == "attn":
+            out += [index.parse(circuit_name(c.layer, h, k)) for h in range(tv.spec.n_heads)
+                    for k in CIRCUITS]
         elif c.kind == "mlp":
             out += [index.parse(n) for n in mlp_matrices(tv, c.layer)]
         elif c.kind == "expert":
@@ -167,7 +172,7 @@ def readable(tv, components: Components) -> list[Component]:
             out += [index.parse(neuron_matrix_name(c.layer, c.neuron, m, c.expert))
                     for m in NEURON_MATRICES.values()
                     if neuron_matrix_name(c.layer, c.neuron, m, c.expert) in index]
-        elif c.kind == "all_layers":
+        elif c.kind in ("all_layers", "named"):
             out += readable(tv, list(c.members))
         else:
             raise InvalidArgumentError(

@@ -20,10 +20,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tv_lens.components import stream_of_hook
 from tv_lens.sources import check_runs_hooks
 from tv_lens.spec import resolve_layers
 
-COLUMNS = ["layer", "hook", "k_base", "k_tuned", "overlap", "cka", "outside_share",
+COLUMNS = ["component", "layer", "hook", "k_base", "k_tuned", "overlap", "cka", "outside_share",
            "baseline_outside_share", "n_tokens"]
 
 
@@ -81,14 +82,16 @@ def compare_representations(pair, tokens: Int[Tensor, "batch pos"], layers: Sequ
         q: variance fraction that sets each principal subspace's dimension.
 
     Returns:
-        One row per layer with columns ``layer, hook, k_base, k_tuned, overlap, cka,
-        outside_share, baseline_outside_share, n_tokens``.
+        One row per layer with columns ``component`` (the hook's residual-stream point or part,
+        ``L3.resid_post``; ``<NA>`` for another hook), ``layer, hook, k_base, k_tuned, overlap,
+        cka, outside_share, baseline_outside_share, n_tokens``.
     """
     check_runs_hooks(pair, "compare_representations")
     layers = resolve_layers(layers, pair.spec.n_layers)
     names = [f"blocks.{l}.{hook}" for l in layers]
     acts_b = _activations(pair.base, tokens, names, mask)
     acts_t = _activations(pair.tuned, tokens, names, mask)
-    rows = [dict(layer=l, hook=hook, **compare_activations(acts_b[n], acts_t[n], q))
+    rows = [dict(component=stream_of_hook(n), layer=l, hook=hook,
+                 **compare_activations(acts_b[n], acts_t[n], q))
             for l, n in zip(layers, names)]
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -38,7 +38,8 @@ from torch import Tensor
 from tv_lens.errors import CheckpointNotFoundError, InvalidArgumentError, ShapeMismatchError
 from tv_lens.components import Components, circuit_name, neuron_matrix_name
 from tv_lens.protocols import PairLike
-from tv_lens.readouts import mlp_matrices, read_directions, readable, token_strings
+from tv_lens.pair import token_strings
+from tv_lens.readouts import mlp_matrices, read_directions, readable
 
 #: Hooks an SAE can sit on, and which units of which layers write into each.
 _SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")

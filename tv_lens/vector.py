@@ -42,7 +42,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tv_lens.components import PART_KINDS, ComponentIndex, Components, part_kind
+from tv_lens.components import (PART_KINDS, ComponentIndex, Components, head_name, neuron_name,
+                                part_kind)
 from tv_lens.errors import (CheckpointNotFoundError, InvalidArgumentError, MissingBaseError,
                             OutOfRangeError, ShapeMismatchError, TvLensError, close_matches)
 from tv_lens.layout import layout
@@ -71,7 +72,7 @@ class HeadDelta:
     def __repr__(self) -> str:
         norms = ", ".join(f"‖Δ{k}‖={float(getattr(self, k).norm()):.3g}"
                           for k in ("W_Q", "W_K", "W_V", "W_O"))
-        return f"HeadDelta(L{self.layer}H{self.head}, kv_head={self.kv_head}, {norms})"
+        return f"HeadDelta({head_name(self.layer, self.head)}, kv_head={self.kv_head}, {norms})"
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class NeuronDelta:
         parts = [f"‖Δ{k}‖={float(v.norm()):.3g}" for k, v in
                  (("W_in", self.W_in), ("W_gate", self.W_gate), ("W_out", self.W_out))
                  if v is not None]
-        return f"NeuronDelta(L{self.layer}N{self.neuron}, {', '.join(parts)})"
+        return f"NeuronDelta({neuron_name(self.layer, self.neuron)}, {', '.join(parts)})"
 
 
 def _as_pairs(items: Iterable[int | tuple[int, int]] | None, layers: list[int]) -> set[tuple[int, int]] | None:

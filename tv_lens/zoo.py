@@ -4,9 +4,11 @@
 long table per kind with a ``model`` column, equal to separate ``analyze`` runs) and the tables
 that compare fine-tunes with each other:
 
-- ``head_similarity``: per layer, head and pair of fine-tunes, the cosine between the two
-  tuning vectors restricted to the head (its W_Q and W_O slices and the W_K / W_V of its
-  key-value head, flattened together);
+- ``head_similarity``: per query head (``component`` ``L3H5``) and pair of fine-tunes, the
+  cosine between the two tuning vectors restricted to everything the head computes with: its
+  W_Q and W_O slices *and the W_K / W_V of its key-value head*, flattened together (what
+  ``tv.head()`` returns). Under grouped-query attention that is more than the unit ``L3H5``
+  (whose K/V belong to ``L3KV1``): heads of one kv group share that part;
 - ``matrix_similarity``: per weight matrix and pair, the cosine of the two updates and the
   principal angles between their top-``rank`` update subspaces on the ``d_model`` side
   (``shared_dims`` = Σ cos² θᵢ, from 0 = orthogonal new directions to ``rank`` = the same

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from tv_lens.analysis.rows import as_2d, decompose
-from tv_lens.components import describe, matrix_name, param_of
+from tv_lens.components import matrix_name
 from tv_lens.errors import InvalidArgumentError
 from tv_lens.protocols import PairLike
 from tv_lens.shares import matrix_overlap
@@ -37,15 +37,16 @@ def matrix_spectrum(pair: PairLike, name: str, k: int = 10,
         past ``k``).
     """
     tv = pair.tuning_vector()
-    if not name.startswith("blocks.") and name not in tv:
-        name = param_of(name) if describe(name).kind == "matrix" else name
+    if name not in tv:  # a component name, parsed as every name is
+        c = tv.components.parse(name)
+        if c.kind != "matrix":
+            raise InvalidArgumentError(f"A spectrum is of one weight matrix, such as "
+                                       f"'L0.attn.W_V' or 'L2.mlp.W_out'; {name!r} is a "
+                                       f"{c.kind.replace('_', ' ')}.")
+        name = c.param
     if fast_rank is not None and not (isinstance(fast_rank, int) and fast_rank >= 1):
         raise InvalidArgumentError(f"fast_rank must be a positive integer or None, got "
                                    f"{fast_rank!r}.")
-    if name not in tv:
-        from tv_lens.errors import TvLensError, close_matches
-
-        raise TvLensError(f"No weight {name!r} in this tuning vector." + close_matches(name, list(tv)))
     with torch.no_grad():
         W = as_2d(name, tv.base[name])
         factors = tv.factors(name)

@@ -46,7 +46,7 @@ def _tokens(pair: Any, text: str) -> tuple[torch.Tensor, list[str]]:
         raise TvLensError("Views on a prompt need a tokenizer; this pair's base model has none.")
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids += tokenizer(text, add_special_tokens=False).input_ids
-    from tv_lens.readouts import token_strings
+    from tv_lens.pair import token_strings
 
     return torch.tensor([ids]), token_strings(tokenizer, ids)
 
