@@ -78,10 +78,12 @@ def test_research_claims_example(capsys, monkeypatch):
     assert sum(int(labels[k][1]) for k in matrices) == quoted(r"\(all (\d+) `aligned`\)")[0]
     mlp_new = _numbers(out, r"MLP: update energy labelled new ([\d.]+)")[0]
     assert 100 * mlp_new == pytest.approx(quoted(r"Calibrated MLP neurons: (\d+)% of the MLP update")[0], abs=0.6)
-    overlaps = [float(x) for x in re.findall(r"^\s*\d+ hook_resid_post\s+\d+\s+\d+\s+([\d.]+)", out, re.M)]
+    overlaps = [float(x) for x in re.findall(r"^\s*L\d+\.resid_post\s+\d+\s+hook_resid_post\s+\d+\s+\d+\s+([\d.]+)",
+                                             out, re.M)]
     assert overlaps == pytest.approx(quoted(r"overlap ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) by layer"),
                                      abs=0.006)
-    cka = [float(x) for x in re.findall(r"^\s*\d+ hook_resid_post(?:\s+\S+){3}\s+([\d.]+)", out, re.M)]
+    cka = [float(x) for x in re.findall(r"^\s*L\d+\.resid_post\s+\d+\s+hook_resid_post(?:\s+\S+){3}\s+([\d.]+)",
+                                        out, re.M)]
     assert (cka[0], cka[-1]) == pytest.approx(quoted(r"\(CKA ([\d.]+) → ([\d.]+)\)"), abs=0.006)
 
 
