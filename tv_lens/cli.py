@@ -124,9 +124,9 @@ def _prompt_option(parser: argparse.ArgumentParser) -> None:
 def _print_summary(analysis, out: Path) -> None:
     import pandas as pd
 
-    cols = ["layer", "part", "energy_share", "new_frac", "amplified_frac", "dampened_frac",
-            "aligned_frac" if analysis.info.get("labels") == "calibrated" else "mixed_frac", "mean_new_share", "baseline_new_share", "baseline_new_share_weights",
-            "concentration_50"]
+    cols = ["component", "energy_share", "new_frac", "amplified_frac", "dampened_frac",
+            "aligned_frac" if analysis.info.get("labels") == "calibrated" else "mixed_frac",
+            "mean_new_share", "baseline_new_share", "baseline_new_share_weights", "concentration_50"]
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
         print(analysis.summary[cols].to_string(index=False))

@@ -167,7 +167,7 @@ def report(analysis, path: str | Path, *, pair: PairLike | None = None, prompt: 
     page.heading("Summary: attention vs MLP", "Energy share of the update per layer and part, "
                  "and how much of it writes new directions, beside the random baselines.")
     page.figure(viz.summary(analysis))
-    cols = [c for c in ("layer", "part", "energy_share", "new_frac", "amplified_frac",
+    cols = [c for c in ("component", "energy_share", "new_frac", "amplified_frac",
                         "aligned_frac", "mean_new_share", "baseline_new_share", "baseline_new_share_weights")
             if c in analysis.summary]
     page.table(analysis.summary[cols])
