@@ -67,6 +67,14 @@ def check_planted(heads, neurons, expected_heads, changed_heads, expected_neuron
         assert abs(heads.loc[key, "amplification_share"] - 1) < 1e-5
         assert abs(heads.loc[key, "subspace_share"] - 1) < 1e-5
     assert abs(heads.loc[(1, 0, "OV"), "signed_scale"] - C) < 1e-5
+    # effect sizes: an amplification with all of its energy on the base's directions is an excess
+    # of 1 whatever the null; a head written entirely outside its subspaces is below random
+    null = heads.loc[(1, 0, "OV"), "null_amplification_share"]
+    assert heads.loc[(1, 0, "OV"), "amplification_excess"] == pytest.approx(1.0, abs=1e-5)
+    assert heads.loc[(1, 0, "OV"), "amplification_enrichment"] == pytest.approx(1 / null, rel=1e-4)
+    new_head = heads.loc[(0, 2, "OV")]
+    assert new_head["enrichment"] < 1e-5 and new_head["excess"] == pytest.approx(
+        -new_head["null_subspace_share"] / (1 - new_head["null_subspace_share"]), abs=1e-5)
     assert abs(heads.loc[(1, 1, "OV"), "signed_scale"] + C) < 1e-5
     assert heads.loc[(0, 2, "OV"), "subspace_share"] < 1e-6
     changed = {k for k, row in heads.iterrows() if row["label"] != "unchanged"}
@@ -78,6 +86,10 @@ def check_planted(heads, neurons, expected_heads, changed_heads, expected_neuron
         neurons = neurons[neurons.expert == 1]
     neurons = neurons.set_index(["layer", "neuron", "matrix"])
     assert abs(neurons.loc[(0, 3, "W_out"), "cos"] - 1) < 1e-5
+    d = 1 / neurons.loc[(0, 3, "W_out"), "baseline_cos2"]  # the neuron's dimension
+    assert neurons.loc[(0, 3, "W_out"), "enrichment"] == pytest.approx(d, rel=1e-4)
+    assert neurons.loc[(0, 3, "W_out"), "excess"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(neurons.loc[(1, 5, "W_out"), "excess"] + 1 / (d - 1)) < 1e-5  # orthogonal: below random
     assert abs(neurons.loc[(1, 5, "W_out"), "cos"]) < 1e-5
     assert abs(neurons.loc[(1, 7, "W_out"), "cos"] + 1) < 1e-5
     assert {k: r["label"] for k, r in neurons.iterrows() if r["label"] != "unchanged"} == expected_neurons

@@ -222,6 +222,10 @@ def test_pure_weight_noise_reads_new(build):
     # the raw p-values are roughly uniform under the null: not piled up near 0
     assert (result.neurons.p_value < 0.05).mean() < 0.1
     assert (result.heads.p_value < 0.05).mean() < 0.2
+    # effect sizes of noise: as much inside as a random update (excess 0, enrichment 1) on average
+    for name in ("heads", "neurons", "matrices"):
+        table = getattr(result, name)
+        assert abs(table["excess"].mean()) < 0.02 and abs(table["enrichment"].mean() - 1) < 0.05, name
 
 
 def _plant(model, rho=0.2, cos2_aligned=0.25):

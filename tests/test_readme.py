@@ -112,6 +112,13 @@ def test_readme_recipe_runs_on_the_demo_pair(tmp_path, monkeypatch):
     assert math.isfinite(row.normalized)
     quoted = re.search(r"0 = base; ([\d.]+) on this pair", " ".join(README.read_text().split()))
     assert row.normalized == pytest.approx(float(quoted.group(1)), abs=0.006)
+    heads, neurons = ns["analysis"].heads, ns["analysis"].neurons
+    ov, out = heads[heads.circuit == "OV"], neurons[neurons.matrix == "W_out"]
+    text = " ".join(README.read_text().split())
+    quoted = re.search(r"median excess of ([\d.]+) \(enrichment ([\d.]+)\), the neurons' output "
+                       r"updates (−?[\d.]+)", text)
+    assert [ov.excess.median(), ov.enrichment.median(), out.excess.median()] == pytest.approx(
+        [float(x.replace("−", "-")) for x in quoted.groups()], abs=0.006)
     report = tmp_path / "report.html"
     assert report.stat().st_size > 100_000 and "<html" in report.read_text()[:2000].lower()
 

@@ -21,8 +21,14 @@ from tv_lens.stats import bh_adjust
 LABELS = ("amplified", "dampened", "aligned", "new", "mixed", "unchanged")
 LABEL_MODES = ("calibrated", "fixed")
 #: significance columns of one tested share (``prefix`` + these)
-_TEST = ["z", "p_value", "q_value"]
+_TEST = ["z", "p_value", "q_value", "enrichment", "excess"]
 _AMP_TEST = ["amplification_" + c for c in _TEST]
+#: (share tested, its null mean, prefix of its columns) per table: what the effect sizes compare
+EFFECTS = {"heads": (("subspace_share", "null_subspace_share", ""),
+                     ("amplification_share", "null_amplification_share", "amplification_")),
+           "neurons": (("amplification_share", "baseline_cos2", ""),),  # cos², tested by z
+           "matrices": (("top_subspace_share", "baseline_top_subspace_share", ""),
+                        ("amplification_share", "baseline_amplification_share", "amplification_"))}
 HEAD_COLUMNS = ["component", "layer", "head", "circuit", "label", "delta_norm", "relative_norm",
                 "subspace_share", "new_share", "amplification_share", "signed_scale",
                 "baseline_subspace_share", "baseline_amplification_share",
@@ -88,6 +94,19 @@ def calibrated_labels(table: pd.DataFrame, t: Thresholds) -> np.ndarray:
     out = np.where(amplified, np.where(sign >= 0, "amplified", "dampened"),
                    np.where(aligned, "aligned", "new"))
     return np.where(~(rel >= t.tol), "unchanged", out).astype(object)
+
+
+def add_effect_sizes(table: pd.DataFrame, kind: str) -> None:
+    """Effect sizes beside each tested share (``kind``: ``heads``, ``neurons`` or ``matrices``):
+    ``enrichment = share / null`` (how many times the null's mean: grows with the unit's
+    dimension, as z does) and ``excess = (share − null) / (1 − null)`` (0 = as a random update of
+    the same size, 1 = all of the update inside; negative = less than random), with ``null``
+    the null's mean (the Monte Carlo mean for head circuits, the exact mean elsewhere)."""
+    for share, null, prefix in EFFECTS[kind]:
+        x, m = table[share].to_numpy(dtype=float), table[null].to_numpy(dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            table[prefix + "enrichment"] = x / m
+            table[prefix + "excess"] = (x - m) / (1 - m)
 
 
 def add_q_values(table: pd.DataFrame, kind: str) -> None:

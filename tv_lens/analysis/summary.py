@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from tv_lens.analysis.labels import (HEAD_COLUMNS, LABELS, MATRIX_COLUMNS, NEURON_COLUMNS,
-                                     SUMMARY_COLUMNS, Thresholds, add_q_values, calibrated_labels)
+                                     SUMMARY_COLUMNS, Thresholds, add_effect_sizes, add_q_values,
+                                     calibrated_labels)
 from tv_lens.analysis.options import AnalysisOptions
 from tv_lens.components import circuit_name, matrix_name, neuron_matrix_name, part_name
 from tv_lens.errors import TvLensWarning
@@ -83,6 +84,8 @@ def assemble(spec: Any, head_rows: list[dict], neuron_frames: list[pd.DataFrame]
             matrix_table[col] = np.nan  # towards Δ, so a random-subspace null does not apply
     for table, kind in ((heads, "circuit"), (neurons, "matrix"), (matrix_table, "matrix")):
         add_q_values(table, kind)
+    for table, kind in ((heads, "heads"), (neurons, "neurons"), (matrix_table, "matrices")):
+        add_effect_sizes(table, kind)
         if options.labels == "calibrated" and not (fast and table is matrix_table):
             table["label"] = calibrated_labels(table, t)
     summary = _summary(spec, heads, neurons, energies)
