@@ -241,3 +241,26 @@ def test_cli_dtype_and_vocab_options(save, tmp_path, capsys):
     # bf16 weights round the update, but the picture is the same
     assert ((bf16.relative_norm - fp32.relative_norm).abs() < 0.05 * fp32.relative_norm).all()
     assert "unembed.W_U" in set(fp32.index)  # compared on the shared rows
+
+
+def test_benjamini_hochberg_families_and_their_sizes(llama_dirs):
+    """One BH family per table and kind: a circuit's heads, a matrix's neuron directions, every
+    matrix of the model (embeddings included); each row says how many tests its family holds."""
+    result = analyze(ModelPair.from_pretrained(*llama_dirs), progress=False)
+
+    def bh(p):  # the step-up rule, written out: q_(i) = min over j ≥ i of p_(j)·n/j
+        order = sorted(range(len(p)), key=lambda i: p[i])
+        q, running = [0.0] * len(p), 1.0
+        for rank in range(len(p), 0, -1):
+            i = order[rank - 1]
+            running = min(running, p[i] * len(p) / rank)
+            q[i] = running
+        return q
+
+    for table, kind in ((result.heads, "circuit"), (result.neurons, "matrix"), (result.matrices, None)):
+        groups = [table] if kind is None else [g for _, g in table.groupby(kind)]
+        for group in groups:
+            assert (group.family_size == len(group)).all()
+            assert group.q_value.tolist() == pytest.approx(bh(group.p_value.tolist()), rel=1e-12)
+    assert set(result.matrices.family_size) == {len(result.matrices)}
+    assert {"embed.W_E", "unembed.W_U"} <= set(result.matrices.component)

@@ -21,7 +21,7 @@ from tv_lens.stats import bh_adjust
 LABELS = ("amplified", "dampened", "aligned", "new", "mixed", "unchanged")
 LABEL_MODES = ("calibrated", "fixed")
 #: significance columns of one tested share (``prefix`` + these)
-_TEST = ["z", "p_value", "q_value", "enrichment", "excess"]
+_TEST = ["z", "p_value", "q_value", "family_size", "enrichment", "excess"]
 _AMP_TEST = ["amplification_" + c for c in _TEST]
 #: (share tested, its null mean, prefix of its columns) per table: what the effect sizes compare
 EFFECTS = {"heads": (("subspace_share", "null_subspace_share", ""),
@@ -109,14 +109,19 @@ def add_effect_sizes(table: pd.DataFrame, kind: str) -> None:
             table[prefix + "excess"] = (x - m) / (1 - m)
 
 
-def add_q_values(table: pd.DataFrame, kind: str) -> None:
-    """Benjamini–Hochberg q-values per family: the units of one table and ``kind``."""
+def add_q_values(table: pd.DataFrame, kind: str | None) -> None:
+    """Benjamini–Hochberg q-values per family: the units of one table and ``kind`` (``None``:
+    the whole table is one family), and each unit's ``family_size`` (the tests in its family)."""
     for prefix in ("", "amplification_"):
         p = prefix + "p_value"
         if p not in table:
             continue
-        q = np.full(len(table), np.nan)
-        for _, idx in table.groupby(kind, sort=False).indices.items():
-            q[idx] = bh_adjust(table[p].to_numpy(dtype=float)[idx])
-        table[prefix + "q_value"] = q
+        q, size = np.full(len(table), np.nan), np.zeros(len(table), dtype=np.int64)
+        values = table[p].to_numpy(dtype=float)
+        families = [np.arange(len(table))] if kind is None else \
+            table.groupby(kind, sort=False).indices.values()
+        for idx in families:
+            q[idx] = bh_adjust(values[idx])
+            size[idx] = int(np.isfinite(values[idx]).sum())
+        table[prefix + "q_value"], table[prefix + "family_size"] = q, size
 

@@ -82,7 +82,9 @@ def assemble(spec: Any, head_rows: list[dict], neuron_frames: list[pd.DataFrame]
     if fast:  # the base's top directions were found with the update's as probes: biased
         for col in ("z", "p_value", "amplification_z", "amplification_p_value"):
             matrix_table[col] = np.nan  # towards Δ, so a random-subspace null does not apply
-    for table, kind in ((heads, "circuit"), (neurons, "matrix"), (matrix_table, "matrix")):
+    # BH families: a table's units of one kind (OV or QK circuits; neurons' W_in, W_gate or W_out
+    # directions); all matrices are one family, the embeddings included
+    for table, kind in ((heads, "circuit"), (neurons, "matrix"), (matrix_table, None)):
         add_q_values(table, kind)
     for table, kind in ((heads, "heads"), (neurons, "neurons"), (matrix_table, "matrices")):
         add_effect_sizes(table, kind)
