@@ -273,6 +273,9 @@ def test_expert_components_partition_the_mixture_of_experts_mlp(save):
     assert int(row.sort_values("rank").token_id.iloc[0]) == top
     with pytest.raises(TvLensError, match="expert 9 is out of range"):
         read_tokens(tv, ["L0E9N3.out"], progress=False)
+    mlp_tokens = read_tokens(tv, "mlp", k=3, directions=1, progress=False)  # every expert's matrices
+    mlp_nodes = next(t for t in viz.circuit(analysis, tokens=mlp_tokens).data if t.name == "MLPs")
+    assert len(mlp_nodes.hovertext) == 2 and all("tokens: write:" in h for h in mlp_nodes.hovertext)
     figure = viz.neurons(analysis, layer=0, tokens=tokens)
     hovers = [t for trace in figure.data for t in trace.text]
     assert sum("expert: 1" in t and "neuron: 3<" in t for t in hovers) == 1

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from tv_lens.components import head_name, layer_name, matrix_name
+from tv_lens.components import head_name, layer_name
 from tv_lens.viz.figures import effect_column as best_effect
 from tv_lens.viz.figures import hover_text, require_columns, with_tokens
 
@@ -57,7 +57,11 @@ def circuit(analysis, composition: pd.DataFrame | None = None,
     mlp = analysis.summary[(analysis.summary.part == "mlp") & analysis.summary.layer.notna()].copy()
     mlp["layer"] = mlp.layer.astype(int)
     mlp["new_share"], mlp["delta_norm"] = mlp.mean_new_share, np.sqrt(mlp.update_energy)
-    mlp = with_tokens(mlp, tokens, [matrix_name(f"blocks.{l}.mlp.W_out") for l in mlp.layer])
+    # an MLP node's tokens: its W_out's (in a mixture of experts, the most-changed expert's)
+    writers = analysis.matrices[analysis.matrices.matrix == "W_out"]
+    writers = writers.sort_values("delta_norm", ascending=False).drop_duplicates("layer")
+    by_layer = dict(zip(writers.layer, writers.component))
+    mlp = with_tokens(mlp, tokens, [by_layer.get(l, "") for l in mlp.layer])
     n_heads = int(analysis.heads["head"].max()) + 1
 
     size_h, size_m = _sizes(heads.delta_norm), _sizes(mlp.delta_norm)
