@@ -90,14 +90,17 @@ def test_cross_tables_against_direct_computations(zoo_dirs, serial):
     assert serial.similarity.loc["a", "b"] > 0.8 > 0.2 > abs(serial.similarity.loc["a", "c"])
     clusters = serial.clusters(0.5)
     assert clusters["a"] == clusters["b"] != clusters["c"]
-    # per head: cosine of the head's own slices
+    # per attention unit: cosine of the unit's own slices (a query head's W_Q/W_O; under
+    # grouped-query attention its kv head's W_K/W_V on the kv head's own row)
     spec = tv["a"].spec
-    row = serial.head_similarity.query("layer == 1 and head == 3 and model_a == 'a' and model_b == 'c'")
+    assert spec.n_kv_heads < spec.n_heads  # the test model has grouped-query attention
     kv = spec.kv_head(3)
-    x, y = ([t[f"blocks.1.attn.{m}"][i].double().flatten() for m, i in
-             (("W_Q", 3), ("W_K", kv), ("W_V", kv), ("W_O", 3))] for t in (tv["a"], tv["c"]))
-    x, y = torch.cat(x), torch.cat(y)
-    assert float(row.cosine.iloc[0]) == pytest.approx(float(x @ y / (x.norm() * y.norm())), abs=1e-10)
+    pairs = serial.head_similarity.query("layer == 1 and model_a == 'a' and model_b == 'c'")
+    for name, slices in (("L1H3", (("W_Q", 3), ("W_O", 3))), (f"L1KV{kv}", (("W_K", kv), ("W_V", kv)))):
+        x, y = (torch.cat([t[f"blocks.1.attn.{m}"][i].double().flatten() for m, i in slices])
+                for t in (tv["a"], tv["c"]))
+        cosine = float(pairs.set_index("component").loc[name, "cosine"])
+        assert cosine == pytest.approx(float(x @ y / (x.norm() * y.norm())), abs=1e-10), name
     # per matrix: principal angles of the top-r d_model-side subspaces, against scipy
     r = serial.info["rank"]
     row = serial.matrix_similarity.query("layer == 0 and matrix == 'W_out' and model_a == 'a' and model_b == 'b'")
@@ -129,8 +132,9 @@ def test_cross_tables_against_direct_computations(zoo_dirs, serial):
     assert list(shared.columns) == ["component", "min_cosine"]
     out = serial.matrix_similarity.query("layer == 0 and matrix == 'W_out'")
     assert set(out.component) == {"L0.mlp.W_out"} and set(out.param) == {"blocks.0.mlp.W_out"}
-    assert set(serial.head_similarity.component) == {f"L{l}H{h}" for l in range(spec.n_layers)
-                                                     for h in range(spec.n_heads)}
+    assert set(serial.head_similarity.component) == (
+        {f"L{l}H{h}" for l in range(spec.n_layers) for h in range(spec.n_heads)}
+        | {f"L{l}KV{g}" for l in range(spec.n_layers) for g in range(spec.n_kv_heads)})
     first = serial.neuron_similarity.iloc[0]
     assert first.component == f"L{first.layer}N{first.neuron}" and pd.isna(first.expert)
 

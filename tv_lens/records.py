@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 #: Bumped whenever what a record holds changes meaning; older records are recomputed.
-SCHEMA = 2  # 2: tables keyed by component (issue 31)
+SCHEMA = 3  # 2: tables keyed by component; 3: head_similarity per attention unit (issue 31)
 
 
 class _Encoder:

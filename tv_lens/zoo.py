@@ -4,11 +4,11 @@
 long table per kind with a ``model`` column, equal to separate ``analyze`` runs) and the tables
 that compare fine-tunes with each other:
 
-- ``head_similarity``: per query head (``component`` ``L3H5``) and pair of fine-tunes, the
-  cosine between the two tuning vectors restricted to everything the head computes with: its
-  W_Q and W_O slices *and the W_K / W_V of its key-value head*, flattened together (what
-  ``tv.head()`` returns). Under grouped-query attention that is more than the unit ``L3H5``
-  (whose K/V belong to ``L3KV1``): heads of one kv group share that part;
+- ``head_similarity``: per attention unit and pair of fine-tunes, the cosine between the two
+  tuning vectors restricted to the unit's weight slices (:mod:`tv_lens.components`): a query
+  head ``L3H5`` (its W_Q and W_O slices, and its W_K / W_V where every head has its own) and,
+  under grouped-query attention, a key-value head ``L3KV1`` (its W_K / W_V slices, shared by
+  the query heads of its group: compared once, on its own row);
 - ``matrix_similarity``: per weight matrix and pair, the cosine of the two updates and the
   principal angles between their top-``rank`` update subspaces on the ``d_model`` side
   (``shared_dims`` = Σ cos² θᵢ, from 0 = orthogonal new directions to ``rank`` = the same
@@ -56,7 +56,8 @@ from tv_lens.analysis.rows import as_2d, matrix_names, mlp_prefixes, neuron_norm
 from tv_lens.analysis.run import (LayerRows, base_decompositions, layer_rows, layer_tensors,
                                   model_rows, names_by_layer)
 from tv_lens.analysis.summary import Analysis, assemble
-from tv_lens.components import expert_of, head_name, layer_name, matrix_name, neuron_name
+from tv_lens.components import (expert_of, head_name, kv_head_name, layer_name, matrix_name,
+                                neuron_name)
 from tv_lens.lazy import LowRank
 from tv_lens.errors import InvalidArgumentError, TvLensError
 from tv_lens.linalg import GramSVD, gram, tall, top_eigenpairs
@@ -202,17 +203,30 @@ def _open(options: ZooOptions) -> tuple[dict[str, Any], dict[str, str]]:
     return vectors, failed
 
 
+def _attention_units(spec: Any, layer: int) -> list[tuple[str, int | None, int | None,
+                                                              tuple[str, ...]]]:
+    """``(component, head, kv_head, weights)`` of a layer's attention units: each query head
+    with its W_Q / W_O slices (and W_K / W_V where every head has its own), then each key-value
+    head of grouped-query attention with its W_K / W_V slices."""
+    gqa = spec.n_kv_heads != spec.n_heads
+    units = [(head_name(layer, h), h, None, ("W_Q", "W_O") if gqa else ("W_Q", "W_K", "W_V", "W_O"))
+             for h in range(spec.n_heads)]
+    if gqa:
+        units += [(kv_head_name(layer, g), None, g, ("W_K", "W_V")) for g in range(spec.n_kv_heads)]
+    return units
+
+
 def _head_dots(deltas: dict[str, dict[str, Tensor]], spec: Any, layer: int) -> Tensor:
-    """``[n_heads, K, K]`` dot products of the K fine-tunes' head updates (each head's W_Q and
-    W_O slices, its kv head's W_K and W_V), summed in float64 one weight and head at a time
-    (never a float64 copy of every head of every fine-tune)."""
+    """``[units, K, K]`` dot products of the K fine-tunes' updates of each attention unit
+    (:func:`_attention_units`), summed in float64 one weight and unit at a time (never a
+    float64 copy of every head of every fine-tune)."""
     a = f"blocks.{layer}.attn."
-    kv = torch.tensor([spec.kv_head(h) for h in range(spec.n_heads)])
-    out = torch.zeros(spec.n_heads, len(deltas), len(deltas), dtype=torch.float64)
-    for weight, index in (("W_Q", None), ("W_K", kv), ("W_V", kv), ("W_O", None)):
-        for h in range(spec.n_heads):
-            i = h if index is None else int(index[h])
-            out[h] += _gram_of([d[a + weight][i] for d in deltas.values()])
+    units = _attention_units(spec, layer)
+    out = torch.zeros(len(units), len(deltas), len(deltas), dtype=torch.float64)
+    for u, (_, head, kv_head, weights) in enumerate(units):
+        for weight in weights:
+            i = head if kv_head is None else kv_head
+            out[u] += _gram_of([d[a + weight][i] for d in deltas.values()])
     return out
 
 
@@ -355,10 +369,11 @@ def _task(options: ZooOptions, layer: int | None) -> dict:
     spec = first.spec
     head_dots = _head_dots(deltas, spec, layer)
     heads = _cosines_from_dots(head_dots, list(vectors))
+    units = _attention_units(spec, layer)
     out["head_similarity"] = pd.DataFrame(
-        [dict(component=head_name(layer, h), layer=layer, head=h, model_a=a, model_b=b,
-              cosine=float(c[h]))
-         for (a, b), c in heads.items() for h in range(spec.n_heads)])
+        [dict(component=name, layer=layer, head=head, kv_head=kv_head, model_a=a, model_b=b,
+              cosine=float(c[u]))
+         for (a, b), c in heads.items() for u, (name, head, kv_head, _) in enumerate(units)])
     out["neuron_similarity"] = _neuron_pairs(deltas, spec, layer, options.neurons)
     return out
 
@@ -628,7 +643,7 @@ def _assemble(options: ZooOptions, spec: Any, results: dict[int | None, dict]) -
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if not table.empty:
             table = table[table.model_a.isin(ok) & table.model_b.isin(ok)].reset_index(drop=True)
-            for col in ("layer", "expert"):
+            for col in ("layer", "head", "kv_head", "expert"):
                 if col in table:
                     table[col] = table[col].astype("Int64")
         return table

@@ -26,9 +26,10 @@ def zoo_similarity(zoo) -> go.Figure:
 
 
 def zoo_heads(zoo, statistic: str = "min") -> go.Figure:
-    """Layer × head heatmap of the pairwise head cosines over all pairs of fine-tunes:
+    """Layer × head heatmap of the pairwise query-head cosines over all pairs of fine-tunes:
     ``statistic`` ``"min"`` (high = every pair updated the head alike: a shared head),
-    ``"mean"`` or ``"max"``."""
+    ``"mean"`` or ``"max"`` (a grouped-query model's key-value heads, ``L3KV1``, have their own
+    rows in ``zoo.head_similarity``; the grid shows query heads)."""
     table = zoo.head_similarity
     if table.empty:
         raise TvLensError("The zoo has fewer than two fine-tunes: no head similarities to show.")
