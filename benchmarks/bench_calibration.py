@@ -2,6 +2,8 @@
 
     python benchmarks/bench_calibration.py                 # 20 seeds x 2 shapes, ~1 min on 2 cores
     python benchmarks/bench_calibration.py --seeds 100     # tighter rates
+    python benchmarks/bench_calibration.py --seeds 100 --shapes llama-gqa --null-samples 2000
+                                                           # the head nulls' Monte Carlo error
 
 The unit suite checks one noise pair per shape (``tests/test_calibration.py``:
 ``test_pure_weight_noise_reads_new``: at most 1% of units other than ``new``); this pools
@@ -77,6 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--shapes", nargs="+", default=["llama-gqa", "gpt2"])
+    parser.add_argument("--null-samples", type=int, default=200,
+                        help="Monte Carlo samples of each head null (analyze's default: 200)")
     args = parser.parse_args()
     from tv_lens import analyze
 
@@ -84,10 +88,12 @@ def main() -> None:
     for shape in args.shapes:
         tables: dict[str, list[pd.DataFrame]] = {"heads": [], "neurons": [], "matrices": []}
         for seed in range(args.seeds):
-            result = analyze(noise_pair(shape, seed), progress=False)
+            result = analyze(noise_pair(shape, seed), progress=False,
+                             null_samples=args.null_samples)
             for name, frames in tables.items():
                 frames.append(getattr(result, name))
-        print(f"== {shape}: {args.seeds} noise pairs (standard errors are those of a calibrated null)")
+        print(f"== {shape}: {args.seeds} noise pairs, {args.null_samples} head-null samples "
+              "(standard errors are those of a calibrated null)")
         with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
             print(rates(tables).to_string(index=False))
     print(f"\n{time.perf_counter() - started:.0f} s")
